@@ -1,0 +1,95 @@
+"""Transformer building blocks of the NEPA causal ViT (nepa.md §2).
+
+Block (pre-norm):  h = x + DropPath(LS1 * Proj(Attn(LN1(x))));  x' = h + DropPath(LS2 * MLP(LN2(h))).
+Attention: fused q/k/v projection with bias, QK-Norm shared across heads, 2D RoPE on the patch tokens,
+then SDPA (causal or bidirectional, chosen per call). MLP, LayerScale and DropPath come from timm.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp, SwiGLU
+from torch import nn
+
+from .rope import apply_rope
+
+QK_NORMS = ("off", "layernorm", "affine")
+MLP_TYPES = ("gelu", "swiglu", "geglu")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: str = "off",
+                 qk_norm_bias: bool = False, norm_eps: float = 1e-12):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        if qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {qk_norm!r}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if qk_norm == "off":
+            self.q_norm = self.k_norm = nn.Identity()
+        else:
+            affine = qk_norm == "affine"
+            # One (d,) norm per layer, shared by every head.
+            self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps, elementwise_affine=affine,
+                                       bias=affine and qk_norm_bias)
+            self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps, elementwise_affine=affine,
+                                       bias=affine and qk_norm_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], causal: bool,
+                return_attn: bool = False):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        attn = None
+        if return_attn:  # eager path: explicit mask, fp32 softmax, probabilities returned
+            logits = (q.float() @ k.float().transpose(-2, -1)) * self.scale
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+                logits = logits.masked_fill(mask, float("-inf"))
+            attn = logits.softmax(dim=-1)
+            out = (attn.to(v.dtype) @ v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = self.proj(out.transpose(1, 2).reshape(B, T, C))
+        return (out, attn) if return_attn else out
+
+
+def build_mlp(dim: int, hidden: int, mlp_type: str) -> nn.Module:
+    if mlp_type == "gelu":
+        return Mlp(dim, hidden, act_layer=nn.GELU)
+    if mlp_type in ("swiglu", "geglu"):  # act(gate(x)) * up(x), hidden size kept (no 2/3 rescale), as official
+        return SwiGLU(dim, hidden, act_layer=nn.SiLU if mlp_type == "swiglu" else nn.GELU)
+    raise ValueError(f"mlp_type must be one of {MLP_TYPES}, got {mlp_type!r}")
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, mlp_type: str = "gelu",
+                 qkv_bias: bool = True, qk_norm: str = "off", qk_norm_bias: bool = False,
+                 layerscale: Optional[float] = 1e-5, drop_path: float = 0.0, norm_eps: float = 1e-12):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, qk_norm_bias, norm_eps)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = build_mlp(dim, mlp_hidden, mlp_type)
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope=None, causal: bool = True, return_attn: bool = False):
+        attn_out = self.attn(self.norm1(x), rope, causal, return_attn)
+        if return_attn:
+            attn_out, probs = attn_out
+        x = x + self.drop_path1(self.ls1(attn_out))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return (x, probs) if return_attn else x

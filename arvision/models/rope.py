@@ -1,0 +1,81 @@
+"""2D rotary position embedding (RoPE) of the official NEPA code (the DINOv3 scheme).
+
+Patch centres are placed on [-1, 1] (y_i = 2 (i + 0.5) / G - 1), each axis gets d/4 frequencies
+``theta ** (-4k / d)``, and the per-token angle vector is laid out as [y, x, y, x] (d/4 each), so that
+rotate-half pairs dimension j with j + d/2. Prefix tokens (CLS) are not rotated.
+
+At train time the coordinates can be augmented (shift, then jitter, then rescale), with one draw per
+forward call from torch's global generator, shared by the batch and by all layers (nepa.md §1.3).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def patch_coordinates(grid_size: int) -> torch.Tensor:
+    """(G*G, 2) patch-centre coordinates (y, x) in [-1, 1], row-major."""
+    centres = (torch.arange(grid_size, dtype=torch.float32) + 0.5) * (2.0 / grid_size) - 1.0
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    return torch.stack([yy.flatten(), xx.flatten()], dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, d) by per-token angles; cos/sin are (T, d) and are 1/0 on unrotated tokens."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Rope2D(nn.Module):
+    """Produces the (T, d) cos/sin tables for one forward call; T = num_prefix_tokens + G*G."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        grid_size: int,
+        theta: float = 100.0,
+        num_prefix_tokens: int = 1,
+        rescale: Optional[float] = None,
+        shift: Optional[float] = None,
+        jitter: Optional[float] = None,
+    ):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+        self.head_dim = head_dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.rescale, self.shift, self.jitter = rescale, shift, jitter
+        inv_freq = theta ** (-torch.arange(head_dim // 4, dtype=torch.float32) * 4.0 / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("coords", patch_coordinates(grid_size), persistent=False)
+
+    def augmented_coords(self) -> torch.Tensor:
+        coords = self.coords
+        if not self.training:
+            return coords
+        device = coords.device
+        if self.shift:
+            coords = coords + torch.empty(1, 2, device=device).uniform_(-self.shift, self.shift)
+        if self.jitter:
+            log_j = math.log(self.jitter)
+            coords = coords * torch.empty(1, 2, device=device).uniform_(-log_j, log_j).exp()
+        if self.rescale:
+            log_r = math.log(self.rescale)
+            coords = coords * torch.empty(1, 1, device=device).uniform_(-log_r, log_r).exp()
+        return coords
+
+    def forward(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=self.coords.device.type, enabled=False):
+            coords = self.augmented_coords()
+            angles = 2 * math.pi * coords[:, :, None] * self.inv_freq  # (N, 2, d/4): y then x
+            angles = angles.flatten(1).repeat(1, 2)  # [y, x, y, x]
+            prefix = angles.new_zeros(self.num_prefix_tokens, self.head_dim)
+            angles = torch.cat([prefix, angles], dim=0)
+            return angles.cos().to(dtype), angles.sin().to(dtype)

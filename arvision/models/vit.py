@@ -1,0 +1,216 @@
+"""The NEPA causal Vision Transformer (arXiv 2512.16922; official layout in nepa.md).
+
+Conv2d patch embedding (no absolute position embedding), a CLS token at position 0, pre-norm blocks
+with 2D RoPE / QK-Norm / LayerScale, and a final LayerNorm. The same backbone is used causally for
+NEPA pretraining and bidirectionally for fine-tuning; the attention mode is chosen per call.
+
+    model = arvision.create_model("nepa_base_patch14_224")
+    tokens = model.forward_features(images)      # (B, 1 + N, D) after the final norm, CLS at index 0
+    targets = model.embed(images)                # (B, 1 + N, D) raw embeddings: the NEPA targets
+    feats = model.forward_intermediates(images, indices=[5, 11], output_fmt="NCHW")  # for dense heads
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import Block
+from .rope import Rope2D
+
+
+@dataclass
+class NepaConfig:
+    img_size: int = 224
+    patch_size: int = 14
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_hidden: Optional[int] = None  # default 4 * embed_dim
+    mlp_type: str = "gelu"  # gelu | swiglu | geglu
+    qkv_bias: bool = True
+    qk_norm: str = "layernorm"  # off | layernorm (no parameters) | affine (weight shared across heads)
+    qk_norm_bias: bool = False
+    layerscale: Optional[float] = 1e-5  # None disables LayerScale
+    norm_eps: float = 1e-12
+    rope_theta: float = 100.0
+    rope_rescale: Optional[float] = 2.0  # train-time log-uniform coordinate rescale in [1/r, r]
+    rope_shift: Optional[float] = None
+    rope_jitter: Optional[float] = None
+    drop_path_rate: float = 0.0
+    causal: bool = True  # default attention mode when a call does not choose
+    use_mask_token: bool = False  # learnable token for the random input-masking ablation
+    num_classes: int = 0  # 0: no classifier head
+    global_pool: str = "avg"  # avg: mean of patch tokens + fc_norm (official); last: last token, no fc_norm
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.global_pool not in ("avg", "last"):
+            raise ValueError(f"global_pool must be 'avg' or 'last', got {self.global_pool!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NepaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class NepaViT(nn.Module):
+    num_prefix_tokens = 1
+
+    def __init__(self, config: Optional[NepaConfig] = None, **kwargs):
+        super().__init__()
+        cfg = config or NepaConfig(**kwargs)
+        self.config = cfg
+        D = self.embed_dim = self.num_features = cfg.embed_dim
+        self.grid_size = cfg.img_size // cfg.patch_size
+        self.num_patches = self.grid_size ** 2
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
+        self.rope = Rope2D(D // cfg.num_heads, self.grid_size, cfg.rope_theta, self.num_prefix_tokens,
+                           cfg.rope_rescale, cfg.rope_shift, cfg.rope_jitter)
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(D, cfg.num_heads, cfg.mlp_hidden or 4 * D, cfg.mlp_type, cfg.qkv_bias, cfg.qk_norm,
+                  cfg.qk_norm_bias, cfg.layerscale, dpr[i], cfg.norm_eps)
+            for i in range(cfg.depth)
+        ])
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.grad_checkpointing = False
+        self.reset_classifier(cfg.num_classes, cfg.global_pool)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ setup
+    def init_weights(self):
+        def _init(m):
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(_init)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self._zero_head()
+
+    def _zero_head(self):
+        if isinstance(self.head, nn.Linear):  # the official classifier starts at zero (nepa.md §6)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.config.num_classes = num_classes
+        if global_pool is not None:
+            self.config.global_pool = global_pool
+        use_fc_norm = num_classes > 0 and self.config.global_pool == "avg"
+        self.fc_norm = nn.LayerNorm(self.embed_dim, eps=self.config.norm_eps) if use_fc_norm else nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._zero_head()
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    # ---------------------------------------------------------------- forward
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw embedding sequence cat(CLS, conv(x)): (B, 1 + N, D). No position, no norm."""
+        size = self.config.img_size
+        if x.shape[-2:] != (size, size):
+            raise ValueError(f"input images are {tuple(x.shape[-2:])} but the model expects {size}x{size}; "
+                             f"resize the data or create the model with img_size={x.shape[-1]}")
+        patches = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(patches.dtype), patches], dim=1)
+
+    def _blocks(self, x: torch.Tensor, causal: bool, keep: Sequence[int] = (), stop: Optional[int] = None):
+        rope = self.rope(x.dtype if not torch.is_autocast_enabled() else torch.float32)
+        kept = []
+        for i, blk in enumerate(self.blocks[:stop]):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, rope, causal, use_reentrant=False)
+            else:
+                x = blk(x, rope, causal)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
+    def forward_tokens(self, tokens: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
+        """Run the blocks and the final norm on an embedding sequence (B, 1 + N, D)."""
+        x, _ = self._blocks(tokens, self.config.causal if causal is None else causal)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
+        return self.forward_tokens(self.embed(x), causal)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.config.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = x[:, -1]
+        x = self.fc_norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, causal))
+
+    def _resolve_indices(self, indices: Union[int, Sequence[int], None]) -> list[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            indices = depth
+        if isinstance(indices, int):
+            indices = range(depth - indices, depth)
+        out = []
+        for i in indices:
+            j = i + depth if i < 0 else i
+            if not 0 <= j < depth:
+                raise ValueError(f"block index {i} is out of range for a model with {depth} blocks")
+            out.append(j)
+        return out
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                              norm: bool = False, output_fmt: str = "NLC", return_prefix_tokens: bool = False,
+                              causal: Optional[bool] = None, stop_early: bool = True):
+        """Outputs of chosen blocks (timm convention): an int n takes the last n blocks; a list takes those
+        (negative indices count from the end). NLC gives (B, 1 + N, D); NCHW gives the patch grid (B, D, G, G),
+        with the prefix tokens returned separately when ``return_prefix_tokens``."""
+        if output_fmt not in ("NLC", "NCHW"):
+            raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        keep = self._resolve_indices(indices)
+        _, kept = self._blocks(self.embed(x), self.config.causal if causal is None else causal, keep,
+                               stop=max(keep) + 1 if stop_early else None)
+        kept = [kept[sorted(keep).index(i)] for i in keep]
+        if norm:
+            kept = [self.norm(t) for t in kept]
+        if output_fmt == "NLC":
+            return kept
+        B, G, P = x.shape[0], self.grid_size, self.num_prefix_tokens
+        grids = [t[:, P:].transpose(1, 2).reshape(B, -1, G, G) for t in kept]
+        return list(zip(grids, [t[:, :P] for t in kept])) if return_prefix_tokens else grids
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, layers: Union[int, Sequence[int], None] = None,
+                       causal: Optional[bool] = None) -> dict[int, torch.Tensor]:
+        """Attention probabilities {block index: (B, H, T, T)} through the eager path (fp32 softmax)."""
+        wanted = set(self._resolve_indices(layers))
+        causal = self.config.causal if causal is None else causal
+        h = self.embed(x)
+        rope = self.rope(h.dtype)
+        maps = {}
+        for i, blk in enumerate(self.blocks[:max(wanted) + 1]):
+            if i in wanted:
+                h, maps[i] = blk(h, rope, causal, return_attn=True)
+            else:
+                h = blk(h, rope, causal)
+        return maps

@@ -1,0 +1,119 @@
+"""Next-Embedding Predictive Autoregression (NEPA) objective (nepa.md §3).
+
+The model embeds an image into z = cat(CLS, conv(x)); the causal backbone maps z to predictions
+zhat (after the final norm). Output t predicts embedding t + 1 (shift by one), targets are detached
+(stop-gradient), and the loss is the negative cosine, averaged uniformly over B x N:
+
+    L = -1/(B N) sum_{b,t} cos(zhat_{b,t}, sg(z_{b,t+1}))
+
+Ablation switches (the paper's table): ``shift``, ``stop_grad``, ``causal``, ``mask_ratio`` (random
+input masking with a mask token), ``distance`` (cosine or MSE between L2-normalised vectors),
+and ``target`` = "online" (the official default) or "ema" (targets from an EMA copy of the model).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class NepaLossConfig:
+    shift: bool = True
+    stop_grad: bool = True
+    causal: bool = True
+    mask_ratio: float = 0.0
+    distance: str = "cosine"  # cosine | mse
+    target: str = "online"  # online | ema
+    target_ema_decay: float = 0.996
+
+    def __post_init__(self):
+        if self.distance not in ("cosine", "mse"):
+            raise ValueError(f"objective.distance must be 'cosine' or 'mse', got {self.distance!r}")
+        if self.target not in ("online", "ema"):
+            raise ValueError(f"objective.target must be 'online' or 'ema', got {self.target!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"objective.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+
+def embedding_distance(pred: torch.Tensor, target: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Per-position distance, computed in fp32: -cos (in [-1, 1]) or the MSE of L2-normalised vectors."""
+    pred, target = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    if distance == "cosine":
+        return -(pred * target).sum(dim=-1)
+    return (pred - target).pow(2).sum(dim=-1)
+
+
+def random_input_mask(batch: int, num_patches: int, ratio: float, device) -> torch.Tensor:
+    """(B, N) boolean mask with exactly round(ratio * N) masked patches per image."""
+    n_mask = int(round(ratio * num_patches))
+    ranks = torch.rand(batch, num_patches, device=device).argsort(dim=1).argsort(dim=1)
+    return ranks < n_mask
+
+
+def nepa_loss(model: nn.Module, images: torch.Tensor, config: Optional[NepaLossConfig] = None,
+              target_model: Optional[nn.Module] = None, return_outputs: bool = False):
+    """The NEPA loss of ``model`` on ``images`` (B, C, H, W). With the defaults it is the official loss."""
+    cfg = config or NepaLossConfig()
+    z = model.embed(images)  # (B, 1 + N, D)
+    inputs = z
+    if cfg.mask_ratio > 0:
+        if getattr(model, "mask_token", None) is None:
+            raise ValueError("objective.mask_ratio > 0 needs a model built with use_mask_token=True")
+        P = model.num_prefix_tokens
+        mask = random_input_mask(z.shape[0], z.shape[1] - P, cfg.mask_ratio, z.device)
+        patches = torch.where(mask[..., None], model.mask_token.to(z.dtype), z[:, P:])
+        inputs = torch.cat([z[:, :P], patches], dim=1)
+    pred = model.forward_tokens(inputs, causal=cfg.causal)
+    if cfg.target == "ema":
+        if target_model is None:
+            raise ValueError("objective.target='ema' needs a target_model (see NepaObjective)")
+        with torch.no_grad():
+            target = target_model.embed(images)
+    else:
+        target = z.detach() if cfg.stop_grad else z
+    if cfg.shift:
+        pred, target = pred[:, :-1], target[:, 1:]
+    else:  # no shift: each position reconstructs its own (patch) embedding; the CLS slot is dropped
+        P = model.num_prefix_tokens
+        pred, target = pred[:, P:], target[:, P:]
+    loss = embedding_distance(pred, target, cfg.distance).mean()
+    return (loss, {"pred": pred, "target": target}) if return_outputs else loss
+
+
+class NepaObjective(nn.Module):
+    """Wraps the backbone for training: ``objective(images) -> (loss, metrics)``.
+
+    Holds the optional EMA target network (``target='ema'``) and reports collapse monitors:
+    the mean per-dimension std of the L2-normalised predictions (it falls to 0 on collapse)."""
+
+    def __init__(self, model: nn.Module, config: Optional[NepaLossConfig] = None):
+        super().__init__()
+        self.model = model
+        self.config = config or NepaLossConfig()
+        self.target_model = None
+        if self.config.target == "ema":
+            self.target_model = copy.deepcopy(model).requires_grad_(False)
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        loss, out = nepa_loss(self.model, images, self.config, self.target_model, return_outputs=True)
+        with torch.no_grad():
+            pred = F.normalize(out["pred"].detach().float(), dim=-1)
+            pred_std = pred.flatten(0, 1).std(dim=0).mean()
+        return loss, {"pred_std": pred_std}
+
+    @torch.no_grad()
+    def after_step(self):
+        """Called by the trainer after each optimizer step: update the EMA target network."""
+        if self.target_model is None:
+            return
+        d = self.config.target_ema_decay
+        for t, s in zip(self.target_model.parameters(), self.model.parameters()):
+            t.lerp_(s.detach().to(t.dtype), 1 - d)
+
+    def backbone(self) -> nn.Module:
+        return self.model
