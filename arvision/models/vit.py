@@ -80,7 +80,7 @@ class NepaViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
         self.rope = Rope2D(D // cfg.num_heads, self.grid_size, cfg.rope_theta, self.num_prefix_tokens,
                            cfg.rope_rescale, cfg.rope_shift, cfg.rope_jitter)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(D, cfg.num_heads, cfg.mlp_hidden or 4 * D, cfg.mlp_type, cfg.qkv_bias, cfg.qk_norm,
                   cfg.qk_norm_bias, cfg.layerscale, dpr[i], cfg.norm_eps)

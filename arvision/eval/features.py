@@ -1,0 +1,151 @@
+"""Frozen features for probing, selectable by block and pooling.
+
+The final NEPA block specialises to the next-embedding target, so middle blocks often probe better (AIM probes
+middle layers too). A `FeatureSpec` names the blocks to read and how to pool their tokens:
+
+    spec = FeatureSpec.parse(blocks="middle", pool="mean", depth=len(model.blocks))
+    feats, labels = extract_features(model, loader, spec, device="cuda", amp_dtype=torch.bfloat16)
+
+Note: ``forward_features(x) == norm(last block output)``, so ``blocks=[-1], norm=True`` reads the same tokens as
+``forward_features``; with ``norm=False`` the last block is read before the final LayerNorm.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+POOLS = ("mean", "cls", "last")
+
+
+@dataclass
+class FeatureSpec:
+    """Which block outputs to read and how to pool them.
+
+    blocks: block indices (0-based, negative counts from the end); several blocks are averaged after pooling.
+    pool: "mean" (mean of the patch tokens, CLS excluded), "cls" (token 0) or "last" (the last token).
+    norm: apply the model's final LayerNorm to each block output before pooling.
+    causal: attention mode during extraction; None keeps the model's default (``config.causal``).
+    """
+    blocks: list[int] = field(default_factory=lambda: [-1])
+    pool: str = "mean"
+    norm: bool = False
+    causal: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if isinstance(self.blocks, int):
+            self.blocks = [self.blocks]
+        self.blocks = [int(b) for b in self.blocks]
+        if not self.blocks:
+            raise ValueError("FeatureSpec.blocks is empty; give at least one block index, e.g. [-1]")
+
+    @classmethod
+    def parse(cls, blocks: Union[str, int, Sequence[int]] = "-1", pool: str = "mean", norm: bool = False,
+              causal: Optional[bool] = None, depth: Optional[int] = None) -> "FeatureSpec":
+        """Build a spec from CLI-style text.
+
+        blocks: "-1", "3", "2,3,4", "middle" or "all" (or an int / list of ints). "middle" is the block at 0-based
+        index ``depth // 2`` (block 3 of a 6-block model, 6 of 12): the first block of the second half, where
+        probes of autoregressive models peak before the last blocks specialise to the target. "middle" and "all"
+        need ``depth`` (``len(model.blocks)``); with ``depth`` given every index is also range-checked.
+        """
+        if isinstance(blocks, str):
+            text = blocks.strip().lower()
+            if text in ("middle", "all"):
+                if depth is None:
+                    raise ValueError(f"blocks={blocks!r} needs the model depth; pass depth=len(model.blocks)")
+                indices = [depth // 2] if text == "middle" else list(range(depth))
+            else:
+                try:
+                    indices = [int(t) for t in text.split(",") if t.strip()]
+                except ValueError:
+                    raise ValueError(f"cannot parse blocks={blocks!r}; use e.g. '-1', '3', '2,3,4', 'middle' or 'all'")
+        elif isinstance(blocks, int):
+            indices = [blocks]
+        else:
+            indices = [int(b) for b in blocks]
+        if depth is not None:
+            bad = [i for i in indices if not -depth <= i < depth]
+            if bad:
+                raise ValueError(f"block indices {bad} are out of range for a model with {depth} blocks "
+                                 f"(valid: {-depth}..{depth - 1})")
+        return cls(blocks=indices, pool=pool, norm=norm, causal=causal)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"blocks={self.blocks} pool={self.pool} norm={self.norm} causal={self.causal}"
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(B, T, D) token sequence -> (B, D) by the pooling named in `FeatureSpec.pool`."""
+    if pool == "mean":
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "last":
+        return tokens[:, -1]
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """Features (B, D) in float32 for one batch: each chosen block pooled, then averaged over blocks."""
+    outs = model.forward_intermediates(images, indices=spec.blocks, norm=spec.norm, causal=spec.causal)
+    pooled = [pool_tokens(t.float(), spec.pool, model.num_prefix_tokens) for t in outs]
+    return torch.stack(pooled).mean(dim=0)
+
+
+def _unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        for xk, yk in (("image", "label"), ("images", "labels"), ("pixel_values", "labels")):
+            if xk in batch and yk in batch:
+                return batch[xk], batch[yk]
+    raise ValueError("the data loader must yield (images, labels) pairs or dicts with 'image' and 'label'; "
+                     f"got {type(batch).__name__}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, loader: Iterable, spec: Optional[FeatureSpec] = None,
+                     device: Union[str, torch.device, None] = None, amp_dtype: Optional[torch.dtype] = None,
+                     progress: bool = True, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of every sample in `loader`: (features float32 (N, D), labels int64 (N,)), both on CPU.
+
+    Runs in eval mode under ``torch.inference_mode`` and restores the model's training mode afterwards. `device`
+    None uses the model's device; otherwise the model is moved there. `amp_dtype` (e.g. torch.bfloat16) enables
+    autocast. The progress bar is shown only when `progress` is set and stderr is a terminal.
+    """
+    spec = spec or FeatureSpec()
+    device = _model_device(model) if device is None else torch.device(device)
+    model.to(device)
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty()))
+        for batch in bar:
+            images, target = _unpack_batch(batch)
+            with amp:
+                f = pooled_features(model, images.to(device, non_blocking=True), spec)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(target).long().cpu())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ValueError("the data loader yielded no batches; check the dataset path and split")
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,64 @@
+"""Shared set-up for task recipes: run directory, seeding, logging, model construction."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import save_config
+from ..models import create_model
+from ..train.checkpoint import latest_checkpoint
+from ..train.distributed import DistEnv, init_distributed
+from ..train.logging import log, setup_logging
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistEnv, Path]:
+    """Initialise distributed, pick and check the run directory, save the resolved config, set up logs."""
+    env = init_distributed()
+    if out is None:
+        stamp = [time.strftime("%Y%m%d-%H%M%S")]
+        if env.enabled:
+            dist.broadcast_object_list(stamp, src=0)
+        out = f"runs/{task}-{stamp[0]}"
+    run_dir = Path(out)
+    if env.is_main:
+        if latest_checkpoint(run_dir) is not None and not resume:
+            raise FileExistsError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it "
+                                  f"or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    if env.enabled:
+        dist.barrier()
+    setup_logging(env.is_main, run_dir)
+    if env.device.type == "cuda":  # TF32 matmuls for any fp32 work left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return env, run_dir
+
+
+def build_backbone(model_cfg, **extra):
+    """A registered preset with overrides, or (``model.init``) an existing checkpoint."""
+    args = {**dict(model_cfg.args or {}), **extra}
+    if model_cfg.init:
+        from ..hub import load_model
+        model = load_model(model_cfg.init, **args)
+        model.train()
+        log.info(f"model initialised from {model_cfg.init}")
+    else:
+        model = create_model(model_cfg.name, **args)
+    if model_cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    n = sum(p.numel() for p in model.parameters())
+    log.info(f"model {model_cfg.name}: {n / 1e6:.2f}M parameters")
+    return model

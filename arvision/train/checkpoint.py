@@ -1,0 +1,73 @@
+"""Training checkpoints: ``<run>/checkpoints/step_XXXXXXXX/`` holds the model in the arvision format
+(model.safetensors + arvision.json, loadable by ``arvision.load_model``), the weight EMA (ema.safetensors)
+and ``state.pt`` (optimizer, step, epoch, RNG, objective extras), loaded with ``weights_only=True``.
+
+A checkpoint is written into a temporary directory and renamed into place only when complete, so an
+interrupted write never leaves a half checkpoint behind; only the last ``keep_last`` are kept."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, state: dict, ema_state_dict: Optional[dict] = None,
+                    keep_last: int = 2, preset: Optional[str] = None) -> Path:
+    from ..hub import save_model
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        save_model(model, tmp / "model", ema_state_dict=ema_state_dict, preset=preset)
+        for f in (tmp / "model").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "model").rmdir()
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(ckpt_dir: Path) -> dict:
+    return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)

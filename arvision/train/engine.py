@@ -1,0 +1,210 @@
+"""The training loop, written once and used by every task.
+
+A task hands the Trainer an *objective*: an ``nn.Module`` whose ``forward(images, labels)`` returns
+``(loss, metrics)`` and whose ``backbone()`` is the model to save. The Trainer knows nothing of NEPA or
+classification; it owns batching (gradient accumulation, DDP / FSDP2), bf16 autocast, AdamW with per-group
+schedules, clipping, weight EMA, logging, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .distributed import DistEnv, all_reduce_mean, barrier, wrap_model
+from .logging import MetricWriter, log, plot_loss_curve
+from .optim import build_adamw, set_lr
+from .sampler import ResumableSampler, SeededDataset
+
+ParamGroupsFn = Callable[[nn.Module, float, float, int], list]
+EvaluateFn = Callable[[nn.Module, Optional[nn.Module]], dict]
+
+
+class Trainer:
+    def __init__(self, objective: nn.Module, train_set: Dataset, cfg, run_dir: Path, env: DistEnv,
+                 param_groups: ParamGroupsFn, num_workers: int = 2, evaluate: Optional[EvaluateFn] = None,
+                 preset: Optional[str] = None):
+        self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
+        self.objective = objective.to(env.device)
+        self.backbone = objective.backbone()
+        self.evaluate, self.preset = evaluate, preset
+        world = env.world_size
+        self.micro = cfg.micro_batch_size or cfg.batch_size // world
+        self.sampler = ResumableSampler(len(train_set), cfg.batch_size, self.micro, env.rank, world, cfg.seed)
+        self.accum = self.sampler.accum
+        self.loader = DataLoader(SeededDataset(train_set), batch_size=self.micro, sampler=self.sampler,
+                                 num_workers=num_workers, pin_memory=env.device.type == "cuda",
+                                 persistent_workers=num_workers > 0, drop_last=True)
+        spe = self.sampler.steps_per_epoch
+        self.total_steps = cfg.max_steps or cfg.epochs * spe
+        self.epochs = math.ceil(self.total_steps / spe)
+        self.lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
+        groups = param_groups(self.backbone, self.lr, cfg.weight_decay, self.warmup)
+        extra = [p for n, p in objective.named_parameters() if p.requires_grad and not n.startswith("model.")]
+        if extra:  # trainable parameters of the objective itself (none for NEPA)
+            groups.append(dict(params=extra, weight_decay=0.0, lr_base=self.lr, lr_scale=1.0, warmup_steps=self.warmup))
+        self.optimizer = build_adamw(groups, cfg.betas, cfg.eps, env.device.type)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            if cfg.distributed == "fsdp":
+                raise ValueError("train.ema_decay > 0 is not supported with train.distributed=fsdp; set train.ema_decay=0")
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.backbone, decay=cfg.ema_decay)
+        self.autocast = dict(device_type=env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        if cfg.precision not in ("bf16", "fp32"):
+            raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
+        self.step, self.best = 0, None
+        self.writer = MetricWriter(self.run_dir, enabled=env.is_main)
+        self._stop = False
+
+    # ------------------------------------------------------------ state
+    def state(self, rng: dict) -> dict:
+        extras = {k: v for k, v in self.objective.state_dict().items() if not k.startswith("model.")}
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng, "objective": extras,
+                "best": self.best, "total_steps": self.total_steps}
+
+    def save(self, rng: Optional[dict] = None) -> None:
+        if self.env.is_main:
+            ema = self.ema.module.state_dict() if self.ema is not None else None
+            path = save_checkpoint(self.run_dir, self.step, self.backbone, self.state(rng or rng_state()), ema,
+                                   self.cfg.keep_last, self.preset)
+            log.info(f"checkpoint: {path}")
+        barrier()
+
+    def resume(self, ckpt: Optional[Path] = None) -> None:
+        ckpt = ckpt or latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir}/checkpoints; start without --resume")
+        state = load_state(ckpt)
+        if state["total_steps"] != self.total_steps:
+            log.warning(f"resuming a run planned for {state['total_steps']} steps with a config of {self.total_steps}")
+        self.backbone.load_state_dict(load_file(ckpt / "model.safetensors"))
+        if state["objective"]:
+            self.objective.load_state_dict(state["objective"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(load_file(ckpt / "ema.safetensors"))
+        set_rng_state(state["rng"])
+        self.step, self.best = state["step"], state["best"]
+        log.info(f"resumed from {ckpt} at step {self.step}")
+
+    # ------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        cfg, env = self.cfg, self.env
+        model = wrap_model(self.objective, env, cfg.distributed, shard_blocks=list(self.backbone.blocks))
+        if cfg.compile:
+            model = torch.compile(model)
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(
+            getattr(model, "_orig_mod", None), nn.parallel.DistributedDataParallel)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        log.info(f"training {self.total_steps} steps ({self.epochs} epochs x {self.sampler.steps_per_epoch}), "
+                 f"global batch {cfg.batch_size} = {self.micro} x {env.world_size} processes x {self.accum} "
+                 f"accumulation, lr {self.lr:.3g}, warmup {self.warmup}")
+        prev_handler = signal.signal(signal.SIGTERM, self._request_stop) if env.is_main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not env.is_main, dynamic_ncols=True,
+                   desc="train", mininterval=1.0)
+        sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
+        try:
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.sampler.steps_per_epoch)
+                self.sampler.set_epoch(epoch, in_epoch)
+                batches = iter(self.loader)
+                for _ in range(in_epoch, self.sampler.steps_per_epoch):
+                    rng_at_start = rng_state()
+                    lr = set_lr(self.optimizer, self.step, self.total_steps, cfg.min_lr)
+                    step_sums = self._accumulate(model, batches, ddp)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad else float("inf"))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    if self.ema is not None:
+                        self.ema.update(self.backbone)
+                    if hasattr(self.objective, "after_step"):
+                        self.objective.after_step()
+                    step_sums["grad_norm"] = grad_norm.detach().float()
+                    sums = step_sums if sums is None else {k: sums[k] + v for k, v in step_sums.items()}
+                    n_sum += 1
+                    seen += cfg.batch_size
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - t0
+                        row = {k: all_reduce_mean(v / n_sum).item() for k, v in sums.items()}
+                        row.update(lr=lr, epoch=self.step / self.sampler.steps_per_epoch, img_per_s=seen / elapsed)
+                        if not math.isfinite(row["loss"]):
+                            raise FloatingPointError(f"loss is {row['loss']} at step {self.step}; lower train.lr/blr "
+                                                     f"or use train.precision=fp32, and resume from the last checkpoint")
+                        self.writer.write(self.step, row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                        sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
+                    if self._stop:
+                        self.save(rng_state())
+                        raise SystemExit(f"stopped at step {self.step}; resume with --resume")
+                    if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
+                        self.save(rng_state())
+                    if self.step >= self.total_steps:
+                        break
+                if self.step % self.sampler.steps_per_epoch == 0 or self.step >= self.total_steps:
+                    self._maybe_evaluate(epoch)
+        except KeyboardInterrupt:
+            log.warning(f"interrupted; saving the last completed step {self.step}")
+            self.save(rng_at_start)
+            raise
+        finally:
+            bar.close()
+            if prev_handler is not None:
+                signal.signal(signal.SIGTERM, prev_handler)
+        self.save(rng_state())
+        if env.is_main:
+            plot_loss_curve(self.writer.path, self.run_dir / "loss_curve.png")
+        self.writer.close()
+        return {"step": self.step, "best": self.best}
+
+    def _accumulate(self, model: nn.Module, batches, ddp: bool) -> dict:
+        sums = {}
+        for a in range(self.accum):
+            images, labels = next(batches)
+            images = images.to(self.env.device, non_blocking=True)
+            labels = labels.to(self.env.device, non_blocking=True)
+            sync = a == self.accum - 1
+            with (model.no_sync() if ddp and not sync else nullcontext()):
+                with torch.autocast(**self.autocast):
+                    loss, metrics = model(images, labels)
+                (loss / self.accum).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                v = v.detach().float() / self.accum
+                sums[k] = sums[k] + v if k in sums else v
+        return sums
+
+    def _maybe_evaluate(self, epoch: int) -> None:
+        every = self.cfg.eval_every
+        last = self.step >= self.total_steps
+        if self.evaluate is None or not every or ((epoch + 1) % every and not last):
+            return
+        results = self.evaluate(self.backbone, self.ema.module if self.ema is not None else None)
+        if not results:
+            return
+        self.writer.write(self.step, results, prefix="eval")
+        log.info(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+        metric = self.cfg.best_metric
+        if metric and metric in results and (self.best is None or results[metric] > self.best["value"]):
+            self.best = {"metric": metric, "value": results[metric], "step": self.step}
+            if self.env.is_main:
+                from ..hub import save_model
+                save_model(self.backbone, self.run_dir / "best", preset=self.preset,
+                           ema_state_dict=self.ema.module.state_dict() if self.ema is not None else None)
+            barrier()
+
+    def _request_stop(self, signum, frame) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step")
+        self._stop = True

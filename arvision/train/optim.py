@@ -1,0 +1,110 @@
+"""AdamW parameter groups and learning-rate schedules.
+
+Every group carries ``lr_base`` (its peak lr before scaling), ``lr_scale`` (f) and ``warmup_steps`` (w).
+The schedule (``lr_at``) is linear warmup from 0 over w steps, then a half-cosine from f * lr_base to
+``min_lr``, as in HF's ``cosine`` schedule used by the official code (the first step runs at lr 0).
+
+Pretraining (nepa.md §4): one lr for all, weight decay on every parameter with ndim >= 2 (Linear/Conv
+weights and the CLS token), none on biases, norms and LayerScale.
+
+Fine-tuning layer-wise lr decay (nepa.md §5.3), ``llrd_groups``:
+  official: block i gets f = llrd^(L-1-i) (top block undecayed), CLS/patch embedding f = llrd^L, the
+            classifier and the final norm use ``head_lr`` with f = 1, fc_norm uses lr with f = 1, and the
+            warmup is inverted per group: w_g = max(1, W - round(W * min(f, 1))).
+  standard: MAE/BEiT: layer id 0 for the embeddings, i + 1 for block i, L + 1 for the rest;
+            f = llrd^(L + 1 - id), one global warmup W, head at the base lr.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+_NO_DECAY = re.compile(r"(bias|norm|layer_scale|ls\d\.gamma)")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    return param.ndim >= 2 and not _NO_DECAY.search(name)
+
+
+def weight_decay_groups(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
+    common = dict(lr_base=lr, lr_scale=1.0, warmup_steps=warmup_steps)
+    return [g for g in (dict(params=decay, weight_decay=weight_decay, **common),
+                        dict(params=no_decay, weight_decay=0.0, **common)) if g["params"]]
+
+
+def _block_index(name: str) -> Optional[int]:
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def llrd_groups(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int, llrd: float,
+                mode: str = "official", head_lr: Optional[float] = None) -> list[dict]:
+    """Layer-wise lr decay groups for a NepaViT classifier (see the module docstring)."""
+    if mode not in ("official", "standard"):
+        raise ValueError(f"layer decay mode must be 'official' or 'standard', got {mode!r}")
+    L = len(model.blocks)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        i = _block_index(name)
+        base = lr
+        if mode == "official":
+            if i is not None:
+                scale = L - 1 - i
+            elif name.startswith(("cls_token", "mask_token", "patch_embed")):
+                scale = L
+            elif name.startswith(("head.", "norm.")):
+                scale, base = 0, (lr if head_lr is None else head_lr)
+            else:  # fc_norm
+                scale = 0
+        else:
+            layer_id = 0 if name.startswith(("cls_token", "mask_token", "patch_embed")) else (
+                i + 1 if i is not None else L + 1)
+            scale = L + 1 - layer_id
+        f = llrd ** scale
+        if mode == "official":
+            w = max(1, warmup_steps - round(warmup_steps * min(f, 1.0)))
+        else:
+            w = warmup_steps
+        wd = weight_decay if decays(name, p) else 0.0
+        key = (base, scale, wd)
+        g = groups.setdefault(key, dict(params=[], names=[], weight_decay=wd, lr_base=base, lr_scale=f,
+                                        warmup_steps=w))
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+def lr_at(step: int, group: dict, total_steps: int, min_lr: float = 0.0) -> float:
+    f, w, base = group["lr_scale"], group["warmup_steps"], group["lr_base"]
+    if step < w:
+        return base * f * step / max(1, w)
+    if step >= total_steps:
+        return min_lr * f
+    progress = (step - w) / max(1, total_steps - w)
+    return min_lr * f + (base - min_lr) * f * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Sets every group's lr for ``step``; returns the largest (for logging)."""
+    lrs = []
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, g, total_steps, min_lr)
+        lrs.append(g["lr"])
+    return max(lrs)
+
+
+def build_adamw(groups: Iterable[dict], betas=(0.9, 0.95), eps: float = 1e-8, device_type: str = "cpu"):
+    groups = [{k: v for k, v in g.items() if k != "names"} | {"lr": 0.0} for g in groups]
+    # The fused kernel is fastest on CUDA; foreach elsewhere.
+    kwargs = dict(fused=True) if device_type == "cuda" else dict(foreach=True)
+    return torch.optim.AdamW(groups, betas=tuple(betas), eps=eps, **kwargs)

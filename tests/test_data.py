@@ -1,0 +1,247 @@
+import io
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+from arvision.data import (
+    HFDiskDataset, ImageFolderDataset, SyntheticShapes, build_dataset, eval_transform, finetune_transform,
+    pretrain_transform, resolve_split,
+)
+from arvision.data.synthetic import render_shape
+
+# ---------------------------------------------------------------- synthetic
+
+
+def _px(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_synthetic_deterministic_and_splits_differ():
+    a, b = SyntheticShapes(50, split="train"), SyntheticShapes(500, split="train")
+    assert b.targets[:50] == a.targets  # sample i does not depend on num_samples
+    for i in (0, 7, 49):
+        img, label = a[i]
+        assert img.mode == "RGB" and img.size == (32, 32) and label == a.targets[i]
+        assert np.array_equal(_px(img), _px(a[i][0])) and np.array_equal(_px(img), _px(b[i][0]))
+    for other in (SyntheticShapes(50, split="val"), SyntheticShapes(50, split="test"), SyntheticShapes(50, seed=1)):
+        assert other.targets != a.targets
+        assert all(np.abs(_px(a[i][0]) - _px(other[i][0])).mean() > 5 for i in range(5))
+    assert SyntheticShapes(4, img_size=48)[0][0].size == (48, 48)
+    with pytest.raises(ValueError, match="split"):
+        SyntheticShapes(4, split="valid")
+
+
+def test_synthetic_labels_balanced_and_images_textured():
+    ds = SyntheticShapes(1000, split="val")
+    assert np.bincount(ds.targets, minlength=10).tolist() == [100] * 10
+    assert len(ds.classes) == 10 and len(set(ds.classes)) == 10
+    stds = [_px(ds[i][0]).std() for i in range(40)]
+    assert min(stds) > 8
+    tensor, label = SyntheticShapes(4, transform=T.ToTensor())[3]
+    assert tensor.shape == (3, 32, 32) and isinstance(label, int)
+
+
+def test_synthetic_label_changes_only_the_shape():
+    # The label only selects the outline; every other draw (background, colour, pose) comes from the same rng stream,
+    # so two classes rendered from one seed differ exactly where their shapes differ.
+    imgs = [_px(render_shape(np.random.default_rng(3), c, 32)) for c in range(10)]
+    for a in range(10):
+        for b in range(a + 1, 10):
+            changed = (np.abs(imgs[a] - imgs[b]).max(-1) > 20).sum()
+            assert 4 <= changed < 32 * 32 * 0.8, (SyntheticShapes.classes[a], SyntheticShapes.classes[b], changed)
+
+
+# ---------------------------------------------------------------- image folders
+
+COLOURS = {"ant": (250, 20, 20), "bee": (20, 20, 250)}  # the class is readable from the pixels
+
+
+def _png(path, colour):
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """train/{ant,bee} with 4 good PNGs each, one corrupt PNG and one truncated JPEG; test/ with 2 good images."""
+    for split, n in (("train", 4), ("test", 1)):
+        for name, colour in COLOURS.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                _png(tmp_path / split / name / f"{i}.png", colour)
+    (tmp_path / "train" / "ant" / "1_corrupt.png").write_bytes(np.random.default_rng(0).bytes(300))
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "train" / "bee" / "2_truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "train" / "bee" / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def _label_of(pixels: torch.Tensor) -> int:
+    return 0 if pixels[0].mean() > pixels[2].mean() else 1
+
+
+def test_image_folder_skips_bad_files_in_workers(tree):
+    ds = ImageFolderDataset(tree / "train", transform=T.ToTensor())
+    assert ds.classes == ["ant", "bee"] and len(ds) == 10 and ds.targets == [s[1] for s in ds.samples]
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2, shuffle=True)
+    for _ in range(2):
+        seen = 0
+        for x, y in loader:
+            assert x.shape == (5, 3, 8, 8)
+            assert y.tolist() == [_label_of(img) for img in x]  # a replacement keeps its own label
+            seen += len(y)
+        assert seen == 10
+    assert ds.num_skipped == 2  # counted in the workers, visible here, each bad file once
+
+
+def test_image_folder_replacement_and_warning_once(tree, caplog):
+    ds = ImageFolderDataset(tree / "train")
+    bad = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith("1_corrupt.png"))
+    with caplog.at_level(logging.WARNING, logger="arvision.data"):
+        img, label = ds[bad]
+        again = ds[bad]
+    assert [r.name for r in caplog.records] == ["arvision.data"]
+    assert "1_corrupt.png" in caplog.records[0].getMessage()
+    assert ds.num_skipped == 1 and np.array_equal(_px(img), _px(ds[bad + 1][0])) and label == ds[bad + 1][1]
+    assert np.array_equal(_px(again[0]), _px(img))
+
+
+def test_image_folder_all_unreadable(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"garbage")
+    (tmp_path / "a" / "y.png").write_bytes(b"")
+    ds = ImageFolderDataset(tmp_path)
+    with pytest.raises(RuntimeError, match="no readable image"):
+        ds[0]
+
+
+def test_build_dataset_errors(tree, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; pass a folder with train/"):
+        build_dataset(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        build_dataset(tree / "train" / "ant" / "0.png")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no images found under"):
+        build_dataset(tmp_path / "empty")
+    (tmp_path / "empty" / "train" / "cls").mkdir()
+    (tmp_path / "empty" / "train" / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no images found under"):
+        build_dataset(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"split 'val' not found .*splits found: train"):
+        build_dataset(tmp_path / "empty", "val")
+    with pytest.raises(ValueError, match="splits found: none"):
+        build_dataset(tree / "train", "train")  # a class-folder tree without split folders
+    with pytest.raises(ValueError, match="split must be one of"):
+        resolve_split(tree, "holdout")
+
+
+def test_split_fallback_and_aliases(tree):
+    assert resolve_split(tree, "train") == "train"
+    assert resolve_split(tree, "val") == "test" and resolve_split(tree, "test") == "test"
+    ds = build_dataset(tree, "val")
+    assert isinstance(ds, ImageFolderDataset) and ds.root == tree / "test" and len(ds) == 2
+    (tree / "test").rename(tree / "validation")
+    assert resolve_split(tree, "test") == "validation" and resolve_split(tree, "val") == "validation"
+    syn = build_dataset("synthetic", "val", img_size=16, num_samples=20)
+    assert isinstance(syn, SyntheticShapes) and len(syn) == 20 and syn.split == "val" and syn[0][0].size == (16, 16)
+    assert len(build_dataset("synthetic")) == 10000 and len(build_dataset("synthetic", "test")) == 2000
+
+
+# ---------------------------------------------------------------- Hugging Face save_to_disk
+
+
+def _png_bytes(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_hf_save_to_disk_round_trip(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=["ant", "bee"]),
+                                  "extra": datasets.Value("string")})
+    colours = [COLOURS["ant"], COLOURS["bee"], None, COLOURS["bee"], COLOURS["ant"]]
+    rows = {"img": [{"bytes": _png_bytes(c) if c else b"\x89PNG broken", "path": None} for c in colours],
+            "fine_label": [0, 1, 0, 1, 0], "extra": ["x"] * 5}
+    train = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(train=train, validation=train.select([1, 4])).save_to_disk(str(tmp_path / "dd"))
+
+    assert resolve_split(tmp_path / "dd", "val") == "validation" and resolve_split(tmp_path / "dd", "test") == "validation"
+    ds = build_dataset(tmp_path / "dd", "train", transform=T.PILToTensor())
+    assert isinstance(ds, HFDiskDataset) and ds.image_key == "img" and ds.label_key == "fine_label"
+    assert ds.classes == ["ant", "bee"] and ds.targets == [0, 1, 0, 1, 0] and len(ds) == 5
+    items = [ds[i] for i in range(5)]
+    assert [y for _, y in items] == [0, 1, 1, 1, 0]  # row 2 is corrupt: replaced by row 3
+    assert torch.equal(items[0][0], torch.tensor(COLOURS["ant"], dtype=torch.uint8)[:, None, None].expand(3, 8, 8))
+    assert ds.num_skipped == 1
+    with pytest.raises(ValueError, match="available splits: train, validation"):
+        HFDiskDataset(tmp_path / "dd", "test")
+
+    train.select([0, 1]).save_to_disk(str(tmp_path / "single"))
+    single = build_dataset(tmp_path / "single", "train")
+    assert len(single) == 2 and single[1][1] == 1 and single[1][0].size == (8, 8)
+    with pytest.raises(ValueError, match="splits found: train"):
+        build_dataset(tmp_path / "single", "val")
+
+
+def test_hf_missing_dependency_message(tmp_path, monkeypatch):
+    (tmp_path / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'arvision\[hf\]'"):
+        build_dataset(tmp_path, "train")
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_pretrain_transform():
+    tf = pretrain_transform(32)
+    crop = tf.transforms[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == InterpolationMode.BILINEAR
+    assert crop.scale == (0.08, 1.0) and crop.ratio == (3 / 4, 4 / 3) and crop.antialias
+    img = _noise_image(64, 48)
+    torch.manual_seed(0)
+    x = tf(img)
+    torch.manual_seed(0)
+    assert torch.equal(x, tf(img))  # deterministic under torch.manual_seed
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert not torch.equal(x, tf(img))  # a different random crop
+    assert torch.all(tf(Image.new("RGB", (40, 40), (255, 255, 255))) == 1)
+    assert torch.all(tf(Image.new("RGB", (40, 40), (0, 0, 0))) == -1)
+
+
+def test_eval_transform_resize_rules():
+    img = _noise_image(400, 300)
+    tf = eval_transform(224)
+    assert tf.transforms[0].size == 256 and tf.transforms[0].interpolation == InterpolationMode.BICUBIC
+    assert tf.transforms[0](img).size == (341, 256)  # shorter side to 256, aspect kept
+    assert tf(img).shape == (3, 224, 224)
+    warp = eval_transform(224, crop_pct=0.95)
+    assert warp.transforms[0](img).size == (235, 235)  # official square warp
+    assert warp(img).shape == (3, 224, 224)
+    small = _noise_image(32, 32)
+    assert torch.equal(eval_transform(32)(small), (T.ToTensor()(small) - 0.5) / 0.5)  # CIFAR stays intact
+    assert eval_transform(224, resize=300).transforms[0](img).size == (400, 300)
+
+
+def test_finetune_transform():
+    torch.manual_seed(0)
+    x = finetune_transform(32)(_noise_image(40, 40))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    names = [type(t).__name__ for t in finetune_transform(224).transforms]
+    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment", "MaybeToTensor",
+                     "Normalize", "RandomErasing"]  # nepa.md 5.2: no colour jitter next to RandAugment
+    crop, _, ra, _, norm, erase = finetune_transform(224).transforms
+    assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
+    assert ra.num_layers == 2 and all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
+    assert erase.probability == 0.25 and erase.mode == "pixel" and norm.mean.tolist() == [0.5] * 3

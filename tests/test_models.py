@@ -1,0 +1,176 @@
+import math
+
+import pytest
+import torch
+
+import arvision
+from arvision.models.rope import Rope2D, apply_rope, patch_coordinates
+
+
+def tiny(**kw):
+    args = dict(depth=3, rope_rescale=None)
+    args.update(kw)
+    return arvision.create_model("nepa_tiny_patch4_32", **args)
+
+
+def test_rope_tables_match_hand_computed_values():
+    d, G, theta = 8, 2, 100.0
+    rope = Rope2D(d, G, theta).eval()
+    cos, sin = rope()
+    assert cos.shape == (1 + G * G, d)
+    assert torch.equal(cos[0], torch.ones(d)) and torch.equal(sin[0], torch.zeros(d))  # CLS is not rotated
+    freqs = [theta ** (-4 * k / d) for k in range(d // 4)]  # 1.0, 0.1
+    for r in range(G):
+        for c in range(G):
+            y, x = 2 * (r + 0.5) / G - 1, 2 * (c + 0.5) / G - 1
+            ay = [2 * math.pi * y * f for f in freqs]
+            ax = [2 * math.pi * x * f for f in freqs]
+            angles = torch.tensor(ay + ax + ay + ax)
+            t = 1 + r * G + c
+            torch.testing.assert_close(cos[t], angles.cos(), atol=1e-6, rtol=0)
+            torch.testing.assert_close(sin[t], angles.sin(), atol=1e-6, rtol=0)
+
+
+def test_rope_coordinates_and_rotate_half_pairing():
+    coords = patch_coordinates(16)
+    assert coords[0].tolist() == [-0.9375, -0.9375] and coords[1].tolist() == [-0.9375, -0.8125]
+    d = 64
+    rope = Rope2D(d, 16).eval()
+    cos, sin = rope()
+    e0 = torch.zeros(1 + 256, d)
+    e0[:, 0] = 1
+    out = apply_rope(e0, cos, sin)
+    y = coords[:, 0]
+    # spec: a unit vector e0 at patch (y, x) becomes (cos 2πy, sin 2πy) on dims 0 and 32
+    torch.testing.assert_close(out[1:, 0], torch.cos(2 * math.pi * y), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1:, 32], torch.sin(2 * math.pi * y), atol=1e-6, rtol=0)
+    assert torch.equal(out[0], e0[0])
+
+
+def test_rope_is_relative_between_patches():
+    rope = Rope2D(16, 4).eval()
+    cos, sin = rope()
+    q, k = torch.randn(16), torch.randn(16)
+    qs = apply_rope(q.expand(17, 16), cos, sin)
+    ks = apply_rope(k.expand(17, 16), cos, sin)
+    # (0,0)->(1,1) and (2,2)->(3,3) have the same offset, hence the same logit
+    torch.testing.assert_close(qs[1] @ ks[1 + 5], qs[1 + 10] @ ks[1 + 15], atol=1e-5, rtol=1e-5)
+
+
+def test_rope_train_augmentation_one_draw_per_call_and_off_in_eval():
+    rope = Rope2D(16, 4, rescale=2.0)
+    rope.train()
+    torch.manual_seed(0)
+    c1, _ = rope()
+    c2, _ = rope()
+    assert not torch.equal(c1, c2)
+    torch.manual_seed(0)
+    c1b, _ = rope()
+    assert torch.equal(c1, c1b)
+    rope.eval()
+    assert torch.equal(rope()[0], rope()[0])
+    scale = rope.augmented_coords() / rope.coords
+    rope.train()
+    s = (rope.augmented_coords() / rope.coords)
+    assert torch.allclose(s, s.flatten()[0]) and 0.5 <= s.flatten()[0] <= 2.0  # one scalar for both axes
+    assert torch.equal(scale, torch.ones_like(scale))
+
+
+def test_official_parameter_counts():
+    with torch.device("meta"):
+        assert sum(p.numel() for p in arvision.create_model("nepa_base_patch14_224").parameters()) == 85_527_552
+        assert sum(p.numel() for p in arvision.create_model("nepa_large_patch14_224").parameters()) == 302_967_808
+        cls = arvision.create_model("nepa_base_patch14_224", num_classes=1000, qk_norm="affine")
+        assert sum(p.numel() for p in cls.parameters()) == 86_299_624
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_causal_property(grad_ckpt):
+    model = tiny(layerscale=None)  # full-strength residual branches, so any leak would show
+    model.set_grad_checkpointing(grad_ckpt)
+    model.train()  # checkpointing is active only with grad enabled in train mode
+    x = torch.randn(2, 3, 32, 32)
+    x2 = x.clone()
+    x2[:, :, 16:20, 8:12] += 1.0  # patch row 4, col 2 -> patch index 34, token 35
+    out1, out2 = model.forward_features(x), model.forward_features(x2)
+    t = 1 + 4 * 8 + 2
+    torch.testing.assert_close(out1[:, :t], out2[:, :t], atol=0, rtol=0)
+    assert (out1[:, t + 1:] - out2[:, t + 1:]).abs().amax() > 1e-3  # later tokens do see it
+    bi1, bi2 = model.forward_features(x, causal=False), model.forward_features(x2, causal=False)
+    assert (bi1[:, :t] - bi2[:, :t]).abs().amax() > 1e-3  # bidirectional: earlier tokens see it
+
+
+def test_grad_checkpointing_matches_plain_forward_and_backward():
+    torch.manual_seed(0)
+    model = tiny(drop_path_rate=0.0)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        loss = arvision.nepa_loss(model, x)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_eager_attention_matches_sdpa(causal):
+    model = tiny(qk_norm="affine").eval()
+    for blk in model.blocks:
+        torch.nn.init.normal_(blk.attn.q_norm.weight, 1.0, 0.2)
+    x = torch.randn(2, 3, 32, 32)
+    h = model.embed(x)
+    rope = model.rope()
+    for blk in model.blocks:
+        fast = blk(h, rope, causal)
+        eager, probs = blk(h, rope, causal, return_attn=True)
+        torch.testing.assert_close(fast, eager, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
+        if causal:
+            assert probs.triu(1).abs().max() == 0
+        h = fast
+
+
+def test_forward_api_shapes_and_errors():
+    model = tiny(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert model.embed(x).shape == (2, 65, 192)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 65, 192)
+    assert model(x).shape == (2, 10)
+    assert torch.equal(model(x), torch.zeros(2, 10))  # zero-initialised head
+    inter = model.forward_intermediates(x, indices=[0, -1])
+    torch.testing.assert_close(model.norm(inter[1]), feats)
+    grids = model.forward_intermediates(x, indices=2, output_fmt="NCHW")
+    assert [g.shape for g in grids] == [(2, 192, 8, 8)] * 2
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[3])
+    with pytest.raises(ValueError, match="expects 32x32"):
+        model.embed(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="unknown model"):
+        arvision.create_model("nepa_huge")
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        arvision.create_model("nepa_tiny_patch4_32", dropout=0.1)
+
+
+@pytest.mark.parametrize("mlp_type", ["gelu", "swiglu", "geglu"])
+def test_mlp_variants_and_layerscale_off(mlp_type):
+    model = tiny(mlp_type=mlp_type, layerscale=None, qk_norm="off")
+    names = {n for n, _ in model.named_parameters()}
+    assert ("blocks.0.mlp.fc1_g.weight" in names) == (mlp_type != "gelu")
+    assert not any("ls1" in n for n in names)
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).isfinite().all()
+
+
+@pytest.mark.slow
+def test_compiled_model_keeps_causal_mask():
+    model = tiny(layerscale=None).eval()
+    compiled = torch.compile(model.forward_features)
+    x = torch.randn(1, 3, 32, 32)
+    x2 = x.clone()
+    x2[:, :, 28:, 28:] += 1.0  # last patch
+    out1, out2 = compiled(x), compiled(x2)
+    torch.testing.assert_close(out1, model.forward_features(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out1[:, :-1], out2[:, :-1], atol=1e-6, rtol=0)
