@@ -185,7 +185,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError) as e:
+    except (ValueError, OSError, ImportError, KeyError) as e:
         if "--traceback" in sys.argv or __import__("os").environ.get("ARVISION_TRACEBACK"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -300,12 +300,13 @@ def _hub_download(repo_id: str, ema: bool) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ImportError(f"{where}, and downloading it from the Hugging Face Hub needs huggingface_hub: "
-                          f"pip install 'arvision[hf]', or download the folder and pass its path") from None
+                          "pip install 'arvision[hf]', or download the folder and pass its path") from None
     patterns = ["*.json", OFFICIAL_EMA, EMA_FILE] if ema else ["*.json", "*.safetensors"]
     try:
         local = Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
         if not ema and not any(local.glob("*.safetensors")):  # older saves: pytorch_model.bin (+ shards)
-            local = Path(snapshot_download(repo, revision=revision or None, allow_patterns=["pytorch_model*.bin"]))
+            bins = ["pytorch_model.bin", "pytorch_model-*.bin"]
+            local = Path(snapshot_download(repo, revision=revision or None, allow_patterns=bins))
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise OSError(f"{where}, and downloading it from the Hugging Face Hub failed ({msg}); check the name and "

@@ -8,7 +8,6 @@ Attention is the official *eager* path (explicit -inf causal mask, fp32 softmax)
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

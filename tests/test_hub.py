@@ -33,7 +33,7 @@ CASES = {
     "cls_last_causal_nols": dict(architectures=["ViTNepaForImageClassification"], id2label=LABELS,
                                  add_pooling_layer=False, layerscale_value=None),
 }
-TOL = dict(atol=2e-5, rtol=1e-5)
+TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def tiny_config(name="base_like", **kw):
@@ -365,3 +365,13 @@ def test_atomic_save(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert (target / "state.pt").read_bytes() == b"x"
     assert torch.equal(load_model(target).patch_embed.weight, second.patch_embed.weight)
+
+
+def test_mask_token_survives_official_export(tmp_path):
+    torch.manual_seed(0)
+    model = NepaViT(replace(official_config_to_arvision(tiny_config()), use_mask_token=True))
+    with torch.no_grad():
+        model.mask_token.normal_()
+    loaded = load_model(export_official(model, tmp_path / "exported"))
+    assert loaded.config == model.config
+    assert torch.equal(loaded.mask_token, model.mask_token)

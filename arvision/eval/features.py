@@ -51,14 +51,16 @@ class FeatureSpec:
               causal: Optional[bool] = None, depth: Optional[int] = None) -> "FeatureSpec":
         """Build a spec from CLI-style text.
 
-        blocks: "-1", "3", "2,3,4", "middle" or "all" (or an int / list of ints). "middle" is the block at 0-based
+        blocks: "-1", "3", "2,3,4", "last", "middle" or "all" (or an int / list of ints). "middle" is the block at 0-based
         index ``depth // 2`` (block 3 of a 6-block model, 6 of 12): the first block of the second half, where
         probes of autoregressive models peak before the last blocks specialise to the target. "middle" and "all"
         need ``depth`` (``len(model.blocks)``); with ``depth`` given every index is also range-checked.
         """
         if isinstance(blocks, str):
             text = blocks.strip().lower()
-            if text in ("middle", "all"):
+            if text == "last":
+                indices = [-1]
+            elif text in ("middle", "all"):
                 if depth is None:
                     raise ValueError(f"blocks={blocks!r} needs the model depth; pass depth=len(model.blocks)")
                 indices = [depth // 2] if text == "middle" else list(range(depth))
@@ -66,7 +68,7 @@ class FeatureSpec:
                 try:
                     indices = [int(t) for t in text.split(",") if t.strip()]
                 except ValueError:
-                    raise ValueError(f"cannot parse blocks={blocks!r}; use e.g. '-1', '3', '2,3,4', 'middle' or 'all'")
+                    raise ValueError(f"cannot parse blocks={blocks!r}; use e.g. '-1', '3', '2,3,4', 'last', 'middle' or 'all'")
         elif isinstance(blocks, int):
             indices = [blocks]
         else:

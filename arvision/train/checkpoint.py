@@ -6,10 +6,8 @@ A checkpoint is written into a temporary directory and renamed into place only w
 interrupted write never leaves a half checkpoint behind; only the last ``keep_last`` are kept."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -48,22 +46,10 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, ema_state_dict
                     keep_last: int = 2, preset: Optional[str] = None) -> Path:
     from ..hub import save_model
 
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        save_model(model, tmp / "model", ema_state_dict=ema_state_dict, preset=preset)
-        for f in (tmp / "model").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "model").rmdir()
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, final, ema_state_dict=ema_state_dict, preset=preset,
+               extra_files=lambda tmp: torch.save(state, tmp / "state.pt"))
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,0 +1,241 @@
+"""Image datasets: class-folder trees and Hugging Face `save_to_disk` folders (with corrupt-image skipping), and
+`build_dataset`, which picks one from a source string."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from .synthetic import SyntheticShapes
+
+logger = logging.getLogger("arvision.data")
+
+SYNTHETIC = "synthetic"
+_SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+_FALLBACK = {"val": "test", "test": "val"}
+_HF_MARKERS = ("dataset_dict.json", "state.json")  # DatasetDict folder / single Dataset folder
+_SYNTHETIC_SIZES = {"train": 10000, "val": 2000, "test": 2000}
+
+
+class SkipCorruptDataset(Dataset):
+    """Base for datasets whose samples may fail to decode.
+
+    Subclasses implement `_load(index) -> (PIL image, label)` and `_describe(index)` (the file name for messages).
+    A sample that fails to load is replaced by the next readable one (index + 1, wrapping) so that batch shapes stay
+    constant. Each bad sample is logged once per process and flagged in a shared-memory tensor, so `num_skipped`
+    counts distinct bad samples across DataLoader worker processes and epochs.
+    """
+
+    transform: Callable | None
+
+    def _init_skipping(self, num_samples: int) -> None:
+        self._bad = torch.zeros(num_samples, dtype=torch.bool).share_memory_()
+        self._warned: set[int] = set()
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+    def _describe(self, index: int) -> str:
+        return f"sample {index}"
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of distinct samples found unreadable so far (in any worker process)."""
+        return int(self._bad.sum())
+
+    def __len__(self) -> int:
+        return len(self._bad)
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        for step in range(n):
+            i = (index + step) % n
+            if self._bad[i]:
+                continue
+            try:
+                img, label = self._load(i)
+            except Exception as e:  # noqa: BLE001 - any decode failure (OSError, SyntaxError, ValueError, ...)
+                self._bad[i] = True
+                if i not in self._warned:
+                    self._warned.add(i)
+                    logger.warning("skipping unreadable image %s (%s: %s)", self._describe(i), type(e).__name__, e)
+                continue
+            return (self.transform(img) if self.transform is not None else img), label
+        raise RuntimeError(f"no readable image in {self!r}: all {n} samples failed to load")
+
+
+class ImageFolderDataset(SkipCorruptDataset):
+    """`root/<class>/<image>` tree; class names sorted to indices, extensions as torchvision's IMG_EXTENSIONS."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+        self.root, self.transform = Path(root), transform
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data path {self.root} does not exist or is not a folder")
+        try:
+            self.classes, self.class_to_idx = find_classes(self.root)
+        except FileNotFoundError:
+            self.classes, self.class_to_idx = [], {}
+        self.samples: list[tuple[str, int]] = (
+            make_dataset(self.root, self.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+            if self.classes else [])
+        if not self.samples:
+            raise FileNotFoundError(f"no images found under {self.root}: expected class subfolders holding image files "
+                                    f"({', '.join(IMG_EXTENSIONS)})")
+        self.targets = [label for _, label in self.samples]
+        self._init_skipping(len(self.samples))
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB"), label
+
+    def _describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("reading Hugging Face save_to_disk folders needs the `datasets` package; "
+                          "install with: pip install 'arvision[hf]'") from e
+    return datasets
+
+
+def _hf_load(path: str | os.PathLike) -> dict[str, Any]:
+    """{split name: datasets.Dataset} of a `save_to_disk` folder (a single Dataset is the 'train' split)."""
+    ds = _import_datasets().load_from_disk(str(path))
+    return dict(ds) if hasattr(ds, "keys") else {"train": ds}
+
+
+def _to_pil(value: Any) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):  # an undecoded datasets.Image cell: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = io.BytesIO(value)
+    if value is None:
+        raise ValueError("empty image cell")
+    return Image.open(value).convert("RGB")
+
+
+class HFDiskDataset(SkipCorruptDataset):
+    """A Hugging Face dataset written with `save_to_disk` (a DatasetDict folder, or a single Dataset folder).
+
+    The image column is the one with an `Image` feature (else 'image' / 'img'); the label column the one with a
+    `ClassLabel` feature (else 'label' / 'labels'). Without a label column every label is -1 (pretraining only).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str, transform: Callable | None = None,
+                 image_key: str | None = None, label_key: str | None = None):
+        datasets = _import_datasets()
+        self.path, self.split, self.transform = Path(path), split, transform
+        splits = _hf_load(path)
+        if split not in splits:
+            raise ValueError(f"split {split!r} not found in {path}; available splits: {', '.join(splits)}")
+        ds = splits[split]
+        features = ds.features
+        self.image_key = image_key or _find_column(features, datasets.Image, ("image", "img"))
+        self.label_key = label_key or _find_column(features, datasets.ClassLabel, ("label", "labels"))
+        if self.image_key is None or self.image_key not in features:
+            raise ValueError(f"no image column in {path} (columns: {', '.join(features)}); pass image_key=")
+        if self.label_key is not None and self.label_key not in features:
+            raise ValueError(f"no column {self.label_key!r} in {path} (columns: {', '.join(features)})")
+        if isinstance(features[self.image_key], datasets.Image):
+            ds = ds.cast_column(self.image_key, datasets.Image(decode=False))  # decode ourselves, to catch errors
+        self._ds = ds.select_columns([k for k in (self.image_key, self.label_key) if k is not None])
+        if self.label_key is None:
+            self.targets, self.classes = [-1] * len(ds), []
+        else:
+            self.targets = [int(t) for t in ds.data.column(self.label_key).to_pylist()]
+            feature = features[self.label_key]
+            self.classes = (list(feature.names) if isinstance(feature, datasets.ClassLabel)
+                            else [str(c) for c in range(max(self.targets) + 1)])
+        self._init_skipping(len(self._ds))
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        return _to_pil(self._ds[index][self.image_key]), self.targets[index]
+
+    def _describe(self, index: int) -> str:
+        cell = self._ds[index][self.image_key]
+        name = cell.get("path") if isinstance(cell, dict) else None
+        return f"{self.path} [{self.split}] row {index}" + (f" ({name})" if name else "")
+
+    def __repr__(self) -> str:
+        return f"HFDiskDataset({str(self.path)!r}, split={self.split!r}, {len(self)} images)"
+
+
+def _find_column(features: dict, feature_type: type, names: tuple[str, ...]) -> str | None:
+    typed = [k for k, f in features.items() if isinstance(f, feature_type)]
+    return typed[0] if typed else next((n for n in names if n in features), None)
+
+
+def is_synthetic(source: str | os.PathLike) -> bool:
+    return str(source) == SYNTHETIC
+
+
+def is_hf_disk(source: str | os.PathLike) -> bool:
+    return any((Path(source) / marker).is_file() for marker in _HF_MARKERS)
+
+
+def _check_exists(source: str | os.PathLike) -> Path:
+    path = Path(source)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"data path {path} {what}; pass a folder with train/ (and val/ or test/) class "
+                                f"subfolders, an HF save_to_disk folder, or '{SYNTHETIC}'")
+    return path
+
+
+def available_splits(source: str | os.PathLike) -> list[str]:
+    """The split names a source offers (as named on disk)."""
+    if is_synthetic(source):
+        return list(_SPLIT_ALIASES)
+    path = _check_exists(source)
+    if (path / "dataset_dict.json").is_file():
+        return list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+    if is_hf_disk(path):
+        return ["train"]  # a single Dataset folder
+    return sorted(p.name for p in path.iterdir()
+                  if p.is_dir() and any(p.name in names for names in _SPLIT_ALIASES.values()))
+
+
+def resolve_split(source: str | os.PathLike, split: str) -> str:
+    """The split actually used for `split`: itself or an alias ('val' <-> 'validation'), else 'val' <-> 'test'."""
+    if split not in _SPLIT_ALIASES:
+        raise ValueError(f"split must be one of {', '.join(_SPLIT_ALIASES)}, got {split!r}")
+    splits = available_splits(source)
+    for wanted in (split, _FALLBACK.get(split)):
+        for name in _SPLIT_ALIASES.get(wanted, ()):
+            if name in splits:
+                return name
+    found = ", ".join(splits) if splits else "none"
+    raise ValueError(f"split {split!r} not found in {source} (splits found: {found}); a folder source needs "
+                     f"train/ and val/ or test/ subfolders of class folders")
+
+
+def build_dataset(source: str | os.PathLike, split: str = "train", transform: Callable | None = None,
+                  img_size: int = 32, num_samples: int | None = None) -> Dataset:
+    """'synthetic' (SyntheticShapes), a folder with train/ val/ test/ class-folder subfolders, or an HF save_to_disk
+    folder. A missing 'val' falls back to 'test' and vice versa (see `resolve_split`)."""
+    name = resolve_split(source, split)
+    if is_synthetic(source):
+        n = num_samples if num_samples is not None else _SYNTHETIC_SIZES[name]
+        return SyntheticShapes(num_samples=n, img_size=img_size, split=name, transform=transform)
+    if is_hf_disk(source):
+        return HFDiskDataset(source, name, transform=transform)
+    return ImageFolderDataset(Path(source) / name, transform=transform)

@@ -1,0 +1,134 @@
+"""SyntheticShapes: a procedurally generated, labelled shape-classification dataset (no download, nothing on disk)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+SPLITS = ("train", "val", "test")
+_SUPERSAMPLE = 2  # render at 2x and box-downsample: anti-aliased edges
+
+
+def _regular(n: int, phase: float = 0.0) -> np.ndarray:
+    a = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([np.cos(a), np.sin(a)], 1)
+
+
+def _star(points: int = 5, inner: float = 0.42) -> np.ndarray:
+    radius = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)[:, None]
+    return radius * _regular(2 * points, np.pi / 2)
+
+
+_W = 0.3  # half-width of the cross arms
+_CROSS = np.array([(_W, 1), (_W, _W), (1, _W), (1, -_W), (_W, -_W), (_W, -1), (-_W, -1), (-_W, -_W), (-1, -_W),
+                   (-1, _W), (-_W, _W), (-_W, 1)], dtype=float)
+
+# name -> (outline, hole or None), unit radius, centred at the origin. Elongated shapes (ellipse, diamond, bar) keep
+# their aspect ratio so that no class equals another one rotated.
+SHAPES: dict[str, tuple[np.ndarray, np.ndarray | None]] = {
+    "circle": (_regular(40), None),
+    "square": (_regular(4, np.pi / 4), None),
+    "triangle": (_regular(3, np.pi / 2), None),
+    "cross": (_CROSS, None),
+    "star": (_star(), None),
+    "ring": (_regular(40), 0.55 * _regular(40)),
+    "ellipse": (_regular(40) * [1.0, 0.5], None),
+    "diamond": (np.array([(1, 0), (0, 0.55), (-1, 0), (0, -0.55)], dtype=float), None),
+    "hexagon": (_regular(6), None),
+    "bar": (np.array([(1, 0.22), (-1, 0.22), (-1, -0.22), (1, -0.22)], dtype=float), None),
+}
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return yy, xx
+
+
+def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.ndarray]:
+    """A random textured RGB background of size x size and the colours it is made of, (k, 3) in [0, 255]."""
+    colours = rng.uniform(0, 255, (2, 3))
+    kind = rng.integers(4)
+    if kind == 2:  # smooth colour noise: a coarse random grid upsampled bicubically
+        k = int(rng.integers(2, 7))
+        grid = rng.uniform(0, 255, (k, k, 3)).astype(np.uint8)
+        return Image.fromarray(grid, "RGB").resize((size, size), Image.BICUBIC), grid.reshape(-1, 3).astype(np.float32)
+    yy, xx = _grid(size)
+    theta = rng.uniform(0, np.pi)
+    u = xx * np.cos(theta) + yy * np.sin(theta)
+    if kind == 0:  # linear gradient
+        t = (u - u.min()) / (u.max() - u.min())
+    else:  # 1: stripes, 3: checkerboard, with a random period and orientation
+        period = rng.uniform(0.08, 0.3)
+        t = np.floor(u / period)
+        if kind == 3:
+            t = t + np.floor((yy * np.cos(theta) - xx * np.sin(theta)) / period)
+        t = t % 2
+    bg = colours[0] + t[..., None] * (colours[1] - colours[0])
+    return Image.fromarray(bg.astype(np.uint8), "RGB"), colours.astype(np.float32)
+
+
+def render_shape(rng: np.random.Generator, label: int, img_size: int) -> Image.Image:
+    """Draw shape class `label` at a random position, size, rotation and colour over a random background."""
+    size = img_size * _SUPERSAMPLE
+    bg, bg_colours = _background(rng, size)
+    # The shape colour is the candidate farthest from every background colour, so the shape stays visible.
+    candidates = rng.uniform(0, 255, (8, 3))
+    dist = np.linalg.norm(candidates[:, None] - bg_colours[None], axis=-1).min(1)
+    fg = tuple(int(c) for c in candidates[dist.argmax()])
+
+    radius = rng.uniform(0.15, 0.42) * size  # the shape spans 30%..84% of the image side
+    centre = rng.uniform(radius, size - radius, 2)
+    angle = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    outline, hole = SHAPES[list(SHAPES)[label]]
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    for points, fill in ((outline, 255), (hole, 0)):
+        if points is not None:
+            xy = points @ rot.T * radius + centre
+            draw.polygon([tuple(p) for p in xy.tolist()], fill=fill)
+
+    img = np.asarray(Image.composite(Image.new("RGB", bg.size, fg), bg, mask).reduce(_SUPERSAMPLE), dtype=np.float32)
+    img = img + rng.normal(0, rng.uniform(0, 12), img.shape).astype(np.float32)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Ten shape classes on textured backgrounds; the label is the shape kind (not its colour or texture).
+
+    Sample i is a deterministic function of (seed, split, i); train, val and test are independent streams.
+    Labels are exactly balanced within every block of 10 consecutive indices.
+    """
+
+    classes = list(SHAPES)
+
+    def __init__(self, num_samples: int = 10000, img_size: int = 32, split: str = "train", seed: int = 0,
+                 transform: Callable | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if num_samples < 1 or img_size < 8:
+            raise ValueError(f"need num_samples >= 1 and img_size >= 8, got {num_samples} and {img_size}")
+        self.num_samples, self.img_size, self.split, self.seed = num_samples, img_size, split, seed
+        self.transform = transform
+        self._stream = (seed, SPLITS.index(split))
+        n_classes = len(self.classes)
+        blocks = [np.random.default_rng((*self._stream, 1, b)).permutation(n_classes)
+                  for b in range(-(-num_samples // n_classes))]
+        self.targets: list[int] = np.concatenate(blocks)[:num_samples].tolist()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        label = self.targets[index]
+        img = render_shape(np.random.default_rng((*self._stream, 0, index)), label, self.img_size)
+        return (self.transform(img) if self.transform is not None else img), label
+
+    def __repr__(self) -> str:
+        return f"SyntheticShapes(num_samples={self.num_samples}, img_size={self.img_size}, split={self.split!r})"
