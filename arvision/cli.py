@@ -1,7 +1,9 @@
 """The ``arvision`` command line. Each subcommand has ``--help``.
 
     arvision pretrain [--config RECIPE] [--data DIR] [--out DIR] [--resume] [key=value ...]
+    arvision finetune [--config RECIPE] [--data DIR] [--out DIR] [--resume] [key=value ...]
     arvision eval knn|linear CHECKPOINT --data DIR [--blocks middle] [--pool mean]
+    arvision eval classify CHECKPOINT --data DIR [--split val] [--resize 256 | --crop-pct 0.95] [--ema]
     arvision convert SRC DST            # official NEPA checkpoint (or Hub id) -> arvision checkpoint
     arvision visualize CHECKPOINT --images a.jpg b.jpg --out DIR [--layers all] [--query 7,7]
     arvision models | arvision recipes
@@ -82,6 +84,39 @@ def cmd_eval_probe(args) -> None:
     print(f"{args.kind}: top-1 {res['top1']:.2f}% on {split} ({len(test)} images) -> {out}")
 
 
+def cmd_eval_classify(args) -> None:
+    import torch
+    from .data import build_dataset, eval_transform, resolve_split
+    from .eval.classify import evaluate_classifier
+    from .hub import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.checkpoint, ema=args.ema).to(device)
+    num_classes = model.config.num_classes
+    if not num_classes:
+        raise ValueError(f"{args.checkpoint} has no classifier head; fine-tune it first (arvision finetune "
+                         f"model.init={args.checkpoint}) or use `arvision eval knn|linear`")
+    img_size = model.config.img_size
+    split = resolve_split(args.data, args.split)
+    dataset = build_dataset(args.data, split, eval_transform(img_size, args.resize, args.crop_pct), img_size=img_size)
+    classes = getattr(dataset, "classes", None)
+    if classes and len(classes) != num_classes:
+        raise ValueError(f"{args.data} [{split}] has {len(classes)} classes but the classifier has {num_classes}; "
+                         "evaluate on data with the classes it was trained on (same class folders)")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    causal = None if args.attention == "default" else args.attention == "causal"
+    res = evaluate_classifier(model, loader, device, torch.bfloat16 if args.precision == "bf16" else None, causal)
+    res.update(checkpoint=str(args.checkpoint), ema=args.ema, data=str(args.data), split=split,
+               resize=args.resize, crop_pct=args.crop_pct,
+               causal=model.config.causal if causal is None else causal, precision=args.precision)
+    print(json.dumps(res, indent=2))
+    local = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (local if local.is_dir() else Path(".")) / "eval_classify.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"classify: top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}% on {split} ({res['n']} images) -> {out}")
+
+
 def cmd_convert(args) -> None:
     from .hub import convert
 
@@ -133,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=lambda a: cmd_train("pretrain", a))
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear")
+    p = sub.add_parser("finetune", help="supervised fine-tuning (synthetic data by default)")
+    _add_train_args(p)
+    p.set_defaults(func=lambda a: cmd_train("finetune", a))
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | classify")
     esub = p.add_subparsers(dest="kind", required=True)
     for kind, text in (("knn", "weighted kNN (k=20, T=0.07, cosine) on frozen features"),
                        ("linear", "linear probe on frozen features")):
@@ -154,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--epochs", type=int, default=100)
         q.set_defaults(func=cmd_eval_probe)
+
+    q = esub.add_parser("classify", help="top-1 / top-5 of a classifier checkpoint (fine-tuned or official -sft)")
+    q.add_argument("checkpoint", help="arvision or official classifier checkpoint directory, or a Hub id")
+    q.add_argument("--data", required=True, help="image folder with val/ or test/ class folders, or HF save_to_disk")
+    q.add_argument("--split", default="val", help="evaluation split (val falls back to test)")
+    q.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default "
+                   "img_size / 0.875, i.e. 256 for 224; none for img_size <= 64)")
+    q.add_argument("--crop-pct", type=float, default=None, help="square warp to img_size / crop_pct, then centre "
+                   "crop (the official L eval: 0.95)")
+    q.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    q.add_argument("--attention", default="default", choices=["default", "causal", "bidirectional"],
+                   help="default: the checkpoint's attention mode")
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--num-workers", type=int, default=2)
+    q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_classify.json for a local checkpoint)")
+    q.set_defaults(func=cmd_eval_classify)
 
     p = sub.add_parser("convert", help="write any supported checkpoint as an arvision checkpoint")
     p.add_argument("src", help="official NEPA directory, arvision checkpoint, or Hub id")

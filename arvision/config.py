@@ -103,8 +103,18 @@ def parse_overrides(items: Iterable[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10)")
         key, text = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        out[key.strip()] = _parse_value(text)
     return out
+
+
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def load_config(task: str, config_file: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:

@@ -432,13 +432,16 @@ def _unwrap(model: torch.nn.Module) -> NepaViT:
 
 
 def save_model(model: NepaViT, directory: PathLike, ema_state_dict: Optional[Mapping[str, torch.Tensor]] = None,
-               preset: Optional[str] = None, extra_files: Optional[Callable[[Path], None]] = None) -> Path:
+               preset: Optional[str] = None, extra_files: Optional[Callable[[Path], None]] = None,
+               state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write an arvision checkpoint directory atomically; returns its path. ``extra_files(tmp_dir)`` may add
-    more files (e.g. a trainer's state.pt) that then appear together with the weights."""
+    more files (e.g. a trainer's state.pt) that then appear together with the weights. ``state_dict`` replaces
+    ``model.state_dict()`` (e.g. the gathered full state of a sharded model)."""
     model = _unwrap(model)
     target = Path(directory)
     with atomic_directory(target) as tmp:
-        save_file(_tensors(model.state_dict()), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        weights = state_dict if state_dict is not None else model.state_dict()
+        save_file(_tensors(weights), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if ema_state_dict is not None:
             save_file(_tensors(ema_state_dict), str(tmp / EMA_FILE), metadata={"format": "pt"})
         _write_json(tmp / META_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION,

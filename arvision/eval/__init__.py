@@ -1,7 +1,8 @@
-"""Frozen-feature evaluation: feature extraction by block and pooling, DINO's weighted kNN, and a linear probe."""
+"""Evaluation: frozen features (by block and pooling), DINO's weighted kNN, a linear probe, and classifier accuracy."""
+from .classify import EvalShard, evaluate_classifier
 from .features import FeatureSpec, extract_features, pool_tokens, pooled_features
 from .knn import knn_classify, knn_eval, knn_scores, topk_accuracy
 from .linear import linear_eval, linear_probe, train_linear
 
-__all__ = ["FeatureSpec", "extract_features", "pool_tokens", "pooled_features", "knn_classify", "knn_eval",
-           "knn_scores", "topk_accuracy", "linear_eval", "linear_probe", "train_linear"]
+__all__ = ["EvalShard", "evaluate_classifier", "FeatureSpec", "extract_features", "pool_tokens", "pooled_features",
+           "knn_classify", "knn_eval", "knn_scores", "topk_accuracy", "linear_eval", "linear_probe", "train_linear"]

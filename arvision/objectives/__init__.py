@@ -1,3 +1,5 @@
+from .classification import ClassificationObjective, soft_target_cross_entropy
 from .nepa import NepaLossConfig, NepaObjective, embedding_distance, nepa_loss
 
-__all__ = ["NepaLossConfig", "NepaObjective", "embedding_distance", "nepa_loss"]
+__all__ = ["ClassificationObjective", "NepaLossConfig", "NepaObjective", "embedding_distance", "nepa_loss",
+           "soft_target_cross_entropy"]

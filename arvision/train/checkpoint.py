@@ -43,12 +43,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, state: dict, ema_state_dict: Optional[dict] = None,
-                    keep_last: int = 2, preset: Optional[str] = None) -> Path:
+                    keep_last: int = 2, preset: Optional[str] = None, model_state_dict: Optional[dict] = None) -> Path:
     from ..hub import save_model
 
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     final.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, final, ema_state_dict=ema_state_dict, preset=preset,
+    save_model(model, final, ema_state_dict=ema_state_dict, preset=preset, state_dict=model_state_dict,
                extra_files=lambda tmp: torch.save(state, tmp / "state.pt"))
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -44,12 +44,17 @@ class Trainer:
         self.accum = self.sampler.accum
         self.loader = DataLoader(SeededDataset(train_set), batch_size=self.micro, sampler=self.sampler,
                                  num_workers=num_workers, pin_memory=env.device.type == "cuda",
-                                 persistent_workers=num_workers > 0, drop_last=True)
+                                 persistent_workers=num_workers > 0, drop_last=True,
+                                 # its own generator: creating an iterator must not draw from the global RNG
+                                 generator=torch.Generator().manual_seed(cfg.seed))
         spe = self.sampler.steps_per_epoch
         self.total_steps = cfg.max_steps or cfg.epochs * spe
         self.epochs = math.ceil(self.total_steps / spe)
         self.lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.sharded = env.enabled and cfg.distributed == "fsdp"
+        # Wrap before building the optimizer: FSDP2 turns the parameters into sharded DTensors in place.
+        self.model = wrap_model(self.objective, env, cfg.distributed, shard_blocks=list(self.backbone.blocks))
         groups = param_groups(self.backbone, self.lr, cfg.weight_decay, self.warmup)
         extra = [p for n, p in objective.named_parameters() if p.requires_grad and not n.startswith("model.")]
         if extra:  # trainable parameters of the objective itself (none for NEPA)
@@ -69,16 +74,32 @@ class Trainer:
         self._stop = False
 
     # ------------------------------------------------------------ state
-    def state(self, rng: dict) -> dict:
-        extras = {k: v for k, v in self.objective.state_dict().items() if not k.startswith("model.")}
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rng, "objective": extras,
-                "best": self.best, "total_steps": self.total_steps}
+    def _full_states(self) -> tuple[dict, dict]:
+        """(objective state dict, optimizer state dict), gathered to full tensors when the model is sharded."""
+        if not self.sharded:
+            return self.objective.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.objective, options=opts),
+                get_optimizer_state_dict(self.objective, self.optimizer, options=opts))
 
-    def save(self, rng: Optional[dict] = None) -> None:
+    def _backbone_state(self) -> dict:
+        if not self.sharded:
+            return self.backbone.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, rng: dict) -> None:
+        model_sd, optim_sd = self._full_states()  # collective under FSDP: every rank calls it
         if self.env.is_main:
+            backbone_sd = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
+            extras = {k: v for k, v in model_sd.items() if not k.startswith("model.")}
+            state = {"step": self.step, "optimizer": optim_sd, "rng": rng, "objective": extras, "best": self.best,
+                     "total_steps": self.total_steps}
             ema = self.ema.module.state_dict() if self.ema is not None else None
-            path = save_checkpoint(self.run_dir, self.step, self.backbone, self.state(rng or rng_state()), ema,
-                                   self.cfg.keep_last, self.preset)
+            path = save_checkpoint(self.run_dir, self.step, self.backbone, state, ema, self.cfg.keep_last,
+                                   self.preset, model_state_dict=backbone_sd)
             log.info(f"checkpoint: {path}")
         barrier()
 
@@ -89,10 +110,17 @@ class Trainer:
         state = load_state(ckpt)
         if state["total_steps"] != self.total_steps:
             log.warning(f"resuming a run planned for {state['total_steps']} steps with a config of {self.total_steps}")
-        self.backbone.load_state_dict(load_file(ckpt / "model.safetensors"))
-        if state["objective"]:
-            self.objective.load_state_dict(state["objective"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        model_sd = {f"model.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
+        model_sd.update(state["objective"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.objective, model_sd, options=opts)
+            set_optimizer_state_dict(self.objective, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.objective.load_state_dict(model_sd)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.module.load_state_dict(load_file(ckpt / "ema.safetensors"))
         set_rng_state(state["rng"])
@@ -102,9 +130,7 @@ class Trainer:
     # ------------------------------------------------------------- loop
     def fit(self) -> dict:
         cfg, env = self.cfg, self.env
-        model = wrap_model(self.objective, env, cfg.distributed, shard_blocks=list(self.backbone.blocks))
-        if cfg.compile:
-            model = torch.compile(model)
+        model = torch.compile(self.model) if cfg.compile else self.model
         ddp = isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(
             getattr(model, "_orig_mod", None), nn.parallel.DistributedDataParallel)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -115,13 +141,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not env.is_main, dynamic_ncols=True,
                    desc="train", mininterval=1.0)
         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
+        step_at_start, rng_at_start = self.step, rng_state()
         try:
             while self.step < self.total_steps:
                 epoch, in_epoch = divmod(self.step, self.sampler.steps_per_epoch)
                 self.sampler.set_epoch(epoch, in_epoch)
                 batches = iter(self.loader)
                 for _ in range(in_epoch, self.sampler.steps_per_epoch):
-                    rng_at_start = rng_state()
+                    step_at_start, rng_at_start = self.step, rng_state()
                     lr = set_lr(self.optimizer, self.step, self.total_steps, cfg.min_lr)
                     step_sums = self._accumulate(model, batches, ddp)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad else float("inf"))
@@ -132,6 +159,8 @@ class Trainer:
                         self.ema.update(self.backbone)
                     if hasattr(self.objective, "after_step"):
                         self.objective.after_step()
+                    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                        grad_norm = grad_norm.full_tensor()
                     step_sums["grad_norm"] = grad_norm.detach().float()
                     sums = step_sums if sums is None else {k: sums[k] + v for k, v in step_sums.items()}
                     n_sum += 1
@@ -158,7 +187,8 @@ class Trainer:
                     self._maybe_evaluate(epoch)
         except KeyboardInterrupt:
             log.warning(f"interrupted; saving the last completed step {self.step}")
-            self.save(rng_at_start)
+            # RNG as it was when step `self.step` began: captured at the step start, or now if it just finished.
+            self.save(rng_at_start if self.step == step_at_start else rng_state())
             raise
         finally:
             bar.close()
@@ -199,9 +229,10 @@ class Trainer:
         metric = self.cfg.best_metric
         if metric and metric in results and (self.best is None or results[metric] > self.best["value"]):
             self.best = {"metric": metric, "value": results[metric], "step": self.step}
+            backbone_sd = self._backbone_state()  # collective under FSDP
             if self.env.is_main:
                 from ..hub import save_model
-                save_model(self.backbone, self.run_dir / "best", preset=self.preset,
+                save_model(self.backbone, self.run_dir / "best", preset=self.preset, state_dict=backbone_sd,
                            ema_state_dict=self.ema.module.state_dict() if self.ema is not None else None)
             barrier()
 

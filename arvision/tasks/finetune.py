@@ -1,0 +1,157 @@
+"""Supervised fine-tuning recipe (nepa.md §5): a NEPA backbone (pretrained checkpoint or a preset from scratch) gets
+a zero-initialised classifier, bidirectional attention, a frozen patch embedding, layer-wise lr decay with the
+official inverted per-group warmup, Mixup/CutMix with label smoothing, RandAugment and a weight EMA. Raw and EMA
+weights are evaluated every ``train.eval_every`` epochs; the best by ``train.best_metric`` is saved to ``<run>/best``.
+
+    arvision finetune                                                      # synthetic data, tiny model, CPU minutes
+    arvision finetune --data /data/cifar10 model.init=runs/pretrain-x/checkpoints/step_00001000
+    torchrun --nproc_per_node 8 -m arvision finetune --config nepa_b14_in1k_finetune --data /data/in1k_hf
+"""
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ..data import build_dataset, eval_transform, finetune_transform, resolve_split
+from ..eval.classify import EvalShard, evaluate_classifier
+from ..objectives.classification import ClassificationObjective
+from ..train.distributed import DistEnv, barrier
+from ..train.engine import ParamGroupsFn, Trainer
+from ..train.logging import log
+from ..train.optim import llrd_groups
+from .common import build_backbone, prepare_run, seed_everything
+
+BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")
+
+
+def run(cfg, out=None, resume=False) -> dict:
+    _resolve_best_metric(cfg)
+    env, run_dir = prepare_run(cfg, "finetune", out, resume)
+    seed_everything(cfg.train.seed)
+    d, ft, e = cfg.data, cfg.finetune, cfg.eval
+    model = build_model(cfg)
+    img_size = d.img_size or model.config.img_size
+    if d.source == "synthetic":
+        log.info("data: the built-in SYNTHETIC shapes dataset (10 classes). For real data pass --data DIR (image "
+                 "folder with train/ and val/ or test/ class folders, or a Hugging Face save_to_disk folder).")
+    train_set = build_dataset(d.source, "train", train_transform(d, img_size), img_size=img_size,
+                              num_samples=d.num_samples)
+    num_classes = ft.num_classes or len(getattr(train_set, "classes", []))
+    if not num_classes:
+        raise ValueError(f"cannot tell the number of classes of {d.source} (no labels?); set finetune.num_classes")
+    prepare_classifier(model, num_classes, ft.global_pool, ft.freeze_patch_embed)
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size // env.world_size
+    if (ft.mixup > 0 or ft.cutmix > 0) and micro % 2:
+        raise ValueError(f"mixup/cutmix needs an even per-process micro-batch, got {micro}; change train.batch_size "
+                         "or train.micro_batch_size")
+    val_split = resolve_split(d.source, e.split)
+    val_set = _subset(build_dataset(d.source, val_split, eval_transform(img_size, e.resize, e.crop_pct),
+                                    img_size=img_size), e.max_samples)
+    log.info(f"data: {len(train_set)} training images, {len(val_set)} {val_split} images, {num_classes} classes "
+             f"from {d.source}")
+
+    objective = ClassificationObjective(model, num_classes, mixup=ft.mixup, cutmix=ft.cutmix,
+                                        label_smoothing=ft.label_smoothing, mixup_prob=ft.mixup_prob,
+                                        switch_prob=ft.mixup_switch_prob, mode=ft.mixup_mode, causal=ft.causal)
+    evaluate, history = make_evaluator(val_set, env, cfg, step=lambda: trainer.step)
+    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, param_groups(ft), d.num_workers,
+                      evaluate=evaluate, preset=None if cfg.model.init else cfg.model.name)
+    if resume:
+        trainer.resume()
+    t0 = time.perf_counter()
+    trainer.fit()
+    minutes = (time.perf_counter() - t0) / 60
+    final = history[-1] if history and history[-1]["step"] == trainer.step else None
+    if final is None:  # train.eval_every = 0: evaluate once at the end
+        evaluate(trainer.backbone, trainer.ema.module if trainer.ema is not None else None)
+        final = history[-1]
+    best = dict(trainer.best or {})
+    best.update(next((r for r in history if r["step"] == best.get("step")), {}))
+    results = {"final": final, "best": best or None, "best_checkpoint": str(run_dir / "best") if best else None,
+               "num_classes": num_classes, "val_split": val_split, "val_images": final["n"],
+               "causal": ft.causal, "steps": trainer.step, "train_minutes": minutes, "run_dir": str(run_dir),
+               "data": str(d.source), "init": cfg.model.init}
+    barrier()
+    if env.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        summary = ", ".join(f"{k} {final[k]:.2f}" for k in ("top1", "top5", "ema_top1", "ema_top5") if k in final)
+        log.info(f"final {val_split}: {summary}; results written to {run_dir / 'results.json'}")
+    return results
+
+
+def build_model(cfg):
+    """The backbone (preset from scratch, or ``model.init`` checkpoint) with the fine-tune drop path and attention."""
+    extra = dict(drop_path_rate=cfg.finetune.drop_path_rate, causal=cfg.finetune.causal)
+    if cfg.model.init and cfg.model.init_ema:
+        extra["ema"] = True  # load_model's argument: the checkpoint's EMA weights
+    return build_backbone(cfg.model, **extra)
+
+
+def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze_patch_embed: bool = True):
+    """Give ``model`` a ``num_classes`` head unless it has one: zero classifier, fc_norm (1, 0) (nepa.md §6).
+    Freezing affects the conv patch embedding only; the CLS token stays trainable (nepa.md §5.1)."""
+    if (model.config.num_classes, model.config.global_pool) != (num_classes, global_pool):
+        model.reset_classifier(num_classes, global_pool)
+    model.patch_embed.requires_grad_(not freeze_patch_embed)
+    return model
+
+
+def param_groups(ft) -> ParamGroupsFn:
+    """The Trainer's ``param_groups(model, lr, weight_decay, warmup_steps)``: layer-wise lr decay (optim.llrd_groups)."""
+    return partial(llrd_groups, llrd=ft.llrd, mode=ft.llrd_mode, head_lr=ft.head_lr)
+
+
+def train_transform(d, img_size: int):
+    tf = finetune_transform(img_size, auto_augment=d.auto_augment or None, re_prob=d.re_prob,
+                            interpolation=d.interpolation)
+    # finetune_transform has no `scale` argument: set it on its RandomResizedCrop (the first op)
+    crop = tf.transforms[0]
+    if not hasattr(crop, "scale"):
+        raise TypeError(f"expected RandomResizedCrop first in the fine-tune transform, got {type(crop).__name__}")
+    crop.scale = tuple(d.crop_scale)
+    return tf
+
+
+def make_evaluator(val_set, env: DistEnv, cfg, step: Callable[[], int] = lambda: 0):
+    """The Trainer's ``evaluate(model, ema_model) -> {top1, top5, loss, ema_top1, ...}`` and the list of every row
+    it has produced, with 'n' (images) and 'step' (from ``step()``). Each rank evaluates its shard of ``val_set``."""
+    loader = DataLoader(EvalShard(val_set, env.rank, env.world_size), batch_size=cfg.eval.batch_size,
+                        num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+    amp = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    causal = cfg.finetune.causal
+    history: list[dict] = []
+
+    def evaluate(model, ema_model=None) -> dict:
+        raw = evaluate_classifier(model, loader, env.device, amp, causal)
+        row = {k: raw[k] for k in ("top1", "top5", "loss")}
+        if ema_model is not None:
+            ema = evaluate_classifier(ema_model, loader, env.device, amp, causal)
+            row.update({f"ema_{k}": ema[k] for k in ("top1", "top5", "loss")})
+        history.append(dict(row, n=raw["n"], step=step()))
+        return row
+
+    return evaluate, history
+
+
+def _resolve_best_metric(cfg) -> None:
+    train = cfg["train"]
+    if train["best_metric"] is None:
+        train["best_metric"] = "ema_top1" if train["ema_decay"] > 0 else "top1"
+    metric = train["best_metric"]
+    if metric not in BEST_METRICS:
+        raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)} (higher is better), got {metric!r}")
+    if metric.startswith("ema_") and not train["ema_decay"] > 0:
+        raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay (e.g. 0.9999) or "
+                         "train.best_metric=top1")
+
+
+def _subset(dataset, n):
+    if n is None or len(dataset) <= n:
+        return dataset
+    g = torch.Generator().manual_seed(0)
+    return Subset(dataset, sorted(torch.randperm(len(dataset), generator=g)[:n].tolist()))

@@ -1,0 +1,187 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import arvision
+from arvision.config import load_config
+from arvision.data import SyntheticShapes, pretrain_transform
+from arvision.objectives import NepaObjective
+from arvision.train.checkpoint import checkpoint_dirs
+from arvision.train.distributed import DistEnv
+from arvision.train.engine import Trainer
+from arvision.train.optim import lr_at, weight_decay_groups
+from arvision.train.sampler import ResumableSampler
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ config
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config("pretrain", overrides=["train.epochs=3", "train.blr=1e-3", "model.args.depth=2",
+                                             "train.betas=[0.9, 0.99]"])
+    assert cfg.train.epochs == 3 and cfg.train.blr == 1e-3 and cfg.model.args == {"depth": 2}
+    assert cfg.train.betas == [0.9, 0.99]
+    with pytest.raises(ValueError, match="did you mean train.epochs"):
+        load_config("pretrain", overrides=["train.epoch=3"])
+    with pytest.raises(ValueError, match="expects int"):
+        load_config("pretrain", overrides=["train.epochs=many"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("pretrain", overrides=["train.epochs"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  batch_size: 64\n  warmpu_ratio: 0.1\n")
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        load_config("pretrain", str(recipe))
+    with pytest.raises(FileNotFoundError):
+        load_config("pretrain", str(tmp_path / "missing.yaml"))
+
+
+def test_cli_reports_one_line_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "arvision", *a], capture_output=True, text=True,
+                                    cwd=tmp_path)
+    r = run("pretrain", "train.epoch=1")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "train.epochs" in r.stderr
+    r = run("pretrain", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run("eval", "knn", str(tmp_path / "nockpt"), "--data", "synthetic")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+# ----------------------------------------------------------------- sampler
+def test_sampler_one_process_with_accumulation_equals_two_processes():
+    one = list(ResumableSampler(64, 16, 8, rank=0, world_size=1, seed=3))
+    r0 = list(ResumableSampler(64, 16, 8, rank=0, world_size=2, seed=3))
+    r1 = list(ResumableSampler(64, 16, 8, rank=1, world_size=2, seed=3))
+    for step in range(4):
+        a = one[step * 16:(step + 1) * 16]
+        assert a[:8] == r0[step * 8:(step + 1) * 8] and a[8:] == r1[step * 8:(step + 1) * 8]
+    s = ResumableSampler(64, 16, 8, seed=3)
+    s.set_epoch(0, start_step=2)
+    assert list(s) == one[32:]
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in one]  # a new permutation each epoch
+    with pytest.raises(ValueError, match="not a multiple"):
+        ResumableSampler(64, 16, 5)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    g = dict(lr_base=1.0, lr_scale=1.0, warmup_steps=10)
+    assert lr_at(0, g, 100) == 0.0 and lr_at(5, g, 100) == 0.5 and lr_at(10, g, 100) == 1.0
+    assert lr_at(55, g, 100) == pytest.approx(0.5) and lr_at(100, g, 100) == 0.0
+
+
+def test_weight_decay_groups_follow_the_official_rule():
+    model = arvision.create_model("nepa_tiny_patch4_32", depth=1)
+    groups = weight_decay_groups(model, 1e-3, 0.05, 10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    assert decayed == {"cls_token", "patch_embed.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                       "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+
+
+# ------------------------------------------------------------------ trainer
+def _train_cfg(**kw):
+    cfg = load_config("pretrain", overrides=[f"train.{k}={v}" for k, v in kw.items()])
+    return cfg.train
+
+
+def _trainer(run_dir, steps=8, seed=0, num_workers=0, **kw):
+    torch.manual_seed(seed)
+    model = arvision.create_model("nepa_tiny_patch4_32", depth=2)
+    data = SyntheticShapes(num_samples=128, split="train", transform=pretrain_transform(32))
+    cfg = _train_cfg(**{**dict(max_steps=steps, batch_size=16, blr=5e-3, log_every=1, ckpt_every=4, keep_last=3), **kw})
+    return Trainer(NepaObjective(model), data, cfg, run_dir, DistEnv(), weight_decay_groups, num_workers)
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_loss_decreases(tmp_path):
+    t = _trainer(tmp_path, steps=30, precision="fp32")
+    t.fit()
+    losses = list(_losses(tmp_path).values())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05
+    assert (tmp_path / "loss_curve.png").exists()
+    ckpt = checkpoint_dirs(tmp_path)[-1]
+    loaded = arvision.load_model(ckpt)
+    for k, v in t.backbone.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_interrupted_run_resumes_exactly(tmp_path, num_workers):
+    full = tmp_path / "full"
+    _trainer(full, num_workers=num_workers, ema_decay=0.9).fit()
+
+    part = tmp_path / "part"
+    t = _trainer(part, num_workers=num_workers, ema_decay=0.9)
+    orig = t.objective.after_step
+
+    def preempt():  # SIGTERM (as a cluster scheduler sends) in the middle of the run
+        orig()
+        if t.step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+    t.objective.after_step = preempt
+    with pytest.raises(SystemExit, match="resume"):
+        t.fit()
+    assert [p.name for p in checkpoint_dirs(part)] == ["step_00000004", "step_00000005"]
+
+    # a fresh process-like restart: other global RNG state, new model and trainer
+    resumed = _trainer(part, seed=123, num_workers=num_workers, ema_decay=0.9)
+    resumed.resume()
+    assert resumed.step == 5
+    resumed.fit()
+    a, b = _losses(full), _losses(part)
+    assert a.keys() == b.keys() == set(range(1, 9))
+    assert all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    fa, fb = checkpoint_dirs(full)[-1], checkpoint_dirs(part)[-1]
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(fa / name), load_file(fb / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_directory_is_not_overwritten(tmp_path):
+    from arvision.tasks.common import prepare_run
+    cfg = load_config("pretrain")
+    _trainer(tmp_path, steps=4).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        prepare_run(cfg, "pretrain", str(tmp_path), resume=False)
+
+
+# ------------------------------------------------------------- distributed
+COMMON = ["model.args={depth: 2, rope_rescale: null}", "data.num_samples=256", "train.batch_size=32",
+          "train.max_steps=4", "train.precision=fp32", "eval.knn=false", "data.num_workers=0", "train.log_every=1",
+          "train.blr=1e-2"]
+
+
+def _cli(args, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(launcher + ["-m", "arvision", "pretrain", *args], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, strategy):
+    _cli(["--out", str(tmp_path / "one"), *COMMON, "train.micro_batch_size=16"])
+    _cli(["--out", str(tmp_path / "two"), *COMMON, f"train.distributed={strategy}"], nproc=2)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for s in a:
+        assert a[s] == pytest.approx(b[s], abs=1e-5)
+    wa = load_file(checkpoint_dirs(tmp_path / "one")[-1] / "model.safetensors")
+    wb = load_file(checkpoint_dirs(tmp_path / "two")[-1] / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
