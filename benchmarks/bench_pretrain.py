@@ -28,14 +28,15 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,7 +97,8 @@ class ArvisionStep:
         return loss.detach()
 
 
-def build_pair(preset: str, device: torch.device | str = "cpu", seed: int = 0, **overrides) -> tuple[NepaViT, nn.Module]:
+def build_pair(preset: str, device: Union[torch.device, str] = "cpu", seed: int = 0,
+               **overrides) -> tuple[NepaViT, nn.Module]:
     """The arvision model and the official-structure model (SDPA attention) with identical weights."""
     torch.manual_seed(seed)
     model = create_model(preset, **overrides)
@@ -110,7 +112,7 @@ def build_pair(preset: str, device: torch.device | str = "cpu", seed: int = 0, *
 def _attention_forward_qk_joint(self, x, rope, causal, return_attn=False):
     """Candidate: QK-Norm and RoPE applied to q and k in one op each (on the (B, T, 2, H, d) slice of the fused
     qkv output) instead of two, halving the element-wise kernel launches and the cos/sin casts."""
-    if return_attn or isinstance(self.q_norm, nn.Identity) != isinstance(self.k_norm, nn.Identity):
+    if return_attn:
         return _ORIGINAL_ATTN_FORWARD(self, x, rope, causal, return_attn)
     B, T, C = x.shape
     qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
@@ -131,22 +133,27 @@ def _attention_forward_qk_joint(self, x, rope, causal, return_attn=False):
 
 
 _ORIGINAL_ATTN_FORWARD = arv_layers.Attention.forward
-EXPERIMENTS: dict[str, Callable[[], None]] = {
-    "qk-joint": lambda: setattr(arv_layers.Attention, "forward", _attention_forward_qk_joint),
-}
 
 
 @contextmanager
-def experiment(name: Optional[str]):
-    """Patch arvision for one experiment while a side is built and while it runs (patches are process-wide)."""
-    if name is None:
-        yield
-        return
-    EXPERIMENTS[name]()
+def _qk_joint():
+    arv_layers.Attention.forward = _attention_forward_qk_joint
     try:
         yield
     finally:
         arv_layers.Attention.forward = _ORIGINAL_ATTN_FORWARD
+
+
+EXPERIMENTS: dict[str, Callable[[], ContextManager]] = {
+    "qk-joint": _qk_joint,
+    # The math SDPA backend (matmul + softmax) instead of the CPU flash kernel, whose bf16 backward is slow at short T.
+    "sdpa-math": lambda: sdpa_kernel(SDPBackend.MATH),
+}
+
+
+def experiment(name: Optional[str]) -> ContextManager:
+    """The patch of one experiment, entered around each of its side's windows (patches are process-wide)."""
+    return nullcontext() if name is None else EXPERIMENTS[name]()
 
 
 # -------------------------------------------------------------------------------------------------- measuring
@@ -172,18 +179,19 @@ def arvision_flops(model: NepaViT, batch_size: int) -> int:
     return batch_size * count_flops(model, lambda m, x: NepaObjective(m)(x)[0], images)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], iters: int = 3) -> float:
-    """Best FLOP/s over square matmuls of the given sizes (the machine's practical matmul peak)."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], iters: int = 5) -> float:
+    """Best FLOP/s of single square matmuls of the given sizes (the machine's practical matmul peak; the best
+    single timing, since on a shared machine noise only slows a matmul down)."""
     best = 0.0
     for n in sizes:
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         a @ b  # warm-up (library initialisation, kernel selection)
-        synchronize(device)
-        t0 = time.perf_counter()
         for _ in range(iters):
+            synchronize(device)
+            t0 = time.perf_counter()
             a @ b
-        synchronize(device)
-        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0))
+            synchronize(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     return best
 
 
@@ -236,29 +244,28 @@ def measure(sides: list[Side], images: torch.Tensor, steps: int, repeats: int, w
 
 # ------------------------------------------------------------------------------------------------------ driver
 
-def build_sides(preset: str, precision: str, batch_size: int, device: torch.device, compile_modes: list[bool],
+def build_sides(preset: str, precision: str, device: torch.device, compile_modes: list[bool],
                 adamw: list[str], experiments: list[str], ema: bool, compile_mode: Optional[str],
                 seed: int = 0) -> tuple[list[Side], NepaViT]:
     model, official = build_pair(preset, device, seed)
     sides = [Side("official", OfficialStep(official, precision, LR, WEIGHT_DECAY, CLIP, WARMUP, TOTAL, ema=ema))]
-    fused_choices = [None] if device.type != "cuda" else [{"fused": True, "foreach": False}[a] for a in adamw]
     for compiled in compile_modes:
-        for fused in fused_choices:
-            name = "arvision" + ("+compile" if compiled else "") + ("" if len(fused_choices) == 1 else
-                                                                    ("+fused" if fused else "+foreach"))
-            sides.append(Side(name, ArvisionStep(copy.deepcopy(model), precision, compiled, fused, ema, compile_mode)))
+        for impl in adamw or [None]:  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
+            name = "arvision" + ("+compile" if compiled else "") + (f"+{impl}" if impl else "")
+            step = ArvisionStep(copy.deepcopy(model), precision, compiled, None if impl is None else impl == "fused",
+                                ema, compile_mode)
+            sides.append(Side(name, step))
     for name in experiments:
-        with experiment(name):
-            sides.append(Side(f"arvision+{name}", ArvisionStep(copy.deepcopy(model), precision, False, None, ema),
-                              experiment=name))
+        for compiled in compile_modes:
+            step = ArvisionStep(copy.deepcopy(model), precision, compiled, None, ema, compile_mode)
+            sides.append(Side("arvision" + ("+compile" if compiled else "") + f"+{name}", step, experiment=name))
     return sides, model
 
 
 def benchmark_config(preset: str, precision: str, batch_size: int, device: torch.device, steps: int, repeats: int,
                      warmup: int, compile_modes: list[bool], adamw: list[str], experiments: list[str], ema: bool,
                      peaks: dict[str, float], compile_mode: Optional[str] = None) -> list[dict]:
-    sides, model = build_sides(preset, precision, batch_size, device, compile_modes, adamw, experiments, ema,
-                               compile_mode)
+    sides, model = build_sides(preset, precision, device, compile_modes, adamw, experiments, ema, compile_mode)
     flops = arvision_flops(model, batch_size)
     size = model.config.img_size
     images = torch.randn(batch_size, model.config.in_chans, size, size, device=device,
@@ -273,12 +280,12 @@ def benchmark_config(preset: str, precision: str, batch_size: int, device: torch
         base_ips = base_ips or ips  # the official side comes first
         achieved = flops * steps / med
         rows.append(dict(
-            model=preset, precision=precision, side=side.name, batch_size=batch_size, steps=steps,
-            img_per_s=ips, img_per_s_min=batch_size * steps / max(side.windows),
+            device=device.type, model=preset, precision=precision, side=side.name, batch_size=batch_size,
+            steps=steps, img_per_s=ips, img_per_s_min=batch_size * steps / max(side.windows),
             img_per_s_max=batch_size * steps / min(side.windows), ms_per_step=1e3 * med / steps,
             ratio_vs_official=ips / base_ips, flops_per_step=flops, achieved_flops=achieved,
             mfu_measured_peak=achieved / peak,
-            mfu_h100_bf16=achieved / H100_BF16_DENSE if device.type == "cuda" else None,
+            mfu_h100_bf16=achieved / H100_BF16_DENSE if device.type == "cuda" and precision == "bf16" else None,
             peak_mem_mb=side.peak_bytes / 2 ** 20 if device.type == "cuda" else None,
             windows_s=side.windows))
     del sides
@@ -286,18 +293,19 @@ def benchmark_config(preset: str, precision: str, batch_size: int, device: torch
 
 
 def format_table(rows: list[dict]) -> str:
-    cuda = rows and rows[0]["mfu_h100_bf16"] is not None
+    cuda = bool(rows) and rows[0]["device"] == "cuda"
     head = ["model", "prec", "side", "B", "img/s (median)", "min-max", "ms/step", "x official", "TFLOP/s", "MFU"]
     if cuda:
         head += ["MFU/989T", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["precision"], r["side"], str(r["batch_size"]), f"{r['img_per_s']:.1f}",
-                 f"{r['img_per_s_min']:.1f}-{r['img_per_s_max']:.1f}", f"{r['ms_per_step']:.1f}",
+        cells = [r["model"], r["precision"], r["side"], str(r["batch_size"]), f"{r['img_per_s']:.3g}",
+                 f"{r['img_per_s_min']:.3g}-{r['img_per_s_max']:.3g}", f"{r['ms_per_step']:.1f}",
                  f"{r['ratio_vs_official']:.2f}", f"{r['achieved_flops'] / 1e12:.3f}",
                  f"{100 * r['mfu_measured_peak']:.1f}%"]
         if cuda:
-            cells += [f"{100 * r['mfu_h100_bf16']:.1f}%", f"{r['peak_mem_mb']:.0f}"]
+            h100 = "-" if r["mfu_h100_bf16"] is None else f"{100 * r['mfu_h100_bf16']:.1f}%"
+            cells += [h100, f"{r['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -320,13 +328,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", type=_csv(str, ("off", "on")), default=["off"],
                    help="arvision variants: off, on or off,on (torch.compile of the objective module)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune (default: default)")
-    p.add_argument("--adamw", type=_csv(str, ("fused", "foreach")), default=["fused"],
-                   help="arvision AdamW implementations on CUDA (fused,foreach compares both; ignored on CPU)")
+    p.add_argument("--adamw", type=_csv(str, ("fused", "foreach")), default=[],
+                   help="arvision AdamW implementations to compare, e.g. fused,foreach (default: the trainer's "
+                        "choice, fused on CUDA and foreach elsewhere)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per step (default: 32 for 32-pixel presets, 8 for 224 on CPU; 128 on CUDA)")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed window")
+                   help="images per step (default: 16 for 32-pixel presets, 8 for 224 on CPU; 128 on CUDA)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per timed window")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per side (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--experiment", action="append", default=[], choices=sorted(EXPERIMENTS),
                    help="add a monkeypatched arvision variant (repeatable)")
@@ -342,7 +351,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def default_batch(preset: str, device: torch.device) -> int:
     if device.type == "cuda":
         return 128
-    return 8 if model_config(preset).img_size >= 224 else 32
+    return 8 if model_config(preset).img_size >= 224 else 16
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:
@@ -354,8 +373,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048)
     peaks = {"fp32": matmul_peak(device, torch.float32, sizes), "bf16": matmul_peak(device, torch.bfloat16, sizes)}
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}"
-          f", {torch.get_num_threads()} threads), torch {torch.__version__}; measured matmul peak: "
+    print(f"device {device} ({device_name(device)}, {torch.get_num_threads()} threads), torch {torch.__version__}; "
+          f"measured matmul peak: "
           f"fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s", flush=True)
     rows = []
     for preset in args.models:
@@ -366,12 +385,21 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                                    args.compile_mode)
             print(format_table(new), flush=True)
             rows += new
-    print("\n" + format_table(rows))
+    # The peak again at the end (the best of both): a measurement disturbed by other load would inflate the MFU.
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peak = max(peaks[precision], matmul_peak(device, dtype, sizes))
+        for r in rows:
+            if r["precision"] == precision:
+                r["mfu_measured_peak"] = r["achieved_flops"] / peak
+        peaks[precision] = peak
+    print(f"\nmeasured matmul peak (best of start and end): fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s")
+    print(format_table(rows))
     if device.type == "cpu":
         print(f"process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (all sides)")
     if args.out:
         meta = dict(command=" ".join(sys.argv), torch=torch.__version__, device=str(device),
-                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                    device_name=device_name(device),
                     threads=torch.get_num_threads(), peak_flops=peaks, h100_bf16_dense=H100_BF16_DENSE,
                     max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, args=vars(args) | {
                         "out": str(args.out)})

@@ -31,7 +31,6 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -115,7 +114,7 @@ class OfficialStep:
 
     def __init__(self, model: nn.Module, precision: str = "bf16", lr: float = 1e-4, weight_decay: float = 0.05,
                  clip_grad: float = 1.0, warmup_steps: int = 10, total_steps: int = 100_000,
-                 ema: bool = False, ema_decay: float = 0.9999, fused: Optional[bool] = None):
+                 ema: bool = False, ema_decay: float = 0.9999):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.model = model.train()
@@ -123,9 +122,9 @@ class OfficialStep:
         self.bf16 = precision == "bf16"
         self.clip_grad = clip_grad
         self.params = [p for p in model.parameters() if p.requires_grad]
-        kwargs = {} if fused is None else dict(fused=fused)  # HF adamw_torch passes neither fused nor foreach
+        # HF adamw_torch passes neither fused nor foreach: torch picks foreach on CUDA, the per-tensor loop on CPU.
         self.optimizer = torch.optim.AdamW(official_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95),
-                                           eps=1e-8, **kwargs)
+                                           eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, hf_cosine_lambda(warmup_steps, total_steps))
         self.ema_decay = ema_decay
         self.ema_state = None

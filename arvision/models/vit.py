@@ -132,7 +132,8 @@ class NepaViT(nn.Module):
             raise ValueError(f"input images are {tuple(x.shape[-2:])} but the model expects {size}x{size}; "
                              f"resize the data or create the model with img_size={x.shape[-1]}")
         patches = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(patches.dtype), patches], dim=1)
+        # cat promotes bf16 patches to the fp32 CLS dtype, as the official code: the residual stream stays fp32
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
 
     def _blocks(self, x: torch.Tensor, causal: bool, keep: Sequence[int] = (), stop: Optional[int] = None):
         rope = self.rope(x.dtype if not torch.is_autocast_enabled() else torch.float32)
