@@ -90,6 +90,8 @@ def cmd_eval_classify(args) -> None:
     from .eval.classify import evaluate_classifier
     from .hub import load_model
 
+    if args.resize is not None and args.crop_pct is not None:
+        raise ValueError("give --resize or --crop-pct, not both")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(args.checkpoint, ema=args.ema).to(device)
     num_classes = model.config.num_classes

@@ -48,8 +48,9 @@ def test_spec_parse():
         FeatureSpec.parse("middle")
     with pytest.raises(ValueError, match="out of range"):
         FeatureSpec.parse("6", depth=6)
+    assert FeatureSpec.parse("last").blocks == [-1]
     with pytest.raises(ValueError, match="cannot parse"):
-        FeatureSpec.parse("last")
+        FeatureSpec.parse("final")
     with pytest.raises(ValueError, match="pool"):
         FeatureSpec.parse("-1", pool="max")
 

@@ -45,13 +45,36 @@ def eval_transform(img_size: int, resize: int | None = None, crop_pct: float | N
 
 def finetune_transform(img_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
                        interpolation: str = "bicubic", mean: Sequence[float] = NEPA_MEAN,
-                       std: Sequence[float] = NEPA_STD):
+                       std: Sequence[float] = NEPA_STD, scale: Sequence[float] = (0.08, 1.0)):
     """NEPA fine-tuning (timm): RandomResizedCrop, flip, RandAugment, normalise, RandomErasing (per-pixel noise).
 
     timm's RandAugment draws from Python's `random`, so seed that too for reproducibility.
     """
     from timm.data import create_transform
 
-    return create_transform(input_size=img_size, is_training=True, auto_augment=auto_augment,
-                            interpolation=interpolation, re_prob=re_prob, re_mode="pixel", re_count=1,
-                            mean=tuple(mean), std=tuple(std))
+    tf = create_transform(input_size=img_size, is_training=True, scale=tuple(scale), auto_augment=auto_augment,
+                          interpolation=interpolation, re_prob=re_prob, re_mode="pixel", re_count=1,
+                          mean=tuple(mean), std=tuple(std))
+    _fix_posterize(tf)
+    return tf
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits giving a black image as Pillow < 13 did (Pillow 13 raises for bits < 1);
+    RandAugment's "increasing" posterize asks for 0 bits at magnitude 10, which m9 +- 0.5 std reaches often."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _fix_posterize(tf) -> None:
+    from timm.data.auto_augment import AugmentOp
+
+    for t in tf.transforms:
+        for op in getattr(t, "ops", ()):
+            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = _posterize

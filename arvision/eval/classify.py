@@ -57,7 +57,8 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, device: Union[str, t
             logits, labels = logits[keep].float(), labels[keep]
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hits = top.eq(labels[:, None])
-            totals += torch.stack([hits[:, 0].sum(), hits.any(-1).sum(), F.cross_entropy(logits, labels, reduction="sum"),
+            nll = F.cross_entropy(logits, labels, reduction="sum")
+            totals += torch.stack([hits[:, 0].sum(), hits.any(-1).sum(), nll,
                                    torch.tensor(labels.numel(), device=device)]).double()
     finally:
         model.train(was_training)

@@ -31,6 +31,8 @@ BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")
 
 def run(cfg, out=None, resume=False) -> dict:
     _resolve_best_metric(cfg)
+    if cfg.eval.resize is not None and cfg.eval.crop_pct is not None:
+        raise ValueError("set eval.resize or eval.crop_pct, not both")
     env, run_dir = prepare_run(cfg, "finetune", out, resume)
     seed_everything(cfg.train.seed)
     d, ft, e = cfg.data, cfg.finetune, cfg.eval
@@ -41,9 +43,13 @@ def run(cfg, out=None, resume=False) -> dict:
                  "folder with train/ and val/ or test/ class folders, or a Hugging Face save_to_disk folder).")
     train_set = build_dataset(d.source, "train", train_transform(d, img_size), img_size=img_size,
                               num_samples=d.num_samples)
-    num_classes = ft.num_classes or len(getattr(train_set, "classes", []))
+    found = len(getattr(train_set, "classes", []))
+    num_classes = ft.num_classes or found
     if not num_classes:
         raise ValueError(f"cannot tell the number of classes of {d.source} (no labels?); set finetune.num_classes")
+    if found > num_classes:
+        raise ValueError(f"{d.source} has {found} classes but finetune.num_classes={num_classes}; raise it or leave "
+                         "it null (the number of classes in the data)")
     prepare_classifier(model, num_classes, ft.global_pool, ft.freeze_patch_embed)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size // env.world_size
     if (ft.mixup > 0 or ft.cutmix > 0) and micro % 2:
@@ -66,10 +72,7 @@ def run(cfg, out=None, resume=False) -> dict:
     t0 = time.perf_counter()
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
-    final = history[-1] if history and history[-1]["step"] == trainer.step else None
-    if final is None:  # train.eval_every = 0: evaluate once at the end
-        evaluate(trainer.backbone, trainer.ema.module if trainer.ema is not None else None)
-        final = history[-1]
+    final = history[-1]  # the Trainer always evaluates after the last step
     best = dict(trainer.best or {})
     best.update(next((r for r in history if r["step"] == best.get("step")), {}))
     results = {"final": final, "best": best or None, "best_checkpoint": str(run_dir / "best") if best else None,
@@ -102,19 +105,13 @@ def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze
 
 
 def param_groups(ft) -> ParamGroupsFn:
-    """The Trainer's ``param_groups(model, lr, weight_decay, warmup_steps)``: layer-wise lr decay (optim.llrd_groups)."""
+    """The Trainer's ``param_groups(model, lr, weight_decay, warmup_steps)``: layer-wise lr decay (``llrd_groups``)."""
     return partial(llrd_groups, llrd=ft.llrd, mode=ft.llrd_mode, head_lr=ft.head_lr)
 
 
 def train_transform(d, img_size: int):
-    tf = finetune_transform(img_size, auto_augment=d.auto_augment or None, re_prob=d.re_prob,
-                            interpolation=d.interpolation)
-    # finetune_transform has no `scale` argument: set it on its RandomResizedCrop (the first op)
-    crop = tf.transforms[0]
-    if not hasattr(crop, "scale"):
-        raise TypeError(f"expected RandomResizedCrop first in the fine-tune transform, got {type(crop).__name__}")
-    crop.scale = tuple(d.crop_scale)
-    return tf
+    return finetune_transform(img_size, auto_augment=d.auto_augment or None, re_prob=d.re_prob,
+                              interpolation=d.interpolation, scale=tuple(d.crop_scale))
 
 
 def make_evaluator(val_set, env: DistEnv, cfg, step: Callable[[], int] = lambda: 0):
@@ -144,7 +141,8 @@ def _resolve_best_metric(cfg) -> None:
         train["best_metric"] = "ema_top1" if train["ema_decay"] > 0 else "top1"
     metric = train["best_metric"]
     if metric not in BEST_METRICS:
-        raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)} (higher is better), got {metric!r}")
+        raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)} (higher is better), "
+                         f"got {metric!r}")
     if metric.startswith("ema_") and not train["ema_decay"] > 0:
         raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay (e.g. 0.9999) or "
                          "train.best_metric=top1")

@@ -70,6 +70,7 @@ class Trainer:
         if cfg.precision not in ("bf16", "fp32"):
             raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
         self.step, self.best = 0, None
+        torch.manual_seed(cfg.seed + env.rank)  # distinct drop-path / RoPE draws on each rank
         self.writer = MetricWriter(self.run_dir, enabled=env.is_main)
         self._stop = False
 
@@ -92,10 +93,14 @@ class Trainer:
 
     def save(self, rng: dict) -> None:
         model_sd, optim_sd = self._full_states()  # collective under FSDP: every rank calls it
+        rngs = [rng]
+        if self.env.enabled:  # every rank's RNG, so that per-rank draws (drop path, RoPE) resume exactly
+            rngs = [None] * self.env.world_size
+            torch.distributed.all_gather_object(rngs, rng)
         if self.env.is_main:
             backbone_sd = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
             extras = {k: v for k, v in model_sd.items() if not k.startswith("model.")}
-            state = {"step": self.step, "optimizer": optim_sd, "rng": rng, "objective": extras, "best": self.best,
+            state = {"step": self.step, "optimizer": optim_sd, "rng": rngs, "objective": extras, "best": self.best,
                      "total_steps": self.total_steps}
             ema = self.ema.module.state_dict() if self.ema is not None else None
             path = save_checkpoint(self.run_dir, self.step, self.backbone, state, ema, self.cfg.keep_last,
@@ -123,7 +128,10 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.module.load_state_dict(load_file(ckpt / "ema.safetensors"))
-        set_rng_state(state["rng"])
+        rngs = state["rng"]
+        if len(rngs) != self.env.world_size:
+            log.warning(f"resuming a {len(rngs)}-process run on {self.env.world_size} processes: random draws differ")
+        set_rng_state(rngs[self.env.rank % len(rngs)])
         self.step, self.best = state["step"], state["best"]
         log.info(f"resumed from {ckpt} at step {self.step}")
 
@@ -217,9 +225,8 @@ class Trainer:
         return sums
 
     def _maybe_evaluate(self, epoch: int) -> None:
-        every = self.cfg.eval_every
-        last = self.step >= self.total_steps
-        if self.evaluate is None or not every or ((epoch + 1) % every and not last):
+        every, last = self.cfg.eval_every, self.step >= self.total_steps
+        if self.evaluate is None or not (last or (every and (epoch + 1) % every == 0)):
             return
         results = self.evaluate(self.backbone, self.ema.module if self.ema is not None else None)
         if not results:
