@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--k", type=int, default=20)
             q.add_argument("--temperature", type=float, default=0.07)
         else:
-            q.add_argument("--epochs", type=int, default=100)
+            q.add_argument("--epochs", type=int, default=50)
         q.set_defaults(func=cmd_eval_probe)
 
     q = esub.add_parser("classify", help="top-1 / top-5 of a classifier checkpoint (fine-tuned or official -sft)")
@@ -240,7 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops collecting positionals at an option)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except (ValueError, OSError, ImportError, KeyError) as e:
