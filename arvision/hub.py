@@ -4,7 +4,7 @@ arvision format: a directory holding ``model.safetensors`` (NepaViT state_dict),
 (EMA weights, same keys), and ``arvision.json`` = {"format": "arvision", "format_version": 1,
 "model": NepaConfig.to_dict(), "preset": name or null}. Trainer checkpoints add files that are ignored here.
 
-Official format (docs/nepa_official_spec.md §13): a ``save_pretrained`` directory with ``config.json`` and ``model.safetensors``
+Official format (nepa_spec.md §13): a ``save_pretrained`` directory with ``config.json`` and ``model.safetensors``
 (or ``pytorch_model.bin``, or shards with an ``*.index.json``); the pretraining EMA copy is ``pytorch_model_ema.bin``.
 
     model = load_model("SixAILab/nepa-base-patch14-224")          # Hub id, official directory or arvision directory
@@ -55,7 +55,7 @@ def _mlp_type(gated: bool, act: str) -> str:
 
 
 def official_config_to_arvision(cfg: Mapping) -> NepaConfig:
-    """NepaConfig of an official ``config.json`` dict (field names in docs/nepa_official_spec.md §13)."""
+    """NepaConfig of an official ``config.json`` dict (field names in nepa_spec.md §13)."""
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")
                if k not in cfg]
     if missing:

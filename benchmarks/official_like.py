@@ -4,10 +4,10 @@ The model is ``tests/official_reference.py`` (an independent re-implementation o
 ``ViTNepaForPreTraining`` with the official module structure and state-dict keys), switched to the official
 *default* attention path: HF ``_attn_implementation="sdpa"`` calls
 ``F.scaled_dot_product_attention(q, k, v, scale=d**-0.5, is_causal=True)`` on the non-contiguous (B, H, T, d) views
-and makes the output contiguous (docs/nepa_official_spec.md §2, §10.13). The eager path (explicit -inf mask, fp32 softmax) remains
+and makes the output contiguous (nepa_spec.md §2, §10.13). The eager path (explicit -inf mask, fp32 softmax) remains
 available as ``attn_implementation="eager"``.
 
-What one :meth:`OfficialStep.__call__` reproduces, per optimizer step (docs/nepa_official_spec.md §4, §10.13-14):
+What one :meth:`OfficialStep.__call__` reproduces, per optimizer step (nepa_spec.md §4, §10.13-14):
   * HF AMP: ``torch.autocast(bf16)`` around the forward and loss (fp32 master weights, no grad scaler), or fp32;
   * the official module structure: separate q/k/v Linear layers (three matmuls), QK-Norm, RoPE applied to the patch
     tokens through split + cat (copies), cos/sin recomputed on every forward (with the train-time rescale draw),
@@ -87,7 +87,7 @@ def build_official(config: dict, attn_implementation: str = "sdpa") -> nn.Module
 
 
 def official_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The official decay rule (docs/nepa_official_spec.md §4): no decay inside any LayerNorm or for names matching
+    """The official decay rule (nepa_spec.md §4): no decay inside any LayerNorm or for names matching
     bias / layernorm / rmsnorm / layer_scale / norm / _norm; everything else (Linear/Conv weights, CLS) decays."""
     in_norm = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)
                for p, _ in m.named_parameters(recurse=False)}

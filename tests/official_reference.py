@@ -1,5 +1,5 @@
 """An independent re-implementation of the official NEPA Hugging Face model (``models/vit_nepa``), written from
-the specification (docs/nepa_official_spec.md §1-§3, §5.1, §13), with the official module structure so that ``state_dict()`` has
+the specification (nepa_spec.md §1-§3, §5.1, §13), with the official module structure so that ``state_dict()`` has
 exactly the official keys. It is driven by an official-style ``config.json`` dict.
 
 It deliberately does not import arvision: the tests compare arvision against it.

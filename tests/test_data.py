@@ -241,7 +241,7 @@ def test_finetune_transform():
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     names = [type(t).__name__ for t in finetune_transform(224).transforms]
     assert names[:3] + names[4:] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment",
-                                     "Normalize", "RandomErasing"]  # docs/nepa_official_spec.md 5.2: no colour jitter next to RandAugment
+                                     "Normalize", "RandomErasing"]  # nepa_spec.md 5.2: no colour jitter next to RandAugment
     crop, _, ra, _, norm, erase = finetune_transform(224).transforms
     assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
     assert ra.num_layers == 2 and all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)

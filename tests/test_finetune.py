@@ -1,4 +1,4 @@
-"""Fine-tuning and classifier evaluation: the official LLRD / inverted-warmup numbers (docs/nepa_official_spec.md §5.3) as the recipes and
+"""Fine-tuning and classifier evaluation: the official LLRD / inverted-warmup numbers (nepa_spec.md §5.3) as the recipes and
 the Trainer resolve them, Mixup/CutMix targets, the weight EMA, the head initialisation, an end-to-end
 `arvision finetune` run and `arvision eval classify`."""
 import copy
@@ -47,7 +47,7 @@ def make_trainer(task_cfg, objective, groups_fn, tmp_path, dataset=None):
 
 
 # ------------------------------------------------------------------------------- (a) official LLRD numbers
-# (name of a parameter, peak lr from docs/nepa_official_spec.md §5.3, warmup steps from §5.3 or None = by the rule)
+# (name of a parameter, peak lr from nepa_spec.md §5.3, warmup steps from §5.3 or None = by the rule)
 B_EXPECTED = [("blocks.11.attn.qkv.weight", 6e-3, 1), ("blocks.10.mlp.fc1.weight", 3.9e-3, 8757),
               ("blocks.0.attn.qkv.weight", 5.25e-5, 24801), ("cls_token", 3.4e-5, 24878),
               ("head.weight", 1e-3, 1), ("norm.weight", 1e-3, 1), ("fc_norm.weight", 6e-3, 1)]
@@ -94,7 +94,7 @@ def test_in1k_finetune_recipe_llrd_groups(size, preset, lr, llrd, warmup, expect
 
 
 def official_multiplier(step, f, w, total):
-    """docs/nepa_official_spec.md §5.3 "llrd_cosine_warmup": f*step/w during warmup, then f * half-cosine, 0 from the last step."""
+    """nepa_spec.md §5.3 "llrd_cosine_warmup": f*step/w during warmup, then f * half-cosine, 0 from the last step."""
     if step < w:
         return f * step / w
     if step >= total:

@@ -1,4 +1,4 @@
-"""Image transforms of the official NEPA recipes (spec docs/nepa_official_spec.md §4, §5.2, §5.5), torchvision v1 / timm."""
+"""Image transforms of the official NEPA recipes (spec nepa_spec.md §4, §5.2, §5.5), torchvision v1 / timm."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""Classifier evaluation: top-1 / top-5 accuracy and NLL on hard labels (docs/nepa_official_spec.md §5.5), on one or many processes.
+"""Classifier evaluation: top-1 / top-5 accuracy and NLL on hard labels (nepa_spec.md §5.5), on one or many processes.
 
 Under torch.distributed every rank evaluates its own shard (``EvalShard``: samples rank, rank + world, ...). Shards
 are padded to equal length so every rank runs the same number of forward passes (FSDP needs that); padded samples

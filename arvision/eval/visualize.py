@@ -1,4 +1,4 @@
-"""NEPA attention and embedding-similarity maps for a query patch (the paper's figures; docs/nepa_official_spec.md §7).
+"""NEPA attention and embedding-similarity maps for a query patch (the paper's figures; nepa_spec.md §7).
 
     images = load_images(["dog.jpg"], model.config.img_size)
     visualize(model, images, ["center", (3, 5)], "out/", layers="all")   # -> [out/image0_grid.png]

@@ -1,4 +1,4 @@
-"""Transformer building blocks of the NEPA causal ViT (docs/nepa_official_spec.md §2).
+"""Transformer building blocks of the NEPA causal ViT (nepa_spec.md §2).
 
 Block (pre-norm):  h = x + DropPath(LS1 * Proj(Attn(LN1(x))));  x' = h + DropPath(LS2 * MLP(LN2(h))).
 Attention: fused q/k/v projection with bias, QK-Norm shared across heads, 2D RoPE on the patch tokens,

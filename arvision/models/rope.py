@@ -5,7 +5,7 @@ Patch centres are placed on [-1, 1] (y_i = 2 (i + 0.5) / G - 1), each axis gets 
 rotate-half pairs dimension j with j + d/2. Prefix tokens (CLS) are not rotated.
 
 At train time the coordinates can be augmented (shift, then jitter, then rescale), with one draw per
-forward call from torch's global generator, shared by the batch and by all layers (docs/nepa_official_spec.md §1.3).
+forward call from torch's global generator, shared by the batch and by all layers (nepa_spec.md §1.3).
 """
 from __future__ import annotations
 

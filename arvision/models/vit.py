@@ -1,4 +1,4 @@
-"""The NEPA causal Vision Transformer (arXiv 2512.16922; official layout in docs/nepa_official_spec.md).
+"""The NEPA causal Vision Transformer (arXiv 2512.16922; official layout in nepa_spec.md).
 
 Conv2d patch embedding (no absolute position embedding), a CLS token at position 0, pre-norm blocks
 with 2D RoPE / QK-Norm / LayerScale, and a final LayerNorm. The same backbone is used causally for
@@ -108,7 +108,7 @@ class NepaViT(nn.Module):
         self._zero_head()
 
     def _zero_head(self):
-        if isinstance(self.head, nn.Linear):  # the official classifier starts at zero (docs/nepa_official_spec.md §6)
+        if isinstance(self.head, nn.Linear):  # the official classifier starts at zero (nepa_spec.md §6)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 

@@ -1,4 +1,4 @@
-"""Supervised classification objective for fine-tuning (docs/nepa_official_spec.md §5.1-§5.2).
+"""Supervised classification objective for fine-tuning (nepa_spec.md §5.1-§5.2).
 
 timm's Mixup / CutMix (label smoothing folded into the soft targets) runs on the device inside ``forward``, on the
 micro-batch that reaches the model, instead of in the CPU collate function as in the official code. The loss is the

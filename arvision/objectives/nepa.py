@@ -1,4 +1,4 @@
-"""Next-Embedding Predictive Autoregression (NEPA) objective (docs/nepa_official_spec.md §3).
+"""Next-Embedding Predictive Autoregression (NEPA) objective (nepa_spec.md §3).
 
 The model embeds an image into z = cat(CLS, conv(x)); the causal backbone maps z to predictions
 zhat (after the final norm). Output t predicts embedding t + 1 (shift by one), targets are detached

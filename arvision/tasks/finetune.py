@@ -1,4 +1,4 @@
-"""Supervised fine-tuning recipe (docs/nepa_official_spec.md §5): a NEPA backbone (pretrained checkpoint or a preset from scratch) gets
+"""Supervised fine-tuning recipe (nepa_spec.md §5): a NEPA backbone (pretrained checkpoint or a preset from scratch) gets
 a zero-initialised classifier, bidirectional attention, a frozen patch embedding, layer-wise lr decay with the
 official inverted per-group warmup, Mixup/CutMix with label smoothing, RandAugment and a weight EMA. Raw and EMA
 weights are evaluated every ``train.eval_every`` epochs; the best by ``train.best_metric`` is saved to ``<run>/best``.
@@ -96,8 +96,8 @@ def build_model(cfg):
 
 
 def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze_patch_embed: bool = True):
-    """Give ``model`` a ``num_classes`` head unless it has one: zero classifier, fc_norm (1, 0) (docs/nepa_official_spec.md §6).
-    Freezing affects the conv patch embedding only; the CLS token stays trainable (docs/nepa_official_spec.md §5.1)."""
+    """Give ``model`` a ``num_classes`` head unless it has one: zero classifier, fc_norm (1, 0) (nepa_spec.md §6).
+    Freezing affects the conv patch embedding only; the CLS token stays trainable (nepa_spec.md §5.1)."""
     if (model.config.num_classes, model.config.global_pool) != (num_classes, global_pool):
         model.reset_classifier(num_classes, global_pool)
     model.patch_embed.requires_grad_(not freeze_patch_embed)

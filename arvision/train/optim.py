@@ -4,10 +4,10 @@ Every group carries ``lr_base`` (its peak lr before scaling), ``lr_scale`` (f) a
 The schedule (``lr_at``) is linear warmup from 0 over w steps, then a half-cosine from f * lr_base to
 ``min_lr``, as in HF's ``cosine`` schedule used by the official code (the first step runs at lr 0).
 
-Pretraining (docs/nepa_official_spec.md §4): one lr for all, weight decay on every parameter with ndim >= 2 (Linear/Conv
+Pretraining (nepa_spec.md §4): one lr for all, weight decay on every parameter with ndim >= 2 (Linear/Conv
 weights and the CLS token), none on biases, norms and LayerScale.
 
-Fine-tuning layer-wise lr decay (docs/nepa_official_spec.md §5.3), ``llrd_groups``:
+Fine-tuning layer-wise lr decay (nepa_spec.md §5.3), ``llrd_groups``:
   official: block i gets f = llrd^(L-1-i) (top block undecayed), CLS/patch embedding f = llrd^L, the
             classifier and the final norm use ``head_lr`` with f = 1, fc_norm uses lr with f = 1, and the
             warmup is inverted per group: w_g = max(1, W - round(W * min(f, 1))).
