@@ -37,7 +37,7 @@ class Trainer:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         self.objective = objective.to(env.device)
         self.backbone = objective.backbone()
-        self.evaluate, self.preset = evaluate, preset
+        self.evaluate, self.preset, self.train_set = evaluate, preset, train_set
         world = env.world_size
         self.micro = cfg.micro_batch_size or cfg.batch_size // world
         self.sampler = ResumableSampler(len(train_set), cfg.batch_size, self.micro, env.rank, world, cfg.seed)
@@ -192,6 +192,10 @@ class Trainer:
                     if self.step >= self.total_steps:
                         break
                 if self.step % self.sampler.steps_per_epoch == 0 or self.step >= self.total_steps:
+                    skipped = getattr(self.train_set, "num_skipped", 0)
+                    if skipped:
+                        log.warning(f"{skipped} unreadable images skipped so far (named in the warnings above)")
+                        self.writer.write(self.step, {"skipped_images": skipped}, prefix="data")
                     self._maybe_evaluate(epoch)
         except KeyboardInterrupt:
             log.warning(f"interrupted; saving the last completed step {self.step}")
