@@ -56,6 +56,9 @@ def _eval_data(args, img_size: int):
     test_split = resolve_split(args.data, args.split)
     train = build_dataset(args.data, "train", tf, img_size=img_size)
     test = build_dataset(args.data, test_split, tf, img_size=img_size)
+    if args.train_samples and args.train_samples < len(train):  # a fixed random subset, the same for every model
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.train_samples]
+        train = torch.utils.data.Subset(train, keep.tolist())
     mk = lambda ds: torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
     return mk(train), mk(test), test_split, train, test
 
@@ -156,9 +159,19 @@ def cmd_visualize(args) -> None:
     queries = [tuple(int(v) for v in q.split(",")) for q in args.query] if args.query else args.query_mode
     causal = None if args.attention == "default" else args.attention == "causal"
     files = visualize(model, images, queries, args.out, layers=args.layers, head_reduce=args.heads,
-                      names=[Path(p).stem for p in args.images], causal=causal)
+                      names=_image_names(args.images), causal=causal)
     for f in files:
         print(f)
+
+
+def _image_names(paths: list[str]) -> list[str]:
+    """File stems, or parent_stem (then the index) where stems collide, as in class folders."""
+    names = [Path(p).stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--batch-size", type=int, default=256)
         q.add_argument("--num-workers", type=int, default=2)
         q.add_argument("--crop-pct", type=float, default=None, help="eval resize = img_size / crop_pct")
+        q.add_argument("--train-samples", type=int, default=None, help="use a fixed random subset of the train split")
         q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
         q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_<kind>.json)")
         if kind == "knn":
