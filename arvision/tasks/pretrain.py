@@ -1,5 +1,5 @@
-"""NEPA pretraining recipe: build the model, the objective and the data, train, then report kNN accuracy
-of the pretrained backbone next to the same architecture at random initialisation.
+"""NEPA pretraining recipe: build the model, the objective and the data, train, then report kNN and
+linear-probe accuracy of the pretrained backbone next to the same architecture at random initialisation.
 
     arvision pretrain                                         # built-in synthetic data, a few CPU minutes
     arvision pretrain --data /data/cifar10 train.epochs=50    # an image folder with train/ and test/
@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from ..data import build_dataset, eval_transform, pretrain_transform, resolve_split
-from ..eval import FeatureSpec, knn_eval
+from ..eval import FeatureSpec, extract_features, knn_classify, linear_probe
 from ..models import create_model
 from ..objectives import NepaLossConfig, NepaObjective
 from ..train.distributed import barrier
@@ -47,7 +47,7 @@ def run(cfg, out=None, resume=False) -> dict:
     results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
                "data": source}
     if cfg.eval.knn and env.is_main:
-        results["knn"] = knn_report(cfg, model, img_size, env.device)
+        results["probes"] = probe_report(cfg, model, img_size, env.device)
     barrier()
     if env.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -55,8 +55,9 @@ def run(cfg, out=None, resume=False) -> dict:
     return results
 
 
-def knn_report(cfg, model, img_size: int, device) -> dict:
-    """kNN top-1 of several block selections, pretrained vs the same architecture at random init."""
+def probe_report(cfg, model, img_size: int, device) -> dict:
+    """kNN (and, with eval.linear, linear-probe) top-1 of several block selections, pretrained vs the same
+    architecture at random init. Features are extracted once per model and block selection."""
     source, e = cfg.data.source, cfg.eval
     val_split = resolve_split(source, "val")
     tf = eval_transform(img_size)
@@ -72,13 +73,18 @@ def knn_report(cfg, model, img_size: int, device) -> dict:
         spec = FeatureSpec.parse(blocks=str(blocks), pool=e.pool, depth=len(model.blocks))
         row = {}
         for name, m in (("pretrained", model), ("random_init", random_model)):
-            r = knn_eval(m, loader(train_set), loader(val_set), spec, k=e.knn_k, temperature=e.knn_temperature,
-                         device=device, amp_dtype=amp)
-            row[name] = r["top1"]
+            tr = extract_features(m, loader(train_set), spec, device, amp, progress=False)
+            te = extract_features(m, loader(val_set), spec, device, amp, progress=False)
+            row[f"knn_{name}"] = knn_classify(*tr, *te, k=e.knn_k, temperature=e.knn_temperature)["top1"]
+            if e.linear:
+                row[f"linear_{name}"] = linear_probe(*tr, *te, epochs=e.linear_epochs, seed=cfg.train.seed)["top1"]
         report[str(blocks)] = row
-        lines.append(f"  block {str(blocks):>6}: pretrained {row['pretrained']:5.1f}%   random init "
-                     f"{row['random_init']:5.1f}%")
-    log.info(f"kNN top-1 (k={e.knn_k}, {len(train_set)} train / {len(val_set)} {val_split} images"
+        line = f"  block {str(blocks):>6}: kNN {row['knn_pretrained']:5.1f}% vs {row['knn_random_init']:5.1f}%"
+        if e.linear:
+            line += f"   linear {row['linear_pretrained']:5.1f}% vs {row['linear_random_init']:5.1f}%"
+        lines.append(line)
+    log.info(f"top-1 of the pretrained backbone vs the same architecture at random init (kNN k={e.knn_k}; "
+             f"{len(train_set)} train / {len(val_set)} {val_split} images"
              f"{', synthetic data' if source == 'synthetic' else ''}):\n" + "\n".join(lines))
     return report
 
