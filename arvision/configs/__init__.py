@@ -1,0 +1,1 @@
+"""Packaged default configs and recipes (YAML); see arvision.config."""
