@@ -61,14 +61,7 @@ class SdpaSelfAttention(ref.ViTNepaSelfAttention):
 
     def forward(self, hidden_states, position_embeddings):
         B, T, _ = hidden_states.shape
-        shape = (B, T, self.num_heads, self.head_dim)
-        q = self.query(hidden_states).view(shape).transpose(1, 2)
-        k = self.key(hidden_states).view(shape).transpose(1, 2)
-        v = self.value(hidden_states).view(shape).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings
-        q, k = ref.apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = self.project(hidden_states, position_embeddings)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_prob if self.training else 0.0,
                                              scale=self.scaling, is_causal=self.is_causal and T > 1)
         return out.transpose(1, 2).contiguous().reshape(B, T, -1), None

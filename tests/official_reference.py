@@ -152,7 +152,8 @@ class ViTNepaSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, hidden_states, position_embeddings):
+    def project(self, hidden_states, position_embeddings):
+        """q, k, v as (B, H, T, d): projections, then QK-norm, then RoPE (the official order)."""
         B, T, _ = hidden_states.shape
         shape = (B, T, self.num_heads, self.head_dim)
         q = self.query(hidden_states).view(shape).transpose(1, 2)
@@ -162,6 +163,11 @@ class ViTNepaSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, hidden_states, position_embeddings):
+        B, T, _ = hidden_states.shape
+        q, k, v = self.project(hidden_states, position_embeddings)
         # eager attention
         weights = torch.matmul(q, k.transpose(2, 3)) * self.scaling
         if self.is_causal:
