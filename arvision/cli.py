@@ -143,7 +143,6 @@ def cmd_models(args) -> None:
 def cmd_recipes(args) -> None:
     from importlib import resources
 
-    import yaml
     for f in sorted(resources.files("arvision.configs").iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml"):
             first = next((line for line in f.read_text().splitlines() if line.startswith("#")), "")
