@@ -1,6 +1,6 @@
 """arvision: autoregressive vision in PyTorch (NEPA pretraining, probing, fine-tuning)."""
 from .models import NepaConfig, NepaViT, create_model, list_models
-from .hub import convert, load_model, save_model
+from .checkpoints import convert, load_model, save_model
 from .objectives import NepaLossConfig, nepa_loss
 
 __version__ = "0.1.0"

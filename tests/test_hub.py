@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from arvision import NepaConfig, NepaViT
-from arvision import hub
-from arvision.hub import (
+from arvision import checkpoints as hub
+from arvision.checkpoints import (
     arvision_config_to_official, arvision_to_official_state_dict, convert, export_official, load_model,
     load_weights, matching_preset, official_config_to_arvision, official_to_arvision_state_dict, save_model,
 )

@@ -1,4 +1,8 @@
-from .registry import create_model, list_models, model_config, register_model
+from .registry import (
+    build_from_config, count_parameters, create_model, family_of, get_family, list_families, list_models,
+    model_config, register_family, register_model,
+)
 from .vit import NepaConfig, NepaViT
 
-__all__ = ["NepaConfig", "NepaViT", "create_model", "list_models", "model_config", "register_model"]
+__all__ = ["NepaConfig", "NepaViT", "build_from_config", "count_parameters", "create_model", "family_of",
+           "get_family", "list_families", "list_models", "model_config", "register_family", "register_model"]

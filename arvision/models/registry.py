@@ -1,67 +1,95 @@
-"""Registered model presets: ``create_model(name, **overrides)``, ``list_models()``."""
+"""Model families and registered presets.
+
+A *family* is a model class with its config dataclass (``NepaViT`` / ``NepaConfig``, a tokenizer, the generator,
+a segmentor). Each model class carries ``family = "<name>"`` and a ``config`` with ``to_dict()`` /
+``from_dict()``; checkpoints store the family name, so ``load_model`` rebuilds the right class and a caller that
+expects one family gets a one-line error for another.
+
+A *preset* is a named config of one family (timm's registered model names):
+
+    model = create_model("nepa_tiny_patch4_32", drop_path_rate=0.1)
+    list_models()                      # every preset;  list_models("nepa_vit") for one family
+"""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-from .vit import NepaConfig, NepaViT
-
-_PRESETS: dict[str, Callable[[], dict]] = {}
-
-
-def register_model(fn: Callable[[], dict]) -> Callable[[], dict]:
-    _PRESETS[fn.__name__] = fn
-    return fn
+from torch import nn
 
 
-def list_models() -> list[str]:
-    return sorted(_PRESETS)
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_cls: type
+    config_cls: type
+    description: str = ""
 
 
-def model_config(name: str, **overrides) -> NepaConfig:
+_FAMILIES: dict[str, Family] = {}
+_PRESETS: dict[str, tuple[str, Callable[[], dict]]] = {}
+
+
+def register_family(name: str, model_cls: type, config_cls: type, description: str = "") -> Family:
+    family = Family(name, model_cls, config_cls, description)
+    _FAMILIES[name] = family
+    model_cls.family = name
+    return family
+
+
+def get_family(name: str) -> Family:
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known families: {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
+
+
+def list_families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def family_of(model: nn.Module) -> str:
+    name = getattr(model, "family", None)
+    if name not in _FAMILIES:
+        raise ValueError(f"{type(model).__name__} is not a registered arvision model family")
+    return name
+
+
+def register_model(fn: Optional[Callable[[], dict]] = None, *, family: str = "nepa_vit"):
+    """Register a preset: a function returning the config fields. ``@register_model`` or
+    ``@register_model(family="vq_tokenizer")``."""
+    def wrap(f: Callable[[], dict]) -> Callable[[], dict]:
+        _PRESETS[f.__name__] = (family, f)
+        return f
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_models(family: Optional[str] = None) -> list[str]:
+    return sorted(n for n, (fam, _) in _PRESETS.items() if family is None or fam == family)
+
+
+def preset_family(name: str) -> str:
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return NepaConfig.from_dict({**_PRESETS[name](), **overrides})
+    return _PRESETS[name][0]
 
 
-def create_model(name: str, **overrides) -> NepaViT:
-    """Build a registered NEPA model; keyword overrides replace preset fields (e.g. num_classes=10)."""
-    return NepaViT(model_config(name, **overrides))
+def model_config(name: str, **overrides) -> Any:
+    """The config dataclass of a preset with field overrides."""
+    family, fn = _PRESETS[name] if name in _PRESETS else (preset_family(name), None)
+    return get_family(family).config_cls.from_dict({**fn(), **overrides})
 
 
-# Official released configs (GELU MLP; base pretrain has parameter-free QK-Norm, large an affine one).
-@register_model
-def nepa_base_patch14_224():
-    return dict(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12, qk_norm="layernorm")
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered preset; keyword overrides replace config fields (e.g. num_classes=10)."""
+    family = get_family(preset_family(name))
+    return family.model_cls(model_config(name, **overrides))
 
 
-@register_model
-def nepa_large_patch14_224():
-    return dict(img_size=224, patch_size=14, embed_dim=1024, depth=24, num_heads=16, qk_norm="affine")
+def build_from_config(family: str, config: dict) -> nn.Module:
+    """A model of ``family`` from a config dict (as stored in a checkpoint)."""
+    fam = get_family(family)
+    return fam.model_cls(fam.config_cls.from_dict(config))
 
 
-# The paper's headline architecture: gated SiLU MLP (SwiGLU) with the official gated layout.
-@register_model
-def nepa_base_patch14_224_swiglu():
-    return dict(nepa_base_patch14_224(), mlp_type="swiglu", qk_norm="affine")
-
-
-@register_model
-def nepa_large_patch14_224_swiglu():
-    return dict(nepa_large_patch14_224(), mlp_type="swiglu")
-
-
-# CPU and CIFAR-scale presets: 32x32 images, patch 4 (64 patches + CLS), head dim 64.
-@register_model
-def nepa_tiny_patch4_32():
-    return dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, qk_norm="affine")
-
-
-@register_model
-def nepa_small_patch4_32():
-    return dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6, qk_norm="affine")
-
-
-# A small 224-pixel model for quick real-resolution runs.
-@register_model
-def nepa_small_patch14_224():
-    return dict(img_size=224, patch_size=14, embed_dim=384, depth=12, num_heads=6, qk_norm="affine")
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

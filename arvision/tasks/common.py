@@ -51,7 +51,7 @@ def build_backbone(model_cfg, **extra):
     """A registered preset with overrides, or (``model.init``) an existing checkpoint."""
     args = {**dict(model_cfg.args or {}), **extra}
     if model_cfg.init:
-        from ..hub import load_model
+        from ..checkpoints import load_model
         model = load_model(model_cfg.init, **args)
         model.train()
         log.info(f"model initialised from {model_cfg.init}")

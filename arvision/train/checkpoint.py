@@ -44,7 +44,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, state: dict, ema_state_dict: Optional[dict] = None,
                     keep_last: int = 2, preset: Optional[str] = None, model_state_dict: Optional[dict] = None) -> Path:
-    from ..hub import save_model
+    from ..checkpoints import save_model
 
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     final.parent.mkdir(parents=True, exist_ok=True)

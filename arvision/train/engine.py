@@ -242,7 +242,7 @@ class Trainer:
             self.best = {"metric": metric, "value": results[metric], "step": self.step}
             backbone_sd = self._backbone_state()  # collective under FSDP
             if self.env.is_main:
-                from ..hub import save_model
+                from ..checkpoints import save_model
                 save_model(self.backbone, self.run_dir / "best", preset=self.preset, state_dict=backbone_sd,
                            ema_state_dict=self.ema.module.state_dict() if self.ema is not None else None)
             barrier()

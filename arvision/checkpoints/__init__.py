@@ -26,8 +26,8 @@ from typing import Callable, Iterator, Mapping, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models.registry import list_models, model_config
-from .models.vit import NepaConfig, NepaViT
+from ..models.registry import list_models, model_config
+from ..models.vit import NepaConfig, NepaViT
 
 FORMAT = "arvision"
 FORMAT_VERSION = 1
@@ -248,7 +248,7 @@ def load_state_dict_checked(model: NepaViT, sd: StateDict, source: str = "checkp
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
                  if items]
         raise ValueError(f"{source} does not fit {_describe(model.config)}: {'; '.join(parts)}; pass the preset/"
-                         "config the checkpoint was made with, or use arvision.hub.load_model(path), which reads it")
+                         "config the checkpoint was made with, or use arvision.checkpoints.load_model(path), which reads it")
     model.load_state_dict(sd, strict=not skip_head)
     return model
 

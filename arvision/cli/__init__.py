@@ -1,0 +1,46 @@
+"""The ``arvision`` command line. Each subcommand has ``--help``.
+
+    arvision pretrain [--config RECIPE] [--data DIR] [--out DIR] [--resume] [key=value ...]
+    arvision finetune [--config RECIPE] [--data DIR] [--out DIR] [--resume] [key=value ...]
+    arvision eval knn|linear CHECKPOINT --data DIR [--blocks middle] [--pool mean]
+    arvision eval classify CHECKPOINT --data DIR [--split val] [--resize 256 | --crop-pct 0.95] [--ema]
+    arvision convert SRC DST            # official NEPA checkpoint (or Hub id) -> arvision checkpoint
+    arvision visualize CHECKPOINT --images a.jpg b.jpg --out DIR [--layers all] [--query 7,7]
+    arvision models | arvision recipes
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import catalog, evaluate, train, visualize
+
+COMMANDS = (train, evaluate, catalog, visualize)  # each module adds its subcommands with register(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arvision", description="Autoregressive vision: NEPA pretraining, "
+                                     "probing, fine-tuning and official checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops collecting positionals at an option)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args.func(args)
+    except (ValueError, OSError, ImportError, KeyError) as e:
+        if "--traceback" in sys.argv or os.environ.get("ARVISION_TRACEBACK"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"arvision: error: {msg}", file=sys.stderr)
+        sys.exit(2)

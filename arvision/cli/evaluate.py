@@ -1,0 +1,121 @@
+"""`arvision eval knn | linear | classify`: probes of frozen features and classifier accuracy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _eval_data(args, img_size: int):
+    import torch
+    from ..data import build_dataset, eval_transform, resolve_split
+
+    tf = eval_transform(img_size, crop_pct=args.crop_pct) if args.crop_pct else eval_transform(img_size)
+    test_split = resolve_split(args.data, args.split)
+    train = build_dataset(args.data, "train", tf, img_size=img_size)
+    test = build_dataset(args.data, test_split, tf, img_size=img_size)
+    if args.train_samples and args.train_samples < len(train):  # a fixed random subset, the same for every model
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.train_samples]
+        train = torch.utils.data.Subset(train, keep.tolist())
+    mk = lambda ds: torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
+    return mk(train), mk(test), test_split, train, test
+
+
+def cmd_eval_probe(args) -> None:
+    import torch
+    from ..eval import FeatureSpec, knn_eval, linear_eval
+    from ..checkpoints import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.checkpoint).to(device)
+    spec = FeatureSpec.parse(blocks=args.blocks, pool=args.pool, depth=len(model.blocks))
+    train_loader, test_loader, split, train, test = _eval_data(args, model.config.img_size)
+    amp = torch.bfloat16 if args.precision == "bf16" else None
+    if args.kind == "knn":
+        res = knn_eval(model, train_loader, test_loader, spec, k=args.k, temperature=args.temperature,
+                       device=device, amp_dtype=amp)
+    else:
+        res = linear_eval(model, train_loader, test_loader, spec, epochs=args.epochs, device=device, amp_dtype=amp)
+    res = {k: v for k, v in res.items() if isinstance(v, (int, float, str, list, dict))}
+    res.update(checkpoint=str(args.checkpoint), data=str(args.data), split=split, blocks=args.blocks, pool=args.pool)
+    print(json.dumps(res, indent=2, default=str))
+    out = Path(args.out or Path(args.checkpoint) / f"eval_{args.kind}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=str))
+    print(f"{args.kind}: top-1 {res['top1']:.2f}% on {split} ({len(test)} images) -> {out}")
+
+
+def cmd_eval_classify(args) -> None:
+    import torch
+    from ..data import build_dataset, eval_transform, resolve_split
+    from ..eval.classify import evaluate_classifier
+    from ..checkpoints import load_model
+
+    if args.resize is not None and args.crop_pct is not None:
+        raise ValueError("give --resize or --crop-pct, not both")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.checkpoint, ema=args.ema).to(device)
+    num_classes = model.config.num_classes
+    if not num_classes:
+        raise ValueError(f"{args.checkpoint} has no classifier head; fine-tune it first (arvision finetune "
+                         f"model.init={args.checkpoint}) or use `arvision eval knn|linear`")
+    img_size = model.config.img_size
+    split = resolve_split(args.data, args.split)
+    dataset = build_dataset(args.data, split, eval_transform(img_size, args.resize, args.crop_pct), img_size=img_size)
+    classes = getattr(dataset, "classes", None)
+    if classes and len(classes) != num_classes:
+        raise ValueError(f"{args.data} [{split}] has {len(classes)} classes but the classifier has {num_classes}; "
+                         "evaluate on data with the classes it was trained on (same class folders)")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
+    causal = None if args.attention == "default" else args.attention == "causal"
+    res = evaluate_classifier(model, loader, device, torch.bfloat16 if args.precision == "bf16" else None, causal)
+    res.update(checkpoint=str(args.checkpoint), ema=args.ema, data=str(args.data), split=split,
+               resize=args.resize, crop_pct=args.crop_pct,
+               causal=model.config.causal if causal is None else causal, precision=args.precision)
+    print(json.dumps(res, indent=2))
+    local = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (local if local.is_dir() else Path(".")) / "eval_classify.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"classify: top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}% on {split} ({res['n']} images) -> {out}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | classify")
+    esub = p.add_subparsers(dest="kind", required=True)
+    for kind, text in (("knn", "weighted kNN (k=20, T=0.07, cosine) on frozen features"),
+                       ("linear", "linear probe on frozen features")):
+        q = esub.add_parser(kind, help=text)
+        q.add_argument("checkpoint", help="arvision or official checkpoint directory, or a Hub id")
+        q.add_argument("--data", required=True, help="labelled data: image folder with train/ and val/ or test/")
+        q.add_argument("--split", default="val", help="evaluation split (val falls back to test)")
+        q.add_argument("--blocks", default="last", help="blocks to read: index, comma list (averaged), middle, last, all")
+        q.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="token pooling")
+        q.add_argument("--batch-size", type=int, default=256)
+        q.add_argument("--num-workers", type=int, default=2)
+        q.add_argument("--crop-pct", type=float, default=None, help="eval resize = img_size / crop_pct")
+        q.add_argument("--train-samples", type=int, default=None, help="use a fixed random subset of the train split")
+        q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+        q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_<kind>.json)")
+        if kind == "knn":
+            q.add_argument("--k", type=int, default=20)
+            q.add_argument("--temperature", type=float, default=0.07)
+        else:
+            q.add_argument("--epochs", type=int, default=50)
+        q.set_defaults(func=cmd_eval_probe)
+
+    q = esub.add_parser("classify", help="top-1 / top-5 of a classifier checkpoint (fine-tuned or official -sft)")
+    q.add_argument("checkpoint", help="arvision or official classifier checkpoint directory, or a Hub id")
+    q.add_argument("--data", required=True, help="image folder with val/ or test/ class folders, or HF save_to_disk")
+    q.add_argument("--split", default="val", help="evaluation split (val falls back to test)")
+    q.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default "
+                   "img_size / 0.875, i.e. 256 for 224; none for img_size <= 64)")
+    q.add_argument("--crop-pct", type=float, default=None, help="square warp to img_size / crop_pct, then centre "
+                   "crop (the official L eval: 0.95)")
+    q.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    q.add_argument("--attention", default="default", choices=["default", "causal", "bidirectional"],
+                   help="default: the checkpoint's attention mode")
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--num-workers", type=int, default=2)
+    q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_classify.json for a local checkpoint)")
+    q.set_defaults(func=cmd_eval_classify)

@@ -1,0 +1,46 @@
+"""`arvision pretrain` and `arvision finetune`: a task config (default YAML, recipe, key=value overrides) run by the Trainer."""
+from __future__ import annotations
+
+import argparse
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
+    p.add_argument("--config", help="a recipe YAML (path or packaged name, see `arvision recipes`)")
+    p.add_argument("--data", help="training data: image folder, HF save_to_disk folder, or 'synthetic'")
+    p.add_argument("--out", help="run directory (default runs/<task>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _train_config(task: str, args):
+    from ..config import load_config
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    return load_config(task, args.config, overrides)
+
+
+def cmd_train(task: str, args) -> None:
+    import yaml
+
+    cfg = _train_config(task, args)
+    if args.print_config:
+        print(yaml.safe_dump(dict(cfg), sort_keys=False))
+        return
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    from importlib import import_module
+
+    import_module(f"arvision.tasks.{task}").run(cfg, out=args.out, resume=args.resume)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pretrain", help="NEPA pretraining (synthetic data by default)")
+    _add_train_args(p)
+    p.set_defaults(func=lambda a: cmd_train("pretrain", a))
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning (synthetic data by default)")
+    _add_train_args(p)
+    p.set_defaults(func=lambda a: cmd_train("finetune", a))
