@@ -1,10 +1,19 @@
 """Configs: one default YAML per task (arvision/configs/<task>.yaml), an optional recipe file merged over
 it, then ``key=value`` overrides (dotted keys, YAML-parsed values). Every key must exist in the default,
-so a typo is an error that names the closest valid key. The resolved config is saved with each run."""
+so a typo is an error that names the closest valid key, except inside free-form maps (a key whose default is
+``{}``, such as ``model.args``): those accept any sub-key at any depth and are validated by their consumer.
+The resolved config is saved with each run.
+
+    cfg = load_config("finetune", "nepa_b14_in1k_finetune", ["model.args.rope_rescale=null", "train.lr=1e-4"])
+    cfg.train.lr = 3e-4            # attribute writes change the config itself
+    assert cfg["train"]["lr"] == 3e-4
+    save_config(cfg, run_dir / "config.yaml")
+"""
 from __future__ import annotations
 
 import copy
 import difflib
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -15,17 +24,70 @@ CONFIG_PACKAGE = "arvision.configs"
 
 
 class Config(dict):
-    """A nested dict with attribute access (``cfg.train.lr``)."""
+    """A nested dict with attribute access (``cfg.train.lr``) that reads and writes the config itself.
+
+    Nested dicts are stored as Config nodes, so ``cfg.train`` is a live view: ``cfg.train.lr = 1`` and
+    ``cfg["train"]["lr"] = 1`` are the same write. ``to_dict()`` gives plain nested dicts (a deep copy);
+    ``yaml.safe_dump`` accepts Config directly (a representer is registered below).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__()
+        self.update(*args, **kwargs)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, _wrap(value))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # dict.update bypasses __setitem__
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
 
     def __getattr__(self, name: str) -> Any:
         try:
-            value = self[name]
+            return self[name]
         except KeyError:
             raise AttributeError(f"config has no key {name!r}") from None
-        return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if hasattr(type(self), name):
+            raise AttributeError(f"{name!r} is a Config method; write cfg[{name!r}] = ... instead")
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def __deepcopy__(self, memo: dict) -> "Config":
+        return Config(copy.deepcopy(dict(self), memo))
+
+    def __reduce__(self):  # pickle as Config(plain dict), independent of __setattr__
+        return (Config, (self.to_dict(),))
 
     def to_dict(self) -> dict:
-        return copy.deepcopy(dict(self))
+        """Plain nested dicts (a deep copy)."""
+        return copy.deepcopy(_unwrap(self))
+
+
+def _wrap(value: Any) -> Any:
+    return value if isinstance(value, Config) or not isinstance(value, dict) else Config(value)
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
+yaml.add_representer(Config, yaml.SafeDumper.represent_dict, Dumper=yaml.SafeDumper)
 
 
 def default_config(task: str) -> dict:
@@ -43,7 +105,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         if isinstance(v, dict) and v:
             out.update(_flatten(v, key + "."))
         else:
-            out[key] = v
+            out[key] = copy.deepcopy(v)  # never alias the config: later merges fill its free-form maps in place
     return out
 
 
@@ -66,16 +128,27 @@ def _check_type(key: str, default: Any, value: Any) -> Any:
     raise ValueError(f"config key {key!r} expects {type(default).__name__} (default {default!r}), got {value!r}")
 
 
+def _is_free_form(key: str, defaults_flat: dict) -> bool:
+    default = defaults_flat.get(key)
+    return isinstance(default, dict) and not default
+
+
 def _set(cfg: dict, dotted: str, value: Any, defaults_flat: dict) -> None:
     parts = dotted.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
-        # Free-form maps (default {}) accept any sub-key: they are validated by their consumer.
-        if isinstance(node.get(part), dict) and not node[part] and ".".join(parts[: i + 1]) in defaults_flat:
-            node[part] = copy.deepcopy(node[part])
+        # Free-form maps (default {}) accept any sub-key at any depth, filled or not: their consumer validates them.
+        if _is_free_form(".".join(parts[: i + 1]), defaults_flat):
+            if not isinstance(node.get(part), dict):  # null (e.g. set by an earlier override): start an empty map
+                node[part] = {}
             sub = node[part]
-            for p in parts[i + 1:-1]:
-                sub = sub.setdefault(p, {})
+            for j in range(i + 1, len(parts) - 1):
+                if parts[j] not in sub or sub[parts[j]] is None:
+                    sub[parts[j]] = {}
+                elif not isinstance(sub[parts[j]], dict):
+                    raise ValueError(f"config key {'.'.join(parts[: j + 1])!r} holds {sub[parts[j]]!r}, not a map; "
+                                     f"cannot set {dotted!r}")
+                sub = sub[parts[j]]
             sub[parts[-1]] = value
             return
         if part not in node or not isinstance(node[part], dict):
@@ -140,4 +213,8 @@ def load_config(task: str, config_file: Optional[str] = None, overrides: Iterabl
 
 
 def save_config(cfg: dict, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML, atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(_unwrap(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,86 @@
+"""Config: overrides into free-form maps filled by a recipe, unknown-key errors, live attribute access, save/load."""
+import copy
+import pickle
+
+import pytest
+import yaml
+
+from arvision.config import Config, load_config, merge, save_config, _flatten
+
+
+def test_override_into_a_map_the_recipe_filled():
+    cfg = load_config("finetune", "nepa_b14_in1k_finetune", ["model.args.rope_rescale=null"])
+    assert cfg.model.args == {"qk_norm": "affine", "rope_rescale": None}  # the recipe's key kept, the new one added
+    assert cfg.model.name == "nepa_base_patch14_224"
+    # any depth, and a sub-key of a sub-map created by an earlier override
+    cfg = load_config("finetune", "nepa_b14_in1k_finetune", ["model.args.a.b=1", "model.args.a.c=2"])
+    assert cfg.model.args["a"] == {"b": 1, "c": 2}
+    # the recipe filling model.args must not leak into the next load (no aliasing of the defaults)
+    assert load_config("finetune").model.args == {}
+    with pytest.raises(ValueError, match="not a map"):
+        load_config("finetune", overrides=["model.args.a=1", "model.args.a.b=2"])
+
+
+def test_recipe_file_fills_free_form_maps_at_any_depth(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  args: {depth: 2, extra: {x: 1}}\n")
+    cfg = load_config("finetune", str(recipe), ["model.args.extra.y=2", "model.args.depth=3"])
+    assert cfg.model.args == {"depth": 3, "extra": {"x": 1, "y": 2}}
+
+
+def test_unknown_keys_still_error_with_a_suggestion(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'model\.argz\.x'.*did you mean model\.args"):
+        load_config("finetune", "nepa_b14_in1k_finetune", ["model.argz.x=1"])
+    with pytest.raises(ValueError, match="did you mean train.epochs"):
+        load_config("finetune", "nepa_b14_in1k_finetune", ["train.epoch=3"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("finetune:\n  llrdd: 0.5\n")
+    with pytest.raises(ValueError, match="finetune.llrd"):
+        load_config("finetune", str(recipe))
+    with pytest.raises(ValueError, match="expects float"):
+        load_config("finetune", overrides=["train.blr=fast"])
+
+
+def test_attribute_reads_are_live_and_writes_persist():
+    cfg = load_config("finetune")
+    cfg.train.lr = 3
+    assert cfg["train"]["lr"] == 3 and cfg.train.lr == 3
+    train = cfg.train
+    train.epochs = 7
+    assert cfg["train"]["epochs"] == 7
+    cfg["data"]["num_workers"] = 0
+    assert cfg.data.num_workers == 0
+    cfg.model.args = {"depth": 2}  # a plain dict assigned later is wrapped, so attribute access keeps working
+    cfg.model.args.heads = 4
+    assert cfg["model"]["args"] == {"depth": 2, "heads": 4} and isinstance(cfg["model"]["args"], Config)
+    with pytest.raises(AttributeError, match="no key"):
+        cfg.train.nope
+    with pytest.raises(AttributeError, match="Config method"):
+        cfg.train.items = 1
+    merge(cfg, {"train": {"epochs": 9}}, _flatten(load_config("finetune").to_dict()))
+    assert cfg.train.epochs == 9
+
+
+def test_to_dict_copy_pickle_and_yaml():
+    cfg = load_config("finetune", overrides=["model.args.depth=2"])
+    plain = cfg.to_dict()
+    assert type(plain) is dict and type(plain["train"]) is dict and type(plain["model"]["args"]) is dict
+    plain["train"]["lr"] = 5
+    assert cfg.train.lr is None  # to_dict is a copy
+    clone = copy.deepcopy(cfg)
+    clone.train.lr = 1
+    assert cfg.train.lr is None and isinstance(clone.train, Config)
+    restored = pickle.loads(pickle.dumps(cfg))
+    assert restored == cfg and isinstance(restored.train, Config)
+    assert yaml.safe_load(yaml.safe_dump(dict(cfg))) == cfg.to_dict()  # safe_dump takes Config nodes
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config("finetune", "nepa_b14_in1k_finetune", ["model.args.rope_rescale=null", "train.epochs=2"])
+    cfg.train.lr = 3.0e-4
+    save_config(cfg, tmp_path / "config.yaml")
+    assert list(tmp_path.iterdir()) == [tmp_path / "config.yaml"]  # no temp file left behind
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.to_dict()
+    # the saved file is itself a valid recipe that reproduces the config
+    again = load_config("finetune", str(tmp_path / "config.yaml"))
+    assert again == cfg
