@@ -49,8 +49,13 @@ def test_spec_parse():
     with pytest.raises(ValueError, match="out of range"):
         FeatureSpec.parse("6", depth=6)
     assert FeatureSpec.parse("last").blocks == [-1]
-    with pytest.raises(ValueError, match="cannot parse"):
+    with pytest.raises(ValueError, match="not a block selection"):
         FeatureSpec.parse("final")
+    with pytest.raises(ValueError, match="cannot read blocks 'final'"):
+        FeatureSpec.parse("final", depth=6)
+    # one grammar: an index list with a repeat (3 and -3 of 6 blocks) and a slice, no IndexError
+    assert FeatureSpec.parse("3,-3,5", depth=6).blocks == [3, 5]
+    assert FeatureSpec.parse("-2:", depth=6).blocks == [4, 5]
     with pytest.raises(ValueError, match="pool"):
         FeatureSpec.parse("-1", pool="max")
 

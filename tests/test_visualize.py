@@ -29,14 +29,16 @@ def test_parse_layers():
     assert parse_layers("all", 3) == [0, 1, 2]
     assert parse_layers("last", 3) == [2]
     assert parse_layers(-1, 3) == [2]
-    assert parse_layers(2, 3) == [1, 2]
+    assert parse_layers(2, 3) == [2]  # one grammar everywhere: an int is one block
+    assert parse_layers("-2:", 3) == [1, 2]
+    assert parse_layers("middle", 4) == [2]
     assert parse_layers("0,2", 3) == [0, 2]
     assert parse_layers("0, -1,2", 3) == [0, 2]
     assert parse_layers([0, -3], 3) == [0]
-    for bad in ("0,5", [3], -4, 4, 0, "foo"):
-        with pytest.raises(ValueError, match="depth 3|'all'"):
+    for bad in ("0,5", [3], -4, 4, "foo", "1:1"):
+        with pytest.raises(ValueError, match="3 blocks|cannot read"):
             parse_layers(bad, 3)
-    with pytest.raises(ValueError, match="depth 3"):
+    with pytest.raises(ValueError, match="block 5 is out of range for a model with 3 blocks"):
         parse_layers("0,5", 3)
 
 
@@ -144,7 +146,7 @@ def test_visualize_writes_grids(model, images, tmp_path):
         assert im.size[0] == sizes[0][0] and im.size[1] < sizes[0][1]  # two query rows are taller than one
     meta = json.loads((tmp_path / "vis" / "visualize.json").read_text())
     assert meta["queries"] == [[4, 4], [0, 7]] and meta["layers"] == [0, 2] and meta["images"] == ["a", "b"]
-    with pytest.raises(ValueError, match="depth 3"):
+    with pytest.raises(ValueError, match="3 blocks"):
         visualize(model, images, "center", tmp_path / "bad", layers="0,5")
 
 

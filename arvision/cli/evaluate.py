@@ -88,7 +88,7 @@ def register(sub) -> None:
         q.add_argument("checkpoint", help="arvision or official checkpoint directory, or a Hub id")
         q.add_argument("--data", required=True, help="labelled data: image folder with train/ and val/ or test/")
         q.add_argument("--split", default="val", help="evaluation split (val falls back to test)")
-        q.add_argument("--blocks", default="last", help="blocks to read: index, comma list (averaged), middle, last, all")
+        q.add_argument("--blocks", default="last", help="blocks to read: an index, a comma list (averaged), a slice (-4:), middle, last, all")
         q.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="token pooling")
         q.add_argument("--batch-size", type=int, default=256)
         q.add_argument("--num-workers", type=int, default=2)

@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--images", nargs="+", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--layers", default="all", help="all | last | N (last N) | comma list, e.g. 0,5,-1")
+    p.add_argument("--layers", default="all", help="blocks: all | last | middle | an index | a comma list (0,5,-1) | a slice (-4: = the last four)")
     p.add_argument("--heads", default="mean", choices=["mean", "max"])
     p.add_argument("--query", nargs="*", help="query patches as row,col (default: --query-mode)")
     p.add_argument("--query-mode", default="center", choices=["center", "random"])

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models.transformer import parse_blocks
+
 POOLS = ("mean", "cls", "last")
 
 
@@ -27,7 +29,8 @@ POOLS = ("mean", "cls", "last")
 class FeatureSpec:
     """Which block outputs to read and how to pool them.
 
-    blocks: block indices (0-based, negative counts from the end); several blocks are averaged after pooling.
+    blocks: block indices (0-based, negative counts from the end; duplicates dropped); several blocks are averaged
+        after pooling.
     pool: "mean" (mean of the patch tokens, CLS excluded), "cls" (token 0) or "last" (the last token).
     norm: apply the model's final LayerNorm to each block output before pooling.
     causal: attention mode during extraction; None keeps the model's default (``config.causal``).
@@ -42,43 +45,30 @@ class FeatureSpec:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if isinstance(self.blocks, int):
             self.blocks = [self.blocks]
-        self.blocks = [int(b) for b in self.blocks]
+        self.blocks = list(dict.fromkeys(int(b) for b in self.blocks))
         if not self.blocks:
             raise ValueError("FeatureSpec.blocks is empty; give at least one block index, e.g. [-1]")
 
     @classmethod
     def parse(cls, blocks: Union[str, int, Sequence[int]] = "-1", pool: str = "mean", norm: bool = False,
               causal: Optional[bool] = None, depth: Optional[int] = None) -> "FeatureSpec":
-        """Build a spec from CLI-style text.
-
-        blocks: "-1", "3", "2,3,4", "last", "middle" or "all" (or an int / list of ints). "middle" is the block at 0-based
-        index ``depth // 2`` (block 3 of a 6-block model, 6 of 12): the first block of the second half, where
-        probes of autoregressive models peak before the last blocks specialise to the target. "middle" and "all"
-        need ``depth`` (``len(model.blocks)``); with ``depth`` given every index is also range-checked.
-        """
+        """Build a spec from CLI-style text, read by the one block grammar of ``arvision.models.parse_blocks``:
+        "3" (block 3), "-1", "2,3,4", "-4:" (a slice), "last", "middle" (index depth // 2: the first block of the
+        second half, where probes of autoregressive models peak before the last blocks specialise to the target)
+        or "all". With ``depth`` (``len(model.blocks)``) the indices are range-checked and made 0-based; without
+        it only plain indices and "last" can be read."""
+        if depth is not None:
+            return cls(blocks=parse_blocks(blocks, depth), pool=pool, norm=norm, causal=causal)
         if isinstance(blocks, str):
             text = blocks.strip().lower()
-            if text == "last":
-                indices = [-1]
-            elif text in ("middle", "all"):
-                if depth is None:
-                    raise ValueError(f"blocks={blocks!r} needs the model depth; pass depth=len(model.blocks)")
-                indices = [depth // 2] if text == "middle" else list(range(depth))
-            else:
-                try:
-                    indices = [int(t) for t in text.split(",") if t.strip()]
-                except ValueError:
-                    raise ValueError(f"cannot parse blocks={blocks!r}; use e.g. '-1', '3', '2,3,4', 'last', 'middle' or 'all'")
-        elif isinstance(blocks, int):
-            indices = [blocks]
+            try:
+                indices = [-1] if text == "last" else [int(t) for t in text.split(",") if t.strip()]
+            except ValueError:
+                raise ValueError(f"blocks={blocks!r} needs the model depth to be read (or is not a block selection); "
+                                 "pass depth=len(model.blocks)") from None
         else:
-            indices = [int(b) for b in blocks]
-        if depth is not None:
-            bad = [i for i in indices if not -depth <= i < depth]
-            if bad:
-                raise ValueError(f"block indices {bad} are out of range for a model with {depth} blocks "
-                                 f"(valid: {-depth}..{depth - 1})")
-        return cls(blocks=indices, pool=pool, norm=norm, causal=causal)
+            indices = [blocks] if isinstance(blocks, int) else [int(b) for b in blocks]
+        return cls(blocks=list(dict.fromkeys(indices)), pool=pool, norm=norm, causal=causal)
 
     def to_dict(self) -> dict:
         return asdict(self)

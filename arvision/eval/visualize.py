@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.transformer import parse_blocks
+
 Query = tuple[int, int]
 LayerSpec = Union[str, int, Sequence[int]]
 QuerySpec = Union[str, Query, Sequence[Union[str, Query]]]
@@ -30,35 +32,9 @@ DISPLAY_FLOOR = 0.05  # the smallest kept value is shown at this level, so it st
 
 
 def parse_layers(spec: LayerSpec, depth: int) -> list[int]:
-    """Block indices from "all", "last", an int n (the last n; a negative int is one index), a list of indices
-    (negative count from the end) or a comma string such as "0,3,-1"."""
-    if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s == "all":
-            return list(range(depth))
-        if s == "last":
-            return [depth - 1]
-        try:
-            spec = [int(p) for p in s.split(",") if p.strip()]
-        except ValueError:
-            raise ValueError(f"layers {spec!r} is not 'all', 'last' or a comma list of block indices like '0,3,-1'")
-    elif isinstance(spec, int):
-        if spec >= 0:
-            if not 0 < spec <= depth:
-                raise ValueError(f"layers={spec} asks for the last {spec} blocks but the model has depth {depth}")
-            return list(range(depth - spec, depth))
-        spec = [spec]
-    out = []
-    for i in spec:
-        j = int(i) + depth if int(i) < 0 else int(i)
-        if not 0 <= j < depth:
-            raise ValueError(f"layer {i} is out of range for a model of depth {depth}; use indices in "
-                             f"[{-depth}, {depth - 1}] or 'all'")
-        if j not in out:
-            out.append(j)
-    if not out:
-        raise ValueError(f"layers {spec!r} selects no block; use 'all', 'last' or indices below depth {depth}")
-    return sorted(out)
+    """Block indices of a layer selection, by the one grammar of ``arvision.models.parse_blocks`` (an int is one
+    block, "0,3,-1" a list, "-4:" the last four, "all", "last", "middle")."""
+    return parse_blocks(spec, depth)
 
 
 def parse_queries(spec: QuerySpec, grid_size: int, seed: int = 0) -> list[Query]:

@@ -1,8 +1,8 @@
-"""Transformer building blocks of the NEPA causal ViT (nepa_spec.md §2).
+"""Transformer building blocks shared by every model family (NEPA layout: nepa_spec.md §2).
 
 Block (pre-norm):  h = x + DropPath(LS1 * Proj(Attn(LN1(x))));  x' = h + DropPath(LS2 * MLP(LN2(h))).
 Attention: fused q/k/v projection with bias, QK-Norm shared across heads, 2D RoPE on the patch tokens,
-then SDPA (causal or bidirectional, chosen per call). MLP, LayerScale and DropPath come from timm.
+then SDPA (causal, bidirectional or an explicit mask, chosen per call; an optional KV cache for decoding). MLP, LayerScale and DropPath come from timm.
 """
 from __future__ import annotations
 
@@ -42,26 +42,43 @@ class Attention(nn.Module):
                                        bias=affine and qk_norm_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], causal: bool,
-                return_attn: bool = False):
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, causal: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, kv_cache=None, layer: int = 0, return_attn: bool = False):
+        """x (B, T, C). ``rope``: (cos, sin) of these T positions. ``attn_mask``: boolean, True = attend, (T, Tk)
+        or broadcastable to (B, H, T, Tk); it overrides ``causal``. ``kv_cache``: earlier keys/values are read
+        from it (layer ``layer``) and these appended, so queries sit at positions cache.length .. + T - 1."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        Tk = k.shape[2]
+        is_causal = causal and attn_mask is None and Tk == T
+        if causal and attn_mask is None and Tk != T and T > 1:  # a chunk after cached positions
+            attn_mask = offset_causal_mask(T, Tk, x.device)
         attn = None
         if return_attn:  # eager path: explicit mask, fp32 softmax, probabilities returned
             logits = (q.float() @ k.float().transpose(-2, -1)) * self.scale
-            if causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-                logits = logits.masked_fill(mask, float("-inf"))
+            if is_causal:
+                attn_mask = offset_causal_mask(T, Tk, x.device)
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
             attn = logits.softmax(dim=-1)
             out = (attn.to(v.dtype) @ v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
+                                                 is_causal=is_causal)
         out = self.proj(out.transpose(1, 2).reshape(B, T, C))
         return (out, attn) if return_attn else out
+
+
+def offset_causal_mask(num_queries: int, num_keys: int, device=None) -> torch.Tensor:
+    """(Tq, Tk) boolean mask, True = attend, for queries at positions Tk - Tq .. Tk - 1 over keys 0 .. Tk - 1."""
+    q = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    return torch.arange(num_keys, device=device)[None, :] <= q
 
 
 def build_mlp(dim: int, hidden: int, mlp_type: str) -> nn.Module:
@@ -86,8 +103,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope=None, causal: bool = True, return_attn: bool = False):
-        attn_out = self.attn(self.norm1(x), rope, causal, return_attn)
+    def forward(self, x: torch.Tensor, rope=None, causal: bool = True, attn_mask: Optional[torch.Tensor] = None,
+                kv_cache=None, layer: int = 0, return_attn: bool = False):
+        attn_out = self.attn(self.norm1(x), rope, causal, attn_mask, kv_cache, layer, return_attn)
         if return_attn:
             attn_out, probs = attn_out
         x = x + self.drop_path1(self.ls1(attn_out))

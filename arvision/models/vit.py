@@ -8,19 +8,20 @@ NEPA pretraining and bidirectionally for fine-tuning; the attention mode is chos
     tokens = model.forward_features(images)      # (B, 1 + N, D) after the final norm, CLS at index 0
     targets = model.embed(images)                # (B, 1 + N, D) raw embeddings: the NEPA targets
     feats = model.forward_intermediates(images, indices=[5, 11], output_fmt="NCHW")  # for dense heads
+
+The block stack, final norm, attention modes and KV cache come from the shared trunk (transformer.py).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .layers import Block
 from .registry import register_family, register_model
 from .rope import Rope2D
+from .transformer import BlockSpec, Transformer
 
 
 @dataclass
@@ -66,12 +67,13 @@ class NepaConfig:
         return asdict(self)
 
 
-class NepaViT(nn.Module):
+class NepaViT(Transformer):
+    """Patch embedding + CLS, the shared trunk (``blocks``, ``norm``), and the classifier head (timm API)."""
     num_prefix_tokens = 1
 
     def __init__(self, config: Optional[NepaConfig] = None, **kwargs):
-        super().__init__()
         cfg = config or NepaConfig(**kwargs)
+        nn.Module.__init__(self)  # embeddings first, then the trunk: the official state-dict order and init draws
         self.config = cfg
         D = self.embed_dim = self.num_features = cfg.embed_dim
         self.grid_size = cfg.img_size // cfg.patch_size
@@ -81,14 +83,8 @@ class NepaViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
         self.rope = Rope2D(D // cfg.num_heads, self.grid_size, cfg.rope_theta, self.num_prefix_tokens,
                            cfg.rope_rescale, cfg.rope_shift, cfg.rope_jitter)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()
-        self.blocks = nn.ModuleList([
-            Block(D, cfg.num_heads, cfg.mlp_hidden or 4 * D, cfg.mlp_type, cfg.qkv_bias, cfg.qk_norm,
-                  cfg.qk_norm_bias, cfg.layerscale, dpr[i], cfg.norm_eps)
-            for i in range(cfg.depth)
-        ])
-        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.grad_checkpointing = False
+        self.build_trunk(D, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.mlp_type, cfg.qkv_bias, cfg.qk_norm,
+                         cfg.qk_norm_bias, cfg.layerscale, cfg.drop_path_rate, cfg.norm_eps)
         self.reset_classifier(cfg.num_classes, cfg.global_pool)
         self.init_weights()
 
@@ -122,39 +118,41 @@ class NepaViT(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._zero_head()
 
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-
     # ---------------------------------------------------------------- forward
+    def patch_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """The (H, W) patch grid of images ``x``; any size that is a multiple of the patch size is accepted
+        (RoPE places any grid on [-1, 1], so larger or non-square inputs need no interpolation)."""
+        p = self.config.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(f"input images are {H}x{W}, not a multiple of the patch size {p}; resize or crop them "
+                             f"(the model was trained at {self.config.img_size}x{self.config.img_size})")
+        return H // p, W // p
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Raw embedding sequence cat(CLS, conv(x)): (B, 1 + N, D). No position, no norm."""
-        size = self.config.img_size
-        if x.shape[-2:] != (size, size):
-            raise ValueError(f"input images are {tuple(x.shape[-2:])} but the model expects {size}x{size}; "
-                             f"resize the data or create the model with img_size={x.shape[-1]}")
+        self.patch_grid(x)
         patches = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         # cat promotes bf16 patches to the fp32 CLS dtype, as the official code: the residual stream stays fp32
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
 
-    def _blocks(self, x: torch.Tensor, causal: bool, keep: Sequence[int] = (), stop: Optional[int] = None):
-        rope = self.rope(x.dtype if not torch.is_autocast_enabled() else torch.float32)
-        kept = []
-        for i, blk in enumerate(self.blocks[:stop]):
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, rope, causal, use_reentrant=False)
-            else:
-                x = blk(x, rope, causal)
-            if i in keep:
-                kept.append(x)
-        return x, kept
+    def rope_tables(self, tokens: torch.Tensor, grid: Optional[tuple[int, int]] = None):
+        grid = grid or (self.grid_size, self.grid_size)
+        if tokens.shape[1] != self.num_prefix_tokens + grid[0] * grid[1]:
+            raise ValueError(f"{tokens.shape[1]} tokens do not match 1 CLS + a {grid[0]}x{grid[1]} patch grid; "
+                             "pass grid=(H, W) for non-default inputs")
+        return self.rope(tokens.dtype if not torch.is_autocast_enabled() else torch.float32, grid)
 
-    def forward_tokens(self, tokens: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
+    def _causal(self, causal: Optional[bool]) -> bool:
+        return self.config.causal if causal is None else causal
+
+    def forward_tokens(self, tokens: torch.Tensor, causal: Optional[bool] = None,
+                       grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Run the blocks and the final norm on an embedding sequence (B, 1 + N, D)."""
-        x, _ = self._blocks(tokens, self.config.causal if causal is None else causal)
-        return self.norm(x)
+        return self.forward_trunk(tokens, self.rope_tables(tokens, grid), self._causal(causal))
 
     def forward_features(self, x: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
-        return self.forward_tokens(self.embed(x), causal)
+        return self.forward_tokens(self.embed(x), causal, self.patch_grid(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.config.global_pool == "avg":
@@ -167,55 +165,32 @@ class NepaViT(nn.Module):
     def forward(self, x: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, causal))
 
-    def _resolve_indices(self, indices: Union[int, Sequence[int], None]) -> list[int]:
-        depth = len(self.blocks)
-        if indices is None:
-            indices = depth
-        if isinstance(indices, int):
-            indices = range(depth - indices, depth)
-        out = []
-        for i in indices:
-            j = i + depth if i < 0 else i
-            if not 0 <= j < depth:
-                raise ValueError(f"block index {i} is out of range for a model with {depth} blocks")
-            out.append(j)
-        return out
-
-    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
-                              norm: bool = False, output_fmt: str = "NLC", return_prefix_tokens: bool = False,
+    def forward_intermediates(self, x: torch.Tensor, indices: BlockSpec = None, norm: bool = False,
+                              output_fmt: str = "NLC", return_prefix_tokens: bool = False,
                               causal: Optional[bool] = None, stop_early: bool = True):
-        """Outputs of chosen blocks (timm convention): an int n takes the last n blocks; a list takes those
-        (negative indices count from the end). NLC gives (B, 1 + N, D); NCHW gives the patch grid (B, D, G, G),
-        with the prefix tokens returned separately when ``return_prefix_tokens``."""
+        """Outputs of chosen blocks (timm's method; the selection follows ``parse_blocks``: an int is one block,
+        ``"-4:"`` the last four, None all). NLC gives (B, 1 + N, D); NCHW gives the patch grid (B, D, H, W), with
+        the prefix tokens returned separately when ``return_prefix_tokens``."""
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
-        keep = self._resolve_indices(indices)
-        _, kept = self._blocks(self.embed(x), self.config.causal if causal is None else causal, keep,
-                               stop=max(keep) + 1 if stop_early else None)
-        kept = [kept[sorted(keep).index(i)] for i in keep]
-        if norm:
-            kept = [self.norm(t) for t in kept]
+        grid = self.patch_grid(x)
+        tokens = self.embed(x)
+        kept = self.intermediates(tokens, indices, self.rope_tables(tokens, grid), self._causal(causal), norm=norm,
+                                  stop_early=stop_early)
         if output_fmt == "NLC":
             return kept
-        B, G, P = x.shape[0], self.grid_size, self.num_prefix_tokens
-        grids = [t[:, P:].transpose(1, 2).reshape(B, -1, G, G) for t in kept]
+        B, P = x.shape[0], self.num_prefix_tokens
+        grids = [t[:, P:].transpose(1, 2).reshape(B, -1, *grid) for t in kept]
         return list(zip(grids, [t[:, :P] for t in kept])) if return_prefix_tokens else grids
 
     @torch.no_grad()
-    def attention_maps(self, x: torch.Tensor, layers: Union[int, Sequence[int], None] = None,
+    def attention_maps(self, x: torch.Tensor, layers: BlockSpec = None,
                        causal: Optional[bool] = None) -> dict[int, torch.Tensor]:
         """Attention probabilities {block index: (B, H, T, T)} through the eager path (fp32 softmax)."""
-        wanted = set(self._resolve_indices(layers))
-        causal = self.config.causal if causal is None else causal
+        grid = self.patch_grid(x)
         h = self.embed(x)
-        rope = self.rope(h.dtype)
-        maps = {}
-        for i, blk in enumerate(self.blocks[:max(wanted) + 1]):
-            if i in wanted:
-                h, maps[i] = blk(h, rope, causal, return_attn=True)
-            else:
-                h = blk(h, rope, causal)
-        return maps
+        rope = self.rope(h.dtype, grid)
+        return self.attention_probs(h, layers, rope, self._causal(causal))
 
 
 register_family("nepa_vit", NepaViT, NepaConfig, "NEPA causal Vision Transformer (backbone and classifier)")
