@@ -19,10 +19,10 @@ from arvision.config import load_config
 from arvision.data import eval_transform
 from arvision.eval import EvalShard, evaluate_classifier
 from arvision.objectives import ClassificationObjective, NepaObjective, soft_target_cross_entropy
-from arvision.tasks.finetune import build_model, param_groups, prepare_classifier, train_transform
+from arvision.tasks.finetune import build_model, build_objective, prepare_classifier, train_transform
 from arvision.train.distributed import DistEnv
 from arvision.train.engine import Trainer
-from arvision.train.optim import lr_at, set_lr, weight_decay_groups
+from arvision.train.optim import lr_at, set_lr
 
 IN1K_TRAIN = 1_281_167
 
@@ -42,8 +42,8 @@ def tiny(**kw):
     return arvision.create_model("nepa_tiny_patch4_32", **{"depth": 2, **kw})
 
 
-def make_trainer(task_cfg, objective, groups_fn, tmp_path, dataset=None):
-    return Trainer(objective, dataset or SizedOnly(), task_cfg.train, tmp_path, DistEnv(), groups_fn, num_workers=0)
+def make_trainer(task_cfg, objective, tmp_path, dataset=None):
+    return Trainer(objective, dataset or SizedOnly(), task_cfg.train, tmp_path, DistEnv(), num_workers=0)
 
 
 # ------------------------------------------------------------------------------- (a) official LLRD numbers
@@ -63,8 +63,7 @@ def test_in1k_finetune_recipe_llrd_groups(size, preset, lr, llrd, warmup, expect
     cfg = load_config("finetune", f"nepa_{size}14_in1k_finetune")
     assert cfg.train.batch_size == 1024 and cfg.train.epochs == 100 and cfg.finetune.num_classes == 1000
     # the Trainer's own arithmetic on an ImageNet-sized dataset
-    trainer = make_trainer(cfg, ClassificationObjective(tiny(num_classes=1000), 1000), param_groups(cfg.finetune),
-                           tmp_path)
+    trainer = make_trainer(cfg, build_objective(cfg.finetune, tiny(num_classes=1000), 1000), tmp_path)
     assert trainer.sampler.steps_per_epoch == 1251 and trainer.total_steps == 125_100
     assert trainer.lr == pytest.approx(lr, rel=1e-12) and trainer.warmup == warmup
     assert trainer.accum * trainer.micro == 1024 and tuple(trainer.optimizer.defaults["betas"]) == (0.9, 0.999)
@@ -72,7 +71,8 @@ def test_in1k_finetune_recipe_llrd_groups(size, preset, lr, llrd, warmup, expect
     with torch.device("meta"):
         model = arvision.create_model(preset, num_classes=1000, qk_norm="affine")
     prepare_classifier(model, 1000, cfg.finetune.global_pool, cfg.finetune.freeze_patch_embed)
-    groups = param_groups(cfg.finetune)(model, trainer.lr, cfg.train.weight_decay, trainer.warmup)
+    groups = build_objective(cfg.finetune, model, 1000).param_groups(trainer.lr, cfg.train.weight_decay,
+                                                                      trainer.warmup)
     by_name = {n: g for g in groups for n in g["names"]}
     names = [n for n, _ in model.named_parameters()]
     assert sorted(by_name) == sorted(n for n in names if not n.startswith("patch_embed"))  # conv frozen, once each
@@ -123,7 +123,7 @@ def test_trainer_optimizer_applies_group_schedules(tmp_path):
     cfg = load_config("finetune", "nepa_b14_in1k_finetune")
     model = tiny(num_classes=1000)
     prepare_classifier(model, 1000)
-    trainer = make_trainer(cfg, ClassificationObjective(model, 1000), param_groups(cfg.finetune), tmp_path)
+    trainer = make_trainer(cfg, build_objective(cfg.finetune, model, 1000), tmp_path)
     set_lr(trainer.optimizer, 1, trainer.total_steps)
     lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
     assert lrs[id(model.head.weight)] == pytest.approx(1e-3)  # head_lr, 1-step warmup
@@ -135,7 +135,7 @@ def test_trainer_optimizer_applies_group_schedules(tmp_path):
 @pytest.mark.parametrize("size, epochs, micro, warmup", [("b", 1600, 256, 12_480), ("l", 800, 128, 6_240)])
 def test_in1k_pretrain_recipes(size, epochs, micro, warmup, tmp_path):
     cfg = load_config("pretrain", f"nepa_{size}14_in1k_pretrain")
-    trainer = make_trainer(cfg, NepaObjective(tiny()), weight_decay_groups, tmp_path)
+    trainer = make_trainer(cfg, NepaObjective(tiny()), tmp_path)
     assert trainer.sampler.steps_per_epoch == 312 and trainer.total_steps == 312 * epochs
     assert trainer.warmup == warmup and trainer.micro == micro
     assert trainer.lr == pytest.approx(4.8e-3, rel=1e-12) and trainer.ema is not None
@@ -257,7 +257,7 @@ def test_trainer_ema_update_after_one_step(tmp_path):
     torch.nn.init.normal_(model.head.weight, std=0.1)  # a zero head would give the blocks no gradient
     before = copy.deepcopy(model.state_dict())
     data = TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 3)
-    trainer = make_trainer(cfg, ClassificationObjective(model, 3), param_groups(cfg.finetune), tmp_path, data)
+    trainer = make_trainer(cfg, build_objective(cfg.finetune, model, 3), tmp_path, data)
     trainer.fit()
     after, ema = model.state_dict(), trainer.ema.module.state_dict()
     assert (after["blocks.0.attn.qkv.weight"] - before["blocks.0.attn.qkv.weight"]).abs().max() > 1e-3

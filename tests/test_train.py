@@ -97,7 +97,7 @@ def _trainer(run_dir, steps=8, seed=0, num_workers=0, **kw):
     model = arvision.create_model("nepa_tiny_patch4_32", depth=2)
     data = SyntheticShapes(num_samples=128, split="train", transform=pretrain_transform(32))
     cfg = _train_cfg(**{**dict(max_steps=steps, batch_size=16, blr=5e-3, log_every=1, ckpt_every=4, keep_last=3), **kw})
-    return Trainer(NepaObjective(model), data, cfg, run_dir, DistEnv(), weight_decay_groups, num_workers)
+    return Trainer(NepaObjective(model), data, cfg, run_dir, DistEnv(), num_workers=num_workers)
 
 
 def _losses(run_dir):
@@ -113,7 +113,7 @@ def test_loss_decreases(tmp_path):
     assert (tmp_path / "loss_curve.png").exists()
     ckpt = checkpoint_dirs(tmp_path)[-1]
     loaded = arvision.load_model(ckpt)
-    for k, v in t.backbone.state_dict().items():
+    for k, v in t.objective.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
 
 

@@ -7,11 +7,15 @@ label-smoothed cross-entropy, which is the same thing for one-hot targets.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+
+from .base import Objective
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -19,18 +23,22 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
     return torch.sum(-targets.float() * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-class ClassificationObjective(nn.Module):
-    """``objective(images, labels) -> (loss, {"top1": ...})`` for the Trainer; ``backbone()`` is the classifier.
+class ClassificationObjective(Objective):
+    """``objective(images, labels) -> (loss, {"top1": ...})`` for the Trainer; ``model`` is the classifier.
 
     mixup / cutmix: Beta alphas (0 disables each; both 0 disables mixing). mixup_prob: probability of mixing a
     batch; switch_prob: probability of CutMix when both are on; mode: timm's 'batch' | 'pair' | 'elem'.
     causal: attention mode of the fine-tuning forward (official: bidirectional).
+    llrd: layer-wise lr decay factor for ``param_groups`` (``train.optim.llrd_groups`` with ``llrd_mode`` and
+    ``head_lr``); None gives plain weight-decay groups.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
                  label_smoothing: float = 0.1, mixup_prob: float = 1.0, switch_prob: float = 0.5,
-                 mode: str = "batch", causal: bool = False):
+                 mode: str = "batch", causal: bool = False, llrd: Optional[float] = None,
+                 llrd_mode: str = "official", head_lr: Optional[float] = None):
         super().__init__()
+        self.llrd, self.llrd_mode, self.head_lr = llrd, llrd_mode, head_lr
         if num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")
         if not 0 <= label_smoothing < 1:
@@ -77,5 +85,9 @@ class ClassificationObjective(nn.Module):
         top1 = (logits.argmax(-1) == targets.argmax(-1)).float().mean() * 100  # against the dominant mixed label
         return loss, {"top1": top1}
 
-    def backbone(self) -> nn.Module:
-        return self.model
+    def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
+        if self.llrd is None:
+            return super().param_groups(lr, weight_decay, warmup_steps)
+        from ..train.optim import llrd_groups
+
+        return llrd_groups(self.model, lr, weight_decay, warmup_steps, self.llrd, self.llrd_mode, self.head_lr)

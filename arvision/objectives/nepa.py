@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import Objective
+
 
 @dataclass
 class NepaLossConfig:
@@ -85,8 +87,8 @@ def nepa_loss(model: nn.Module, images: torch.Tensor, config: Optional[NepaLossC
     return (loss, {"pred": pred, "target": target}) if return_outputs else loss
 
 
-class NepaObjective(nn.Module):
-    """Wraps the backbone for training: ``objective(images) -> (loss, metrics)``.
+class NepaObjective(Objective):
+    """Wraps the backbone for training: ``objective(images, targets=None) -> (loss, metrics)`` (targets unused).
 
     Holds the optional EMA target network (``target='ema'``) and reports collapse monitors:
     the mean per-dimension std of the L2-normalised predictions (it falls to 0 on collapse)."""
@@ -114,6 +116,3 @@ class NepaObjective(nn.Module):
         d = self.config.target_ema_decay
         for t, s in zip(self.target_model.parameters(), self.model.parameters()):
             t.lerp_(s.detach().to(t.dtype), 1 - d)
-
-    def backbone(self) -> nn.Module:
-        return self.model

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from typing import Callable
 
 import torch
@@ -21,9 +20,8 @@ from ..data import build_dataset, eval_transform, finetune_transform, resolve_sp
 from ..eval.classify import EvalShard, evaluate_classifier
 from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
-from ..train.engine import ParamGroupsFn, Trainer
+from ..train.engine import Trainer
 from ..train.logging import log
-from ..train.optim import llrd_groups
 from .common import build_backbone, prepare_run, seed_everything
 
 BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")
@@ -61,11 +59,9 @@ def run(cfg, out=None, resume=False) -> dict:
     log.info(f"data: {len(train_set)} training images, {len(val_set)} {val_split} images, {num_classes} classes "
              f"from {d.source}")
 
-    objective = ClassificationObjective(model, num_classes, mixup=ft.mixup, cutmix=ft.cutmix,
-                                        label_smoothing=ft.label_smoothing, mixup_prob=ft.mixup_prob,
-                                        switch_prob=ft.mixup_switch_prob, mode=ft.mixup_mode, causal=ft.causal)
+    objective = build_objective(ft, model, num_classes)
     evaluate, history = make_evaluator(val_set, env, cfg, step=lambda: trainer.step)
-    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, param_groups(ft), d.num_workers,
+    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers,
                       evaluate=evaluate, preset=None if cfg.model.init else cfg.model.name)
     if resume:
         trainer.resume()
@@ -104,9 +100,13 @@ def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze
     return model
 
 
-def param_groups(ft) -> ParamGroupsFn:
-    """The Trainer's ``param_groups(model, lr, weight_decay, warmup_steps)``: layer-wise lr decay (``llrd_groups``)."""
-    return partial(llrd_groups, llrd=ft.llrd, mode=ft.llrd_mode, head_lr=ft.head_lr)
+def build_objective(ft, model, num_classes: int) -> ClassificationObjective:
+    """The fine-tuning objective of the ``finetune`` config section: Mixup/CutMix, label smoothing, attention mode
+    and layer-wise lr decay (``llrd_groups``) as its ``param_groups``."""
+    return ClassificationObjective(model, num_classes, mixup=ft.mixup, cutmix=ft.cutmix,
+                                   label_smoothing=ft.label_smoothing, mixup_prob=ft.mixup_prob,
+                                   switch_prob=ft.mixup_switch_prob, mode=ft.mixup_mode, causal=ft.causal,
+                                   llrd=ft.llrd, llrd_mode=ft.llrd_mode, head_lr=ft.head_lr)
 
 
 def train_transform(d, img_size: int):

@@ -20,7 +20,6 @@ from ..objectives import NepaLossConfig, NepaObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from ..train.optim import weight_decay_groups
 from .common import build_backbone, prepare_run, seed_everything
 
 
@@ -38,7 +37,7 @@ def run(cfg, out=None, resume=False) -> dict:
                               img_size=img_size, num_samples=cfg.data.num_samples)
     log.info(f"data: {len(train_set)} training images from {source}")
     objective = NepaObjective(model, ocfg)
-    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, weight_decay_groups, cfg.data.num_workers,
+    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=cfg.data.num_workers,
                       preset=cfg.model.name)
     if resume:
         trainer.resume()

@@ -42,8 +42,9 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local_rank, dev)
 
 
-def wrap_model(module: nn.Module, env: DistEnv, strategy: str = "ddp", shard_blocks=None) -> nn.Module:
-    """DDP, or FSDP2 (``fully_shard`` on each transformer block, then the root) for models that do not fit."""
+def wrap_model(module: nn.Module, env: DistEnv, strategy: str = "ddp", shard_units=None) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` on each of ``shard_units``, e.g. the transformer blocks, then the root) for
+    models that do not fit."""
     if not env.enabled:
         return module
     if strategy == "ddp":
@@ -52,8 +53,8 @@ def wrap_model(module: nn.Module, env: DistEnv, strategy: str = "ddp", shard_blo
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in shard_blocks or []:
-            fully_shard(block)
+        for unit in shard_units or []:
+            fully_shard(unit)
         fully_shard(module)
         return module
     raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {strategy!r}")

@@ -1,9 +1,25 @@
 """The training loop, written once and used by every task.
 
-A task hands the Trainer an *objective*: an ``nn.Module`` whose ``forward(images, labels)`` returns
-``(loss, metrics)`` and whose ``backbone()`` is the model to save. The Trainer knows nothing of NEPA or
-classification; it owns batching (gradient accumulation, DDP / FSDP2), bf16 autocast, AdamW with per-group
-schedules, clipping, weight EMA, logging, atomic checkpoints and exact resume.
+The Trainer contract (``arvision.objectives.base.Objective``): a task hands the Trainer an *objective*, an
+``nn.Module`` that owns the model and turns a batch into a loss. The Trainer knows nothing of NEPA,
+classification or any model family; it reads only these names:
+
+- ``objective(inputs, targets) -> (loss, metrics)``: the loader yields ``(inputs, targets)`` pairs; targets may be
+  class labels, segmentation masks or any tensor (or tuple / dict of tensors); metrics are scalar tensors.
+- ``objective.model``: the registered-family model, saved with ``arvision.checkpoints.save_model`` (each
+  checkpoint is loadable by ``load_model``). The rest of the objective's state (parameters and buffers outside
+  ``objective.model``, found from the module tree) is saved in ``state.pt``; ``resume`` restores both.
+- ``objective.shard_units()``: the modules FSDP2 shards before the root (used only with train.distributed=fsdp).
+- ``objective.param_groups(lr, weight_decay, warmup_steps)``: AdamW groups covering every trainable parameter of
+  the objective exactly once (checked; a one-line ValueError otherwise).
+- ``objective.after_step()``: called after every optimizer step.
+
+It owns batching (gradient accumulation, DDP / FSDP2), bf16 autocast, AdamW with per-group schedules, clipping,
+the weight EMA of ``objective.model``, logging, atomic checkpoints, exact resume and a clean stop on SIGTERM.
+
+    trainer = Trainer(NepaObjective(model), train_set, cfg.train, run_dir, env, num_workers=2)
+    trainer.resume()   # optional: continue from the latest checkpoint under run_dir
+    trainer.fit()
 """
 from __future__ import annotations
 
@@ -20,23 +36,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..objectives.base import Objective
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_reduce_mean, barrier, wrap_model
 from .logging import MetricWriter, log, plot_loss_curve
 from .optim import build_adamw, set_lr
 from .sampler import ResumableSampler, SeededDataset
 
-ParamGroupsFn = Callable[[nn.Module, float, float, int], list]
 EvaluateFn = Callable[[nn.Module, Optional[nn.Module]], dict]
 
 
 class Trainer:
-    def __init__(self, objective: nn.Module, train_set: Dataset, cfg, run_dir: Path, env: DistEnv,
-                 param_groups: ParamGroupsFn, num_workers: int = 2, evaluate: Optional[EvaluateFn] = None,
-                 preset: Optional[str] = None):
+    def __init__(self, objective: Objective, train_set: Dataset, cfg, run_dir: Path, env: DistEnv, *,
+                 num_workers: int = 2, evaluate: Optional[EvaluateFn] = None, preset: Optional[str] = None):
+        if not isinstance(objective, Objective):
+            raise TypeError(f"the Trainer needs an arvision.objectives.Objective, got {type(objective).__name__}; "
+                            "subclass Objective and set self.model")
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         self.objective = objective.to(env.device)
-        self.backbone = objective.backbone()
+        self.model_prefix = objective.model_prefix()
         self.evaluate, self.preset, self.train_set = evaluate, preset, train_set
         world = env.world_size
         self.micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -54,18 +72,17 @@ class Trainer:
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
         self.sharded = env.enabled and cfg.distributed == "fsdp"
         # Wrap before building the optimizer: FSDP2 turns the parameters into sharded DTensors in place.
-        self.model = wrap_model(self.objective, env, cfg.distributed, shard_blocks=list(self.backbone.blocks))
-        groups = param_groups(self.backbone, self.lr, cfg.weight_decay, self.warmup)
-        extra = [p for n, p in objective.named_parameters() if p.requires_grad and not n.startswith("model.")]
-        if extra:  # trainable parameters of the objective itself (none for NEPA)
-            groups.append(dict(params=extra, weight_decay=0.0, lr_base=self.lr, lr_scale=1.0, warmup_steps=self.warmup))
+        self.model = wrap_model(self.objective, env, cfg.distributed,
+                                shard_units=objective.shard_units() if self.sharded else None)
+        groups = objective.param_groups(self.lr, cfg.weight_decay, self.warmup)
+        check_param_groups(objective, groups)
         self.optimizer = build_adamw(groups, cfg.betas, cfg.eps, env.device.type)
         self.ema = None
         if cfg.ema_decay > 0:
             if cfg.distributed == "fsdp":
                 raise ValueError("train.ema_decay > 0 is not supported with train.distributed=fsdp; set train.ema_decay=0")
             from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(self.backbone, decay=cfg.ema_decay)
+            self.ema = ModelEmaV3(objective.model, decay=cfg.ema_decay)
         self.autocast = dict(device_type=env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         if cfg.precision not in ("bf16", "fp32"):
             raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
@@ -85,11 +102,19 @@ class Trainer:
         return (get_model_state_dict(self.objective, options=opts),
                 get_optimizer_state_dict(self.objective, self.optimizer, options=opts))
 
-    def _backbone_state(self) -> dict:
+    def _split(self, objective_sd: dict) -> tuple[dict, dict]:
+        """(state of objective.model without its prefix, the rest of the objective's state)."""
+        p = self.model_prefix
+        model_sd = {k[len(p):]: v for k, v in objective_sd.items() if k.startswith(p)}
+        return model_sd, {k: v for k, v in objective_sd.items() if not k.startswith(p)}
+
+    def _model_state(self) -> dict:
+        """The full state of objective.model (a collective under FSDP: every rank calls it)."""
         if not self.sharded:
-            return self.backbone.state_dict()
+            return self.objective.model.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(self.objective.model,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save(self, rng: dict) -> None:
         model_sd, optim_sd = self._full_states()  # collective under FSDP: every rank calls it
@@ -98,13 +123,12 @@ class Trainer:
             rngs = [None] * self.env.world_size
             torch.distributed.all_gather_object(rngs, rng)
         if self.env.is_main:
-            backbone_sd = {k[len("model."):]: v for k, v in model_sd.items() if k.startswith("model.")}
-            extras = {k: v for k, v in model_sd.items() if not k.startswith("model.")}
+            weights, extras = self._split(model_sd)
             state = {"step": self.step, "optimizer": optim_sd, "rng": rngs, "objective": extras, "best": self.best,
                      "total_steps": self.total_steps}
             ema = self.ema.module.state_dict() if self.ema is not None else None
-            path = save_checkpoint(self.run_dir, self.step, self.backbone, state, ema, self.cfg.keep_last,
-                                   self.preset, model_state_dict=backbone_sd)
+            path = save_checkpoint(self.run_dir, self.step, self.objective.model, state, ema, self.cfg.keep_last,
+                                   self.preset, model_state_dict=weights)
             log.info(f"checkpoint: {path}")
         barrier()
 
@@ -115,7 +139,7 @@ class Trainer:
         state = load_state(ckpt)
         if state["total_steps"] != self.total_steps:
             log.warning(f"resuming a run planned for {state['total_steps']} steps with a config of {self.total_steps}")
-        model_sd = {f"model.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
+        model_sd = {f"{self.model_prefix}{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
         model_sd.update(state["objective"])
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -164,9 +188,8 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                     if self.ema is not None:
-                        self.ema.update(self.backbone)
-                    if hasattr(self.objective, "after_step"):
-                        self.objective.after_step()
+                        self.ema.update(self.objective.model)
+                    self.objective.after_step()
                     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                         grad_norm = grad_norm.full_tensor()
                     step_sums["grad_norm"] = grad_norm.detach().float()
@@ -215,13 +238,12 @@ class Trainer:
     def _accumulate(self, model: nn.Module, batches, ddp: bool) -> dict:
         sums = {}
         for a in range(self.accum):
-            images, labels = next(batches)
-            images = images.to(self.env.device, non_blocking=True)
-            labels = labels.to(self.env.device, non_blocking=True)
+            inputs, targets = next(batches)
+            inputs, targets = to_device(inputs, self.env.device), to_device(targets, self.env.device)
             sync = a == self.accum - 1
             with (model.no_sync() if ddp and not sync else nullcontext()):
                 with torch.autocast(**self.autocast):
-                    loss, metrics = model(images, labels)
+                    loss, metrics = model(inputs, targets)
                 (loss / self.accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 v = v.detach().float() / self.accum
@@ -232,7 +254,7 @@ class Trainer:
         every, last = self.cfg.eval_every, self.step >= self.total_steps
         if self.evaluate is None or not (last or (every and (epoch + 1) % every == 0)):
             return
-        results = self.evaluate(self.backbone, self.ema.module if self.ema is not None else None)
+        results = self.evaluate(self.objective.model, self.ema.module if self.ema is not None else None)
         if not results:
             return
         self.writer.write(self.step, results, prefix="eval")
@@ -240,13 +262,44 @@ class Trainer:
         metric = self.cfg.best_metric
         if metric and metric in results and (self.best is None or results[metric] > self.best["value"]):
             self.best = {"metric": metric, "value": results[metric], "step": self.step}
-            backbone_sd = self._backbone_state()  # collective under FSDP
+            weights = self._model_state()  # collective under FSDP
             if self.env.is_main:
                 from ..checkpoints import save_model
-                save_model(self.backbone, self.run_dir / "best", preset=self.preset, state_dict=backbone_sd,
+                save_model(self.objective.model, self.run_dir / "best", preset=self.preset, state_dict=weights,
                            ema_state_dict=self.ema.module.state_dict() if self.ema is not None else None)
             barrier()
 
     def _request_stop(self, signum, frame) -> None:
         log.warning("SIGTERM: saving a checkpoint after this step")
         self._stop = True
+
+
+def to_device(batch, device: torch.device):
+    """A tensor, or a tuple / list / dict of them, moved to ``device`` (other leaves pass through)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def check_param_groups(objective: nn.Module, groups: list) -> None:
+    """One-line ValueError unless ``groups`` hold every trainable parameter of ``objective`` exactly once."""
+    names = {id(p): n for n, p in objective.named_parameters()}
+    trainable = {id(p) for p in objective.parameters() if p.requires_grad}
+    seen: dict[int, int] = {}
+    for g in groups:
+        for p in g["params"]:
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    twice = [names.get(i, "?") for i, c in seen.items() if c > 1]
+    missing = [names[i] for i in trainable if i not in seen]
+    foreign = [names.get(i, "<not in the objective>") for i in seen if i not in trainable]
+    show = lambda bad: ", ".join(sorted(bad)[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    problem = (f"lists {show(twice)} more than once" if twice else
+               f"leaves out the trainable parameters {show(missing)}" if missing else
+               f"lists {show(foreign)}, which are frozen or not parameters of the objective" if foreign else None)
+    if problem:
+        raise ValueError(f"{type(objective).__name__}.param_groups() {problem}; it must list every trainable "
+                         "parameter of the objective exactly once")

@@ -40,22 +40,44 @@ def weight_decay_groups(model: nn.Module, lr: float, weight_decay: float, warmup
                         dict(params=no_decay, weight_decay=0.0, **common)) if g["params"]]
 
 
-def _block_index(name: str) -> Optional[int]:
-    m = re.match(r"blocks\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:  # DDP's .module, torch.compile's ._orig_mod
+        inner = next((m for m in (getattr(model, a, None) for a in ("module", "_orig_mod"))
+                      if isinstance(m, nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _block_of(model: nn.Module) -> dict[int, int]:
+    """{id(parameter): block index} from ``model.layer_id(name)`` when the model defines it, else by identity
+    from ``model.blocks`` (so wrappers that rename parameters, e.g. activation checkpointing, do not matter)."""
+    if hasattr(model, "layer_id"):
+        return {id(p): i for n, p in model.named_parameters() if (i := model.layer_id(n)) is not None}
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential, list, tuple)):
+        raise ValueError(f"layer-wise lr decay needs a model with a 'blocks' list or a layer_id(name) method; "
+                         f"{type(model).__name__} has neither (set finetune.llrd=null to train without it)")
+    return {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
 
 
 def llrd_groups(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int, llrd: float,
                 mode: str = "official", head_lr: Optional[float] = None) -> list[dict]:
-    """Layer-wise lr decay groups for a NepaViT classifier (see the module docstring)."""
+    """Layer-wise lr decay groups for a ViT classifier (see the module docstring). Block parameters are found by
+    identity from ``model.blocks`` (or ``model.layer_id(name)``), the others by their name relative to ``model``
+    (DDP / torch.compile wrappers are unwrapped first)."""
     if mode not in ("official", "standard"):
         raise ValueError(f"layer decay mode must be 'official' or 'standard', got {mode!r}")
-    L = len(model.blocks)
+    model = _unwrap(model)
+    block_of = _block_of(model)
+    L = len(set(block_of.values()))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not any(id(p) in block_of for _, p in trainable):
+        raise ValueError(f"layer-wise lr decay found no trainable block parameters in {type(model).__name__}; "
+                         "pass the model itself (not a wrapper) or set finetune.llrd=null")
     groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        i = _block_index(name)
+    for name, p in trainable:
+        i = block_of.get(id(p))
         base = lr
         if mode == "official":
             if i is not None:

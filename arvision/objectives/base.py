@@ -1,0 +1,53 @@
+"""The Trainer contract: what an objective exposes to ``arvision.train.Trainer``.
+
+An objective is an ``nn.Module`` that owns the model being trained and turns a batch into a loss:
+
+    class MyObjective(Objective):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model                       # the registered-family model that checkpoints save
+
+        def forward(self, inputs, targets):          # one (inputs, targets) pair from the loader
+            loss = ...
+            return loss, {"acc": acc}                # metrics: scalar tensors, no .item() (no host sync)
+
+    trainer = Trainer(MyObjective(model), train_set, cfg.train, run_dir, env)
+
+- ``model``: saved by ``arvision.checkpoints.save_model`` (loadable with ``load_model``). Everything else in the
+  objective's ``state_dict`` (an EMA target, a loss's own parameters) is saved next to it in ``state.pt``.
+- ``shard_units()``: the sub-modules FSDP2 shards one by one before the root (default: ``model.blocks``).
+- ``param_groups(lr, weight_decay, warmup_steps)``: AdamW groups (keys ``params``, ``weight_decay``, ``lr_base``,
+  ``lr_scale``, ``warmup_steps``, optional ``names``) holding every trainable parameter of the objective exactly
+  once (the Trainer checks). Default: weight decay on matrices, none on biases / norms / LayerScale.
+- ``after_step()``: called after every optimizer step (e.g. to update an EMA target); default does nothing.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class Objective(nn.Module):
+    """Base class of training objectives (see the module docstring). Subclasses set ``self.model``."""
+
+    model: nn.Module
+
+    def shard_units(self) -> list[nn.Module]:
+        blocks = getattr(self.model, "blocks", None)
+        return list(blocks) if blocks is not None else []
+
+    def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
+        from ..train.optim import weight_decay_groups  # the train layer imports this module: import late
+
+        return weight_decay_groups(self, lr, weight_decay, warmup_steps)
+
+    def after_step(self) -> None:
+        pass
+
+    def model_prefix(self) -> str:
+        """The state-dict prefix of ``self.model`` inside this objective ('model.' when it is ``self.model``),
+        found from the module tree."""
+        for name, module in self.named_modules():
+            if module is self.model:
+                return f"{name}." if name else ""
+        raise ValueError(f"{type(self).__name__}.model is not a sub-module of the objective; assign it as an "
+                         "attribute (self.model = model) in __init__")
