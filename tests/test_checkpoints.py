@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from arvision import NepaConfig, NepaViT
-from arvision import checkpoints as hub
+from arvision.checkpoints import arvision_format
 from arvision.checkpoints import (
     arvision_config_to_official, arvision_to_official_state_dict, convert, export_official, load_model,
     load_weights, matching_preset, official_config_to_arvision, official_to_arvision_state_dict, save_model,
@@ -246,7 +246,8 @@ def test_convert_and_export(tmp_path, images):
     original = load_model(src)
     out = convert(src, tmp_path / "converted")
     meta = json.loads((out / "arvision.json").read_text())
-    assert meta == {"format": "arvision", "format_version": 1, "model": original.config.to_dict(), "preset": None}
+    assert meta == {"format": "arvision", "format_version": 2, "family": "nepa_vit",
+                    "model": original.config.to_dict(), "preset": None}
     converted = load_model(out)
     with torch.no_grad():
         assert torch.equal(converted(images), original(images))
@@ -344,14 +345,14 @@ def test_atomic_save(tmp_path, monkeypatch):
     cfg = official_config_to_arvision(tiny_config())
     first, second = NepaViT(cfg), NepaViT(cfg)
     target = save_model(first, tmp_path / "ckpt")
-    real_save = hub.save_file
+    real_save = arvision_format.save_file
 
     def failing_save(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(hub, "save_file", failing_save)
+    monkeypatch.setattr(arvision_format, "save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         save_model(second, target)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
@@ -360,7 +361,7 @@ def test_atomic_save(tmp_path, monkeypatch):
         save_model(second, tmp_path / "fresh")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
-    monkeypatch.setattr(hub, "save_file", real_save)
+    monkeypatch.setattr(arvision_format, "save_file", real_save)
     save_model(second, target, extra_files=lambda d: (d / "state.pt").write_bytes(b"x"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert (target / "state.pt").read_bytes() == b"x"

@@ -1,0 +1,227 @@
+"""The load policy: where a checkpoint comes from, which model it rebuilds, and whether its weights fit.
+
+A source is an arvision checkpoint directory (any registered model family), an official NEPA directory
+(``nepa_vit``), a ``.safetensors`` file with its ``arvision.json`` or ``config.json`` beside it, or a Hugging Face
+Hub id (``owner/name[@revision]``, downloaded with huggingface_hub). Weights that do not fit the model give one
+ValueError line naming the missing, unexpected and mis-shaped keys.
+
+    model = load_model("SixAILab/nepa-base-patch14-224")           # Hub id, official or arvision directory
+    model = load_model("runs/pretrain/last", family="nepa_vit", ema=True, causal=False)
+    tok = load_model("runs/tokenizer/last")                         # the stored family's class
+    load_weights(model, "runs/pretrain/last", skip_head=True)       # into an existing model
+    convert("nepa-base-patch14-224", "ckpt")                        # official -> arvision
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from ..models.registry import get_family, list_families, list_models, model_config
+from .arvision_format import (
+    EMA_FILE, META_FILE, PathLike, StateDict, arvision_weights, read_meta, read_weights_file, save_model,
+)
+from .official_nepa import OFFICIAL_CONFIG, OFFICIAL_EMA, read_official
+
+HEAD_KEYS = ("head.", "fc_norm.")  # the nepa_vit classifier: replaced when num_classes or global_pool change
+_HEADS = {"nepa_vit": (HEAD_KEYS, ("num_classes", "global_pool"))}  # family -> (head key prefixes, head fields)
+
+
+# ------------------------------------------------------------------------------------------- fit check
+
+def _fmt(items: list[str], limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _nepa_summary(cfg) -> str:
+    return (f"embed_dim={cfg.embed_dim}, depth={cfg.depth}, num_heads={cfg.num_heads}, mlp_type={cfg.mlp_type}, "
+            f"mlp_hidden={cfg.mlp_hidden or 4 * cfg.embed_dim}, qk_norm={cfg.qk_norm}, "
+            f"layerscale={'on' if cfg.layerscale else 'off'}, num_classes={cfg.num_classes}, "
+            f"patch_size={cfg.patch_size}")
+
+
+def describe(model: torch.nn.Module) -> str:
+    """``Class(short config summary)``: the config's ``summary()`` when it has one."""
+    cfg = model.config
+    if callable(getattr(cfg, "summary", None)):
+        summary = cfg.summary()
+    elif getattr(model, "family", None) == "nepa_vit":
+        summary = _nepa_summary(cfg)
+    else:
+        summary = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
+    return f"{type(model).__name__}({summary})"
+
+
+def _fill_qk_norm(model: torch.nn.Module, sd: StateDict) -> None:
+    """An affine QK-Norm NEPA model fed a checkpoint without QK-Norm weights (the official base pretraining
+    checkpoint into a fine-tune config) starts from weight 1 and bias 0, as the official init script."""
+    if any(".attn.q_norm." in k or ".attn.k_norm." in k for k in sd):
+        return
+    for key, value in model.state_dict().items():
+        if ".attn.q_norm." in key or ".attn.k_norm." in key:
+            sd[key] = torch.ones_like(value) if key.endswith(".weight") else torch.zeros_like(value)
+
+
+def _head_keys(model: torch.nn.Module) -> tuple[str, ...]:
+    family = getattr(model, "family", None)
+    if family not in _HEADS:
+        raise ValueError(f"skip_head applies to models with a replaceable classifier ({', '.join(_HEADS)}); "
+                         f"{type(model).__name__} has none: load it without skip_head")
+    return _HEADS[family][0]
+
+
+def load_state_dict_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
+                            skip_head: bool = False, overrides: Optional[Mapping[str, Any]] = None):
+    """Load a state dict (arvision keys), or raise one ValueError line naming what does not fit.
+    ``skip_head`` leaves the classifier (``head.``, ``fc_norm.``) as the model has it; ``overrides`` (the config
+    fields the caller changed) only shape the message."""
+    sd = dict(sd)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if skip_head:
+        head = _head_keys(model)
+        sd = {k: v for k, v in sd.items() if not k.startswith(head)}
+        expected = {k: s for k, s in expected.items() if not k.startswith(head)}
+    if getattr(model, "family", None) == "nepa_vit":
+        _fill_qk_norm(model, sd)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [f"{k} {tuple(sd[k].shape)} in checkpoint vs {tuple(s)} in model"
+                  for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if missing or unexpected or mismatched:
+        parts = [f"{label} {_fmt(items)}" for label, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+                 if items]
+        if overrides:
+            changed = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+            hint = (f"overrides ({changed}) may change only config fields that keep the weight shapes; drop the "
+                    "ones that change them")
+        else:
+            hint = ("pass the preset/config the checkpoint was made with, or use arvision.checkpoints.load_model(path),"
+                    " which reads it")
+        raise ValueError(f"{source} does not fit {describe(model)}: {'; '.join(parts)}; {hint}")
+    model.load_state_dict(sd, strict=not skip_head)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+def _hub_download(repo_id: str, ema: bool) -> Path:
+    """Download a Hub repo (``owner/name`` or ``owner/name@revision``), only the files a load needs."""
+    repo, _, revision = repo_id.partition("@")
+    where = f"{repo_id!r} is not a local path"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{where}, and downloading it from the Hugging Face Hub needs huggingface_hub: "
+                          "pip install 'arvision[hf]', or download the folder and pass its path") from None
+    patterns = ["*.json", OFFICIAL_EMA, EMA_FILE] if ema else ["*.json", "*.safetensors"]
+    try:
+        local = Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
+        if not ema and not any(local.glob("*.safetensors")):  # older saves: pytorch_model.bin (+ shards)
+            bins = ["pytorch_model.bin", "pytorch_model-*.bin"]
+            local = Path(snapshot_download(repo, revision=revision or None, allow_patterns=bins))
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OSError(f"{where}, and downloading it from the Hugging Face Hub failed ({msg}); check the name and "
+                      "the network, or download the folder and pass its path") from None
+    return local
+
+
+def _resolve(source: PathLike, ema: bool) -> Path:
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", text) and not text.startswith((".", "/")):
+        return _hub_download(text, ema)
+    raise FileNotFoundError(f"checkpoint not found: {text} (expected an arvision or official NEPA checkpoint "
+                            "directory, a .safetensors file, or a Hugging Face Hub id like owner/name)")
+
+
+def read_family_checkpoint(source: PathLike, ema: bool = False) -> tuple[StateDict, str, Any]:
+    """(state dict on the CPU, family name, config dataclass) of any supported checkpoint source."""
+    path = _resolve(source, ema)
+    if path.is_file():
+        if ema:
+            raise ValueError(f"ema=True needs a checkpoint directory, got the file {path}; pass the EMA file itself")
+        directory, weights = path.parent, path
+    else:
+        directory, weights = path, None
+    if (directory / META_FILE).is_file():
+        family, config, _ = read_meta(directory / META_FILE)
+        return read_weights_file(weights or arvision_weights(directory, ema)), family, config
+    if not (directory / OFFICIAL_CONFIG).is_file():
+        raise FileNotFoundError(f"{directory} holds neither {META_FILE} (arvision) nor {OFFICIAL_CONFIG} (official "
+                                "NEPA); pass a checkpoint directory, or a weights file that has one beside it")
+    sd, config = read_official(directory, weights, ema)
+    return sd, "nepa_vit", config
+
+
+def read_checkpoint(source: PathLike, ema: bool = False) -> tuple[StateDict, Any]:
+    """(state dict on the CPU, config dataclass of its family) of any supported checkpoint source."""
+    sd, _, config = read_family_checkpoint(source, ema)
+    return sd, config
+
+
+def _check_family(source: PathLike, stored: str, expected: Optional[str]) -> None:
+    if expected is None or expected == stored:
+        return
+    get_family(expected)  # an unknown name says so first
+    raise ValueError(f"{source} is a {stored} checkpoint, not {expected}; load it with "
+                     f"arvision.load_model(path, family={stored!r})")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_model(source: PathLike, family: Optional[str] = None, ema: bool = False,
+               map_location: Union[str, torch.device] = "cpu", **overrides) -> torch.nn.Module:
+    """Rebuild the model a checkpoint holds (its stored family's class) with its weights, in eval mode.
+
+    ``family`` names the family the caller expects (e.g. ``"nepa_vit"``); a checkpoint of another family gives
+    one ValueError line. ``overrides`` replace config fields that do not change weight shapes (``causal=False``,
+    ``drop_path_rate=0.1``, ``rope_rescale=None``, ``img_size=...``). For ``nepa_vit``, changing ``num_classes``
+    or ``global_pool`` gives a fresh classifier (zero head, as the official fine-tune init) on the checkpoint's
+    backbone, and ``qk_norm="affine"`` on a checkpoint without QK-Norm weights starts them at 1 / 0."""
+    sd, stored_family, config = read_family_checkpoint(source, ema)
+    _check_family(source, stored_family, family)
+    fam = get_family(stored_family)
+    stored = config.to_dict()
+    cfg = fam.config_cls.from_dict({**stored, **overrides})
+    changed = {k: v for k, v in overrides.items() if stored[k] != v}
+    head_fields = _HEADS.get(stored_family, ((), ()))[1]
+    model = fam.model_cls(cfg)
+    load_state_dict_checked(model, sd, f"checkpoint {source}", skip_head=any(k in changed for k in head_fields),
+                            overrides=changed)
+    return model.to(map_location).eval()
+
+
+def load_weights(model: torch.nn.Module, source: PathLike, ema: bool = False,
+                 skip_head: bool = False) -> torch.nn.Module:
+    """Load any supported checkpoint's weights into an existing model of the same family (one-line ValueError
+    if they do not fit). ``skip_head`` keeps the model's own classifier and fc_norm (a pretrained backbone for
+    fine-tuning)."""
+    sd, stored_family, _ = read_family_checkpoint(source, ema)
+    _check_family(source, stored_family, getattr(model, "family", None))
+    return load_state_dict_checked(model, sd, f"checkpoint {source}", skip_head=skip_head)
+
+
+def _config_family(config) -> Optional[str]:
+    return next((n for n in list_families() if isinstance(config, get_family(n).config_cls)), None)
+
+
+def matching_preset(config, family: Optional[str] = None) -> Optional[str]:
+    """The registered preset of the config's family whose config equals ``config``, if any."""
+    family = family or _config_family(config)
+    if family is None:
+        return None
+    wanted = config.to_dict()
+    return next((name for name in list_models(family) if model_config(name).to_dict() == wanted), None)
+
+
+def convert(src: PathLike, dst: PathLike, ema: bool = False) -> Path:
+    """Load any supported checkpoint (``ema=True``: its EMA weights) and write it as an arvision checkpoint."""
+    model = load_model(src, ema=ema)
+    return save_model(model, dst, preset=matching_preset(model.config, model.family))
