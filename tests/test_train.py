@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 import arvision
 from arvision.config import load_config
 from arvision.data import SyntheticShapes, pretrain_transform
-from arvision.objectives import NepaObjective
+from arvision.objectives import NepaObjective, Objective
 from arvision.train.checkpoint import checkpoint_dirs
 from arvision.train.distributed import DistEnv
 from arvision.train.engine import Trainer
-from arvision.train.optim import lr_at, weight_decay_groups
+from arvision.train.optim import llrd_groups, lr_at, weight_decay_groups
 from arvision.train.sampler import ResumableSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +185,73 @@ def test_two_processes_match_one_process(tmp_path, strategy):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- contract
+class ProbeObjective(Objective):
+    """An objective with its own trainable layer and buffer next to the model (state outside objective.model)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.probe = torch.nn.Linear(model.embed_dim, 10)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, inputs, targets):
+        self.calls += 1
+        logits = self.probe(self.model.forward_features(inputs).mean(1))
+        return torch.nn.functional.cross_entropy(logits, targets), {}
+
+
+def test_objective_state_outside_the_model_is_saved_and_resumed(tmp_path):
+    data = SyntheticShapes(num_samples=32, split="train", transform=pretrain_transform(32))
+    cfg = _train_cfg(max_steps=2, batch_size=8, log_every=1, ckpt_every=0, precision="fp32")
+    torch.manual_seed(0)
+    t = Trainer(ProbeObjective(arvision.create_model("nepa_tiny_patch4_32", depth=1)), data, cfg, tmp_path,
+                DistEnv(), num_workers=0)
+    t.fit()
+    ckpt = checkpoint_dirs(tmp_path)[-1]
+    assert set(load_file(ckpt / "model.safetensors")) == set(t.objective.model.state_dict())
+    assert set(torch.load(ckpt / "state.pt", weights_only=True)["objective"]) == {"probe.weight", "probe.bias",
+                                                                                  "calls"}
+    torch.manual_seed(1)
+    again = Trainer(ProbeObjective(arvision.create_model("nepa_tiny_patch4_32", depth=1)), data, cfg, tmp_path,
+                    DistEnv(), num_workers=0)
+    again.resume()
+    for k, v in t.objective.state_dict().items():
+        assert torch.equal(again.objective.state_dict()[k], v), k
+    assert int(again.objective.calls) == 2
+
+
+def test_param_groups_must_cover_every_trainable_parameter_once(tmp_path):
+    data = SyntheticShapes(num_samples=32, split="train")
+    cfg = _train_cfg(max_steps=1, batch_size=8)
+    model = arvision.create_model("nepa_tiny_patch4_32", depth=1)
+
+    class Partial(NepaObjective):
+        def param_groups(self, lr, weight_decay, warmup_steps):
+            return [dict(params=list(self.model.blocks.parameters()), weight_decay=0.0, lr_base=lr, lr_scale=1.0,
+                         warmup_steps=warmup_steps)]
+
+    class Twice(NepaObjective):
+        def param_groups(self, lr, weight_decay, warmup_steps):
+            groups = super().param_groups(lr, weight_decay, warmup_steps)
+            return groups + [dict(groups[0], params=groups[0]["params"][:1])]
+
+    with pytest.raises(ValueError, match="leaves out the trainable parameters model.cls_token"):
+        Trainer(Partial(model), data, cfg, tmp_path, DistEnv(), num_workers=0)
+    with pytest.raises(ValueError, match="more than once"):
+        Trainer(Twice(model), data, cfg, tmp_path, DistEnv(), num_workers=0)
+    with pytest.raises(TypeError, match="Objective"):
+        Trainer(torch.nn.Linear(2, 2), data, cfg, tmp_path, DistEnv(), num_workers=0)
+
+
+def test_layer_decay_finds_blocks_through_wrappers():
+    model = arvision.create_model("nepa_tiny_patch4_32", depth=3, num_classes=5)
+    plain = llrd_groups(model, 1.0, 0.05, 10, llrd=0.5)
+    compiled = llrd_groups(torch.compile(model), 1.0, 0.05, 10, llrd=0.5)  # names gain "_orig_mod."
+    scale = {id(p): g["lr_scale"] for g in plain for p in g["params"]}
+    assert scale[id(model.blocks[0].attn.qkv.weight)] == 0.25 and scale[id(model.cls_token)] == 0.125
+    assert {id(p): g["lr_scale"] for g in compiled for p in g["params"]} == scale
+    with pytest.raises(ValueError, match="blocks"):
+        llrd_groups(torch.nn.Sequential(model), 1.0, 0.05, 10, llrd=0.5)
