@@ -360,8 +360,9 @@ def test_eval_shards_count_every_sample_once():
         shard = EvalShard(data, rank, 3)
         assert len(shard) == 4
         items = [shard[j] for j in range(len(shard))]
-        seen += [int(y) for _, y in items if y != -1]
-        assert sum(y == -1 for _, y in items) == (1 if rank > 0 else 0)
+        seen += [int(y) for _, y, w in items if w]
+        assert sum(w == 0 for _, _, w in items) == (1 if rank > 0 else 0)
+        assert all(int(x) == int(y) for x, y, _ in items)  # padding repeats a real (input, target) pair
     assert sorted(seen) == list(range(10))
 
     class Echo(torch.nn.Module):  # logits = one-hot of the input value: always right
@@ -375,3 +376,12 @@ def test_eval_shards_count_every_sample_once():
     loader = torch.utils.data.DataLoader(EvalShard(data, 2, 3), batch_size=3)
     res = evaluate_classifier(Echo(), loader)
     assert res["n"] == 3 and res["top1"] == 100.0
+
+
+def test_eval_shards_pad_dense_targets():
+    masks = torch.arange(5)[:, None, None].expand(5, 4, 4).clone()  # a segmentation-like (H, W) target per image
+    data = TensorDataset(torch.randn(5, 3, 4, 4), masks)
+    batch = next(iter(torch.utils.data.DataLoader(EvalShard(data, 1, 2), batch_size=3)))
+    images, targets, weight = batch
+    assert targets.shape == (3, 4, 4) and weight.tolist() == [1, 1, 0]
+    assert torch.equal(targets, masks[[1, 3, 0]]) and torch.equal(images[2], data[0][0])  # padded with sample 0

@@ -1,8 +1,14 @@
 """Classifier evaluation: top-1 / top-5 accuracy and NLL on hard labels (nepa_spec.md §5.5), on one or many processes.
 
 Under torch.distributed every rank evaluates its own shard (``EvalShard``: samples rank, rank + world, ...). Shards
-are padded to equal length so every rank runs the same number of forward passes (FSDP needs that); padded samples
-carry label -1 and are not counted, so each sample is counted exactly once. The counts are then all-reduced.
+are padded to equal length so every rank runs the same number of forward passes (FSDP needs that). A shard yields
+``(inputs, targets, weight)``: padding repeats a real sample (its inputs and targets, whatever they are: labels,
+masks, ...) with weight 0, so evaluators drop it and each sample is counted exactly once. The counts are then
+all-reduced.
+
+    loader = DataLoader(EvalShard(val_set, rank, world_size), batch_size=256)
+    for images, targets, weight in loader:
+        keep = weight.bool()   # padding has weight 0
 """
 from __future__ import annotations
 
@@ -16,11 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-IGNORE = -1  # label of a padding sample
-
 
 class EvalShard(Dataset):
-    """Samples rank, rank + world, ... of ``dataset``, padded to ceil(n / world) with label -1 (not counted)."""
+    """Samples rank, rank + world, ... of ``dataset`` as ``(inputs, targets, weight)``, padded to ceil(n / world)
+    by repeating real samples with weight 0 (not counted)."""
 
     def __init__(self, dataset: Dataset, rank: int = 0, world_size: int = 1):
         self.dataset, self.rank, self.world = dataset, rank, world_size
@@ -31,17 +36,27 @@ class EvalShard(Dataset):
 
     def __getitem__(self, j: int):
         i = self.rank + j * self.world
-        if i < len(self.dataset):
-            return self.dataset[i]
-        image, _ = self.dataset[i % len(self.dataset)]
-        return image, IGNORE
+        inputs, targets = self.dataset[i % len(self.dataset)]
+        return inputs, targets, 1 if i < len(self.dataset) else 0
 
 
-@torch.inference_mode()
+def unpack_weighted(batch) -> tuple:
+    """(inputs, targets, keep) from an ``(inputs, targets)`` or ``EvalShard``'s ``(inputs, targets, weight)`` batch;
+    keep is a boolean tensor, or None when every sample counts."""
+    if len(batch) == 3:
+        inputs, targets, weight = batch
+        return inputs, targets, torch.as_tensor(weight).bool()
+    inputs, targets = batch
+    return inputs, targets, None
+
+
+@torch.no_grad()  # not inference_mode: FSDP2 gathers parameters into buffers that must stay ordinary tensors
 def evaluate_classifier(model: nn.Module, loader: Iterable, device: Union[str, torch.device, None] = None,
                         amp_dtype: Optional[torch.dtype] = None, causal: Optional[bool] = None) -> dict:
-    """{'top1', 'top5' (percent), 'loss' (mean NLL), 'n'} over the samples of ``loader`` (labels -1 skipped),
-    summed over all processes when torch.distributed is initialised. Runs in eval mode and restores the mode."""
+    """{'top1', 'top5' (percent), 'loss' (mean NLL), 'n'} over the samples of ``loader`` (``(images, labels)`` or
+    ``EvalShard``'s weighted triples; weight-0 padding is skipped), summed over all processes when torch.distributed
+    is initialised. Runs in eval mode and restores the mode. Under FSDP every rank must call it (the forward passes
+    gather the sharded parameters)."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     was_training = model.training
@@ -49,12 +64,15 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, device: Union[str, t
     # correct@1, correct@5, summed NLL, count; float64 so large sums stay exact
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     try:
-        for images, labels in loader:
+        for batch in loader:
+            images, labels, keep = unpack_weighted(batch)
             images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
-            keep = labels != IGNORE
             with amp:
                 logits = model(images, causal=causal)
-            logits, labels = logits[keep].float(), labels[keep]
+            if keep is not None:
+                keep = keep.to(device)
+                logits, labels = logits[keep], labels[keep]
+            logits = logits.float()
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hits = top.eq(labels[:, None])
             nll = F.cross_entropy(logits, labels, reduction="sum")
