@@ -13,6 +13,7 @@ ValueError line naming the missing, unexpected and mis-shaped keys.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -208,6 +209,11 @@ def load_weights(model: torch.nn.Module, source: PathLike, ema: bool = False,
     return load_state_dict_checked(model, sd, f"checkpoint {source}", skip_head=skip_head)
 
 
+def _plain(d: dict) -> dict:
+    """As stored in arvision.json (tuples become lists), so a reloaded config compares equal to its preset."""
+    return json.loads(json.dumps(d))
+
+
 def _config_family(config) -> Optional[str]:
     return next((n for n in list_families() if isinstance(config, get_family(n).config_cls)), None)
 
@@ -217,8 +223,8 @@ def matching_preset(config, family: Optional[str] = None) -> Optional[str]:
     family = family or _config_family(config)
     if family is None:
         return None
-    wanted = config.to_dict()
-    return next((name for name in list_models(family) if model_config(name).to_dict() == wanted), None)
+    wanted = _plain(config.to_dict())
+    return next((name for name in list_models(family) if _plain(model_config(name).to_dict()) == wanted), None)
 
 
 def convert(src: PathLike, dst: PathLike, ema: bool = False) -> Path:
