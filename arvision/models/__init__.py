@@ -2,7 +2,8 @@ from .registry import (
     build_from_config, count_parameters, create_model, family_of, get_family, list_families, list_models,
     model_config, register_family, register_model,
 )
+from .heptapod import Heptapod, HeptapodConfig
 from .vit import NepaConfig, NepaViT
 
-__all__ = ["NepaConfig", "NepaViT", "build_from_config", "count_parameters", "create_model", "family_of",
+__all__ = ["Heptapod", "HeptapodConfig", "NepaConfig", "NepaViT", "build_from_config", "count_parameters", "create_model", "family_of",
            "get_family", "list_families", "list_models", "model_config", "register_family", "register_model"]

@@ -1,0 +1,135 @@
+"""Raster autoregressive sampling from a Heptapod generator, with a KV cache in the causal backbone (spec §5).
+
+The class prefix is prefilled once; then, for t = 0 .. N-1, the 2D head turns h_t into z_{t,t}, token t is drawn
+(VQ: softmax(logits / temperature) with top-k / top-p; latents: reverse diffusion with ``diffusion_steps`` and a
+noise ``diffusion_temperature``) and fed back through the cache to give h_{t+1}. No classifier-free guidance by
+default; ``cfg_scale`` != 1 runs the null class beside each sample, for comparisons only.
+
+    tokens = sample_tokens(model, labels, SamplingConfig(temperature=1.0, top_k=0), seed=0)
+    images = decode_tokens(tokenizer, tokens, model.config)           # (B, 3, H, W) in [-1, 1]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..objectives.diffusion_loss import GaussianDiffusion
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # VQ logits
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    diffusion_steps: int = 100
+    diffusion_temperature: float = 0.95  # MAR's no-CFG value
+    cfg_scale: float = 1.0  # 1 = no guidance (the default: Heptapod uses none)
+    use_cache: bool = True
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k, then nucleus (top-p) filtering: logits outside are set to -inf (the most likely token stays)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+class _Predictor:
+    """z_{t,t} from the backbone state(s) for the model's head type and conditioning."""
+
+    def __init__(self, model, batch: int, device, dtype):
+        self.model, cfg = model, model.config
+        self.prefix = cfg.head_type != "none" and cfg.head_condition == "prefix"
+        self.states = torch.zeros(batch, model.num_tokens, cfg.embed_dim, device=device, dtype=dtype) if self.prefix else None
+
+    def __call__(self, h: torch.Tensor, t: int) -> torch.Tensor:
+        model = self.model
+        if model.config.head_type == "none":
+            return h
+        if self.prefix:
+            self.states[:, t] = h
+            mask = (torch.arange(model.num_tokens, device=h.device) <= t).expand(h.shape[0], -1)
+            return model.forward_head(self.states, mask)[:, t]
+        return model.forward_head(h)[:, t]
+
+
+@torch.no_grad()
+def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] = None,
+                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Token grids for ``labels`` (B,): (B, N) codes or (B, N, C) latents, in raster order."""
+    cfg = config or SamplingConfig()
+    mcfg = model.config
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    model.check_inputs(torch.zeros(0, dtype=torch.long) if mcfg.token_type == "discrete"
+                       else torch.zeros(0, mcfg.latent_channels), labels)
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else seed)
+    guided = cfg.cfg_scale != 1.0
+    if guided and not mcfg.null_class:
+        raise ValueError("cfg_scale != 1 needs a generator with a null class (null_class=true)")
+    B, N = labels.shape[0], model.num_tokens
+    run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+    dtype = next(model.parameters()).dtype
+    predict = _Predictor(model, run_labels.shape[0], device, dtype)
+    diffusion = GaussianDiffusion() if mcfg.token_type == "continuous" else None
+    shape = (run_labels.shape[0], N) if diffusion is None else (run_labels.shape[0], N, mcfg.latent_channels)
+    tokens = torch.zeros(shape, dtype=torch.long if diffusion is None else dtype, device=device)
+    cache = model.new_cache(run_labels.shape[0], device, dtype) if cfg.use_cache else None
+    h = model.step_backbone(cache, labels=run_labels) if cache is not None else None
+    for t in range(N):
+        if cache is None:  # recompute the whole prefix: h_t from the class and tokens 0 .. t-1
+            h = model.forward_backbone(tokens[:, :t + 1], run_labels)[:, -1]
+        z = predict(h, t)
+        if diffusion is None:
+            logits = model.logits(z).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg.cfg_scale * (cond - uncond)
+            logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+            nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+            nxt = torch.cat([nxt, nxt]) if guided else nxt
+        else:
+            nxt = diffusion.sample(model.diffloss, z, mcfg.latent_channels, cfg.diffusion_steps,
+                                   cfg.diffusion_temperature, generator, cfg.cfg_scale).to(dtype)
+            nxt = torch.cat([nxt, nxt]) if guided else nxt
+        tokens[:, t] = nxt
+        if cache is not None and t < N - 1:
+            h = model.step_backbone(cache, tokens=tokens[:, t:t + 1])
+    return tokens[:B]
+
+
+def decode_tokens(tokenizer, tokens: torch.Tensor, model_config, scale_factor: float = 1.0) -> torch.Tensor:
+    """Images (B, 3, H, W) in about [-1, 1] from sampled token grids, through the tokenizer's decoder.
+    Continuous latents are divided by the ``scale_factor`` the token cache applied."""
+    G = model_config.grid_size
+    if model_config.token_type == "discrete":
+        z = tokens.view(-1, G, G)
+    else:
+        z = tokens.view(tokens.shape[0], G, G, -1).permute(0, 3, 1, 2) / scale_factor
+    return tokenizer.decode(z)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), the ADM .npz layout."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def resize_like(images: torch.Tensor, size: int) -> torch.Tensor:
+    return images if images.shape[-1] == size else F.interpolate(images, size=size, mode="bicubic", antialias=True)

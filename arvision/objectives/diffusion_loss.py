@@ -1,0 +1,82 @@
+"""Gaussian diffusion for one continuous token per position (MAR's diffusion loss; DDPM, Ho et al. 2020).
+
+Training (eq. 14 of DDPM, epsilon prediction): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with t uniform over
+``train_steps`` (1000) of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), loss ||eps - eps_theta(x_t, t, z)||^2.
+MAR adds a learned-variance VLB term; here the reverse variance is fixed to the posterior's (beta tilde) [G].
+
+Sampling: the schedule respaced to ``num_steps`` (100) evenly spaced timesteps; the noise of every reverse step is
+scaled by ``temperature`` (MAR: 0.95 without CFG). Optional classifier-free guidance on epsilon.
+
+    diffusion = GaussianDiffusion()
+    loss = diffusion.loss(mlp, x0, z)                   # (M,) per-token losses
+    x0 = diffusion.sample(mlp, z, num_steps=100, temperature=0.95, generator=g)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+def cosine_alpha_bar(num_steps: int, s: float = 0.008) -> torch.Tensor:
+    """abar_t for t = 0 .. T-1, from betas_t = min(1 - f(t+1)/f(t), 0.999), f(t) = cos^2((t/T + s)/(1 + s) pi/2)."""
+    f = lambda t: math.cos((t / num_steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = torch.tensor([min(1 - f(i + 1) / f(i), 0.999) for i in range(num_steps)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class GaussianDiffusion:
+    def __init__(self, train_steps: int = 1000):
+        self.train_steps = train_steps
+        self.alpha_bar = cosine_alpha_bar(train_steps)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bar.to(x0.device)[t].float()[:, None]
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def loss(self, denoiser: nn.Module, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Per-token epsilon-prediction MSE (M,), averaged over channels, in fp32."""
+        t = torch.randint(0, self.train_steps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0, dtype=torch.float32)
+        x_t = self.q_sample(x0.float(), t, noise)
+        eps = denoiser(x_t.to(cond.dtype), t, cond)
+        return (eps.float() - noise).pow(2).mean(dim=-1)
+
+    def respaced(self, num_steps: int) -> tuple[list[int], torch.Tensor]:
+        """(kept original timesteps ascending, their betas in the respaced chain)."""
+        if not 1 <= num_steps <= self.train_steps:
+            raise ValueError(f"diffusion sampling steps must be in [1, {self.train_steps}], got {num_steps}")
+        kept = sorted({round(i * (self.train_steps - 1) / max(1, num_steps - 1)) for i in range(num_steps)})
+        ab = self.alpha_bar[kept]
+        prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        return kept, 1 - ab / prev
+
+    @torch.no_grad()
+    def sample(self, denoiser: Callable, cond: torch.Tensor, channels: int, num_steps: int = 100,
+               temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+               cfg_scale: float = 1.0) -> torch.Tensor:
+        """Draw x_0 (M, C) given conditions ``cond`` (M, D); with ``cfg_scale`` != 1, ``cond`` holds the
+        conditional half then the unconditional half (2M rows) and epsilon is guided."""
+        kept, betas = self.respaced(num_steps)
+        M = cond.shape[0] // (2 if cfg_scale != 1.0 else 1)
+        dev = cond.device
+        x = torch.randn(M, channels, generator=generator, device=dev)
+        alphas, ab = 1 - betas, torch.cumprod(1 - betas, dim=0)
+        for i in reversed(range(len(kept))):
+            t = torch.full((cond.shape[0],), kept[i], device=dev, dtype=torch.long)
+            inp = torch.cat([x, x]) if cfg_scale != 1.0 else x
+            eps = denoiser(inp.to(cond.dtype), t, cond).float()
+            if cfg_scale != 1.0:
+                eps_c, eps_u = eps.chunk(2)
+                eps = eps_u + cfg_scale * (eps_c - eps_u)
+            a, abar, beta = alphas[i].item(), ab[i].item(), betas[i].item()
+            mean = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(a)
+            if i > 0:
+                var = beta * (1 - ab[i - 1].item()) / (1 - abar)
+                noise = torch.randn(x.shape, generator=generator, device=dev)
+                x = mean + math.sqrt(var) * temperature * noise
+            else:
+                x = mean
+        return x

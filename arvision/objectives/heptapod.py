@@ -1,0 +1,165 @@
+"""The Heptapod objective: next 2D distribution prediction (spec §2.2).
+
+    L = 1/|P| sum_{(t, j) in P} l(x_j ; z_{t,j}),   z_{t,j} = Head(h_t, position j)
+
+over supervised (timestep, target) pairs P, with l the cross-entropy over the codebook for VQ codes (computed in
+chunks, each recomputed in the backward pass, so full density does not hold every logit at once) or MAR's diffusion
+loss for continuous latents. Knobs (defaults [G] where the paper is silent):
+
+- ``target_set``: ``next`` (j = t: plain next-token prediction), ``local`` (remaining positions within
+  ``target_window`` rows/columns of the next one), ``remaining`` (every j >= t: the default), ``all`` (every j);
+- density: ``timesteps_per_image`` (K timesteps sampled per image, 0 = all N) and ``targets_per_timestep``
+  (a random subset of each timestep's targets, 0 = all);
+- ``averaging``: ``pairs`` (uniform over all pairs) or ``timestep`` (mean per timestep, then over timesteps).
+
+Token grids are 0-indexed in raster order: h_t has seen tokens 0 .. t-1, so token t is "next".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .base import Objective
+from .diffusion_loss import GaussianDiffusion
+
+TARGET_SETS = ("next", "local", "remaining", "all")
+
+
+@dataclass
+class HeptapodLossConfig:
+    target_set: str = "remaining"
+    target_window: int = 1
+    timesteps_per_image: int = 4
+    targets_per_timestep: int = 0
+    averaging: str = "pairs"
+    diffusion_batch_mul: int = 4  # noise draws per continuous target (MAR)
+    label_dropout: float = 0.0  # > 0 trains the null class, for CFG comparisons only
+    ce_chunk: int = 8192  # (timestep, target) pairs per cross-entropy chunk
+
+    def __post_init__(self):
+        if self.target_set not in TARGET_SETS:
+            raise ValueError(f"objective.target_set must be one of {TARGET_SETS}, got {self.target_set!r}")
+        if self.averaging not in ("pairs", "timestep"):
+            raise ValueError(f"objective.averaging must be 'pairs' or 'timestep', got {self.averaging!r}")
+
+
+def supervision_mask(timesteps: torch.Tensor, grid_size: int, target_set: str, window: int = 1) -> torch.Tensor:
+    """(M, N) boolean: which target positions j each timestep t in ``timesteps`` (M,) supervises."""
+    N = grid_size ** 2
+    j = torch.arange(N, device=timesteps.device)[None, :]
+    t = timesteps[:, None]
+    if target_set == "next":
+        return j == t
+    if target_set == "all":
+        return torch.ones(t.shape[0], N, dtype=torch.bool, device=t.device)
+    remaining = j >= t
+    if target_set == "remaining":
+        return remaining
+    near = ((j // grid_size - t // grid_size).abs() <= window) & ((j % grid_size - t % grid_size).abs() <= window)
+    return remaining & near
+
+
+def subsample(mask: torch.Tensor, keep: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Keep at most ``keep`` random True entries per row of ``mask``."""
+    if keep <= 0 or keep >= mask.shape[1]:
+        return mask
+    scores = torch.rand(mask.shape, device=mask.device, generator=generator).masked_fill(~mask, 2.0)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return mask & (ranks < keep)
+
+
+class HeptapodObjective(Objective):
+    """``objective(tokens, labels) -> (loss, metrics)``; tokens (B, N) codes or (B, N, C) latents, raster order.
+    Metric ``next_loss``: the loss on the j = t pairs, comparable across target sets."""
+
+    def __init__(self, model, config: Optional[HeptapodLossConfig] = None):
+        super().__init__()
+        self.model = model
+        self.config = config or HeptapodLossConfig()
+        mcfg = model.config
+        if mcfg.head_type == "none" and self.config.target_set != "next":
+            raise ValueError("a model with head_type='none' predicts only the next token; set "
+                             "objective.target_set=next or give the model a 2D head (model.args.head_type=global)")
+        if self.config.label_dropout > 0 and not mcfg.null_class:
+            raise ValueError("objective.label_dropout > 0 needs a model with null_class=true")
+        self.diffusion = GaussianDiffusion() if mcfg.token_type == "continuous" else None
+
+    def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
+        from ..train.optim import decays
+
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:  # no weight decay on the diffusion MLP (MAR), biases, norms
+                (decay if decays(name, p) and ".diffloss." not in f".{name}" else no_decay).append(p)
+        common = dict(lr_base=lr, lr_scale=1.0, warmup_steps=warmup_steps)
+        return [g for g in (dict(params=decay, weight_decay=weight_decay, **common),
+                            dict(params=no_decay, weight_decay=0.0, **common)) if g["params"]]
+
+    def sample_timesteps(self, batch: int, num: int, device) -> torch.Tensor:
+        """(B, K) distinct timesteps per image (all N in order when K is 0 or >= N)."""
+        K = self.config.timesteps_per_image
+        if K <= 0 or K >= num:
+            return torch.arange(num, device=device).expand(batch, num)
+        return torch.rand(batch, num, device=device).argsort(dim=1)[:, :K]
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor):
+        model, cfg = self.model, self.config
+        model.check_inputs(tokens, labels)
+        if cfg.label_dropout > 0 and self.training:
+            drop = torch.rand(labels.shape, device=labels.device) < cfg.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
+        B, N = tokens.shape[:2]
+        states = model.forward_backbone(tokens, labels)  # (B, N, D)
+        t = self.sample_timesteps(B, N, tokens.device)  # (B, K)
+        K = t.shape[1]
+        rows = torch.arange(B, device=tokens.device)[:, None].expand(B, K)
+        if model.config.head_type == "none":  # z_{t,t} = h_t; only the next target
+            z = states[rows, t]  # (B, K, D)
+            pred, target = z.flatten(0, 1), tokens[rows, t].flatten(0, 1)
+            is_next = torch.ones(pred.shape[0], dtype=torch.bool, device=z.device)
+            weights = torch.full((pred.shape[0],), 1.0 / pred.shape[0], device=z.device)
+        else:
+            if model.config.head_condition == "state":
+                z = model.forward_head(states[rows, t].flatten(0, 1))  # (B K, N, D)
+            else:
+                ctx_mask = torch.arange(N, device=t.device)[None, :] <= t.flatten()[:, None]
+                z = model.forward_head(states.repeat_interleave(K, dim=0), ctx_mask)
+            t_flat = t.flatten()
+            sup = subsample(supervision_mask(t_flat, model.config.grid_size, cfg.target_set, cfg.target_window),
+                            cfg.targets_per_timestep)
+            pred = z[sup]
+            target = tokens.repeat_interleave(K, dim=0)[sup]
+            is_next = (torch.arange(N, device=t.device)[None, :] == t_flat[:, None])[sup]
+            if cfg.averaging == "pairs":
+                weights = torch.full((pred.shape[0],), 1.0 / pred.shape[0], device=z.device)
+            else:
+                per_row = sup.sum(dim=1, keepdim=True).clamp(min=1).float()
+                weights = (1.0 / (per_row * sup.shape[0])).expand_as(sup)[sup]
+        losses = self.pair_losses(pred, target)
+        loss = (losses * weights).sum()
+        with torch.no_grad():  # masked mean: no host sync
+            nxt = is_next.float()
+            metrics = {"next_loss": (losses.detach() * nxt).sum() / nxt.sum().clamp(min=1)}
+        return loss, metrics
+
+    def pair_losses(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-pair losses (P,) in fp32: chunked cross-entropy for codes, the diffusion loss for latents."""
+        model = self.model
+        if self.diffusion is not None:
+            m = self.config.diffusion_batch_mul
+            per = self.diffusion.loss(model.diffloss, target.repeat(m, 1), pred.repeat(m, 1))
+            return per.view(m, -1).mean(dim=0)
+        head = model.logits
+
+        def ce(z, y):
+            return F.cross_entropy(head(z).float(), y, reduction="none")
+
+        chunks = []
+        for start in range(0, pred.shape[0], self.config.ce_chunk):
+            z, y = pred[start:start + self.config.ce_chunk], target[start:start + self.config.ce_chunk].long()
+            chunks.append(checkpoint(ce, z, y, use_reentrant=False) if torch.is_grad_enabled() else ce(z, y))
+        return torch.cat(chunks) if chunks else pred.new_zeros(0)

@@ -1,0 +1,180 @@
+"""Heptapod: supervised (t, j) pairs, the next-token reduction, causality, the 2D heads, cached sampling,
+overfitting a few token grids, and the diffusion loss."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import arvision
+from arvision.generate.sample import SamplingConfig, filter_logits, sample_tokens
+from arvision.objectives.diffusion_loss import GaussianDiffusion
+from arvision.objectives.heptapod import HeptapodLossConfig, HeptapodObjective, subsample, supervision_mask
+
+TINY = dict(grid_size=3, num_classes=4, codebook_size=16, embed_dim=32, depth=2, num_heads=2, head_depth=1,
+            diffloss_depth=2, diffloss_width=32)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return arvision.create_model("heptapod_tiny", **{**TINY, **kw})
+
+
+def test_supervised_pairs_per_target_set():
+    t = torch.tensor([0, 4, 8])  # on a 3x3 grid: the first, centre and last positions
+    nxt = supervision_mask(t, 3, "next")
+    assert nxt.sum(1).tolist() == [1, 1, 1] and nxt[1, 4] and nxt[2, 8]
+    rem = supervision_mask(t, 3, "remaining")
+    assert rem.sum(1).tolist() == [9, 5, 1] and not rem[1, 3] and rem[1, 4]
+    allp = supervision_mask(t, 3, "all")
+    assert allp.all()
+    local = supervision_mask(t, 3, "local", window=1)  # remaining and within one row/column of t
+    assert local[0].nonzero().flatten().tolist() == [0, 1, 3, 4]
+    assert local[1].nonzero().flatten().tolist() == [4, 5, 6, 7, 8]  # (2, 0) is one row and column away
+    assert local[2].nonzero().flatten().tolist() == [8]
+    sub = subsample(rem, 2, torch.Generator().manual_seed(0))
+    assert sub.sum(1).tolist() == [2, 2, 1] and not (sub & ~rem).any()
+
+
+def test_next_target_set_is_next_token_cross_entropy():
+    model = tiny(head_type="none")
+    obj = HeptapodObjective(model, HeptapodLossConfig(target_set="next", timesteps_per_image=0))
+    tokens, labels = torch.randint(0, 16, (5, 9)), torch.randint(0, 4, (5,))
+    loss, metrics = obj(tokens, labels)
+    states = model.forward_backbone(tokens, labels)
+    ref = F.cross_entropy(model.logits(states).flatten(0, 1), tokens.flatten())
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(metrics["next_loss"], ref)
+    # with a 2D head, "next" is the cross-entropy of z_{t,t}
+    model = tiny()
+    obj = HeptapodObjective(model, HeptapodLossConfig(target_set="next", timesteps_per_image=0))
+    loss, _ = obj(tokens, labels)
+    states = model.forward_backbone(tokens, labels)
+    z = model.forward_head(states.flatten(0, 1)).view(5, 9, 9, -1)
+    z_tt = z[:, torch.arange(9), torch.arange(9)]
+    torch.testing.assert_close(loss, F.cross_entropy(model.logits(z_tt).flatten(0, 1), tokens.flatten()))
+    with pytest.raises(ValueError, match="predicts only the next token"):
+        HeptapodObjective(tiny(head_type="none"), HeptapodLossConfig(target_set="remaining"))
+
+
+def test_timestep_averaging_weights_each_timestep_equally():
+    model = tiny()
+    tokens, labels = torch.randint(0, 16, (2, 9)), torch.randint(0, 4, (2,))
+    cfg = HeptapodLossConfig(timesteps_per_image=0, averaging="timestep")
+    loss, _ = HeptapodObjective(model, cfg)(tokens, labels)
+    states = model.forward_backbone(tokens, labels)
+    z = model.forward_head(states.flatten(0, 1)).view(2, 9, 9, -1)
+    ce = F.cross_entropy(model.logits(z).flatten(0, 2), tokens[:, None, :].expand(2, 9, 9).flatten(),
+                         reduction="none").view(2, 9, 9)
+    per_t = [ce[:, t, t:].mean(dim=1) for t in range(9)]
+    torch.testing.assert_close(loss, torch.stack(per_t, 1).mean())
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "rope"])
+def test_backbone_is_causal(pos_embed):
+    model = tiny(pos_embed=pos_embed).eval()
+    tokens, labels = torch.randint(0, 16, (2, 9)), torch.tensor([0, 3])
+    changed = tokens.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % 16
+    a, b = model.forward_backbone(tokens, labels), model.forward_backbone(changed, labels)
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=0)  # h_0 .. h_4 have not seen token 4
+    assert not torch.allclose(a[:, 5], b[:, 5])
+    other = model.forward_backbone(tokens, torch.tensor([1, 3]))
+    assert not torch.allclose(other[0, 0], a[0, 0]) and torch.equal(other[1], a[1])  # h_0 carries the class
+
+
+def test_global_head_sees_all_queries_local_head_a_window():
+    for head_type, expect_all in (("global", True), ("local", False)):
+        model = tiny(head_type=head_type, local_window=3)
+        z = model.forward_head(torch.randn(1, 32))
+        (z[0, 0] * torch.randn(32)).sum().backward()  # the prediction for position 0 ...
+        reached = model.query_pos.grad[0].abs().sum(-1) > 0  # ... depends on which queries
+        if expect_all:
+            assert reached.all()
+        else:  # a 3x3 window around (0, 0) on a 3x3 grid: rows/cols 0-1
+            assert reached.nonzero().flatten().tolist() == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(head_type="local"), dict(head_condition="prefix"),
+                                dict(head_type="none", pos_embed="rope"),
+                                dict(token_type="continuous", latent_channels=3, class_tokens=2)])
+def test_cached_sampling_equals_recomputation(kw):
+    model = tiny(**kw).eval()
+    labels = torch.tensor([0, 1, 3])
+    cfg = SamplingConfig(diffusion_steps=5, top_k=8)
+    cached = sample_tokens(model, labels, cfg, seed=7)
+    again = sample_tokens(model, labels, cfg, seed=7)
+    plain = sample_tokens(model, labels, SamplingConfig(diffusion_steps=5, top_k=8, use_cache=False), seed=7)
+    if cached.dtype == torch.long:
+        assert torch.equal(cached, plain) and torch.equal(cached, again) and cached.shape == (3, 9)
+    else:
+        torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
+        assert cached.shape == (3, 9, 3)
+    with pytest.raises(ValueError, match="class index out of range"):
+        sample_tokens(model, torch.tensor([5]), cfg)
+
+
+def test_filter_logits():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    p = logits.softmax(-1)[0]  # 0.64, 0.24, 0.09, 0.03
+    kept = torch.isfinite(filter_logits(logits, top_p=0.8))[0]
+    assert kept.tolist() == [True, True, False, False] and p[:2].sum() >= 0.8
+
+
+def test_tiny_model_overfits_token_grids_and_samples_them():
+    torch.manual_seed(0)
+    grids = torch.randint(0, 16, (4, 9))
+    labels = torch.arange(4)
+    model = tiny()
+    obj = HeptapodObjective(model, HeptapodLossConfig(timesteps_per_image=0))
+    opt = torch.optim.AdamW(obj.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        loss, _ = obj(grids, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.05 * first
+    samples = sample_tokens(model.eval(), labels, SamplingConfig(top_k=1), seed=0)
+    assert torch.equal(samples, grids)
+
+
+def test_diffusion_loss_shapes_and_learning():
+    torch.manual_seed(0)
+    model = tiny(token_type="continuous", latent_channels=2)
+    obj = HeptapodObjective(model, HeptapodLossConfig(timesteps_per_image=3, diffusion_batch_mul=2))
+    tokens = torch.randn(4, 9, 2) * 0.1 + torch.tensor([1.0, -1.0])
+    labels = torch.randint(0, 4, (4,))
+    diff = GaussianDiffusion()
+    per = diff.loss(model.diffloss, tokens.flatten(0, 1), torch.randn(36, 32))
+    assert per.shape == (36,)
+    kept, betas = diff.respaced(10)
+    assert len(kept) == 10 and kept[0] == 0 and kept[-1] == 999 and (betas > 0).all() and (betas < 1).all()
+    opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, _ = obj(tokens, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-15:]) / 15 < 0.7 * sum(losses[:15]) / 15
+
+
+def test_bad_inputs_give_one_line_errors():
+    model = tiny()
+    obj = HeptapodObjective(model)
+    with pytest.raises(ValueError, match="class index out of range"):
+        obj(torch.randint(0, 16, (2, 9)), torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="takes code indices"):
+        obj(torch.randn(2, 9), torch.tensor([0, 1]))
+    cont = tiny(token_type="continuous", latent_channels=4)
+    with pytest.raises(ValueError, match="tokens have 3 channels, the model expects 4"):
+        HeptapodObjective(cont)(torch.randn(2, 9, 3), torch.tensor([0, 1]))
+
+
+def test_presets_parameter_counts():
+    with torch.device("meta"):  # count without allocating 941M parameters
+        counts = {name: arvision.models.count_parameters(arvision.create_model(name)) for name in ("heptapod_b", "heptapod_h")}
+    assert abs(counts["heptapod_h"] / 1e6 - 941) < 2  # the paper's 941M (spec §3.2 reading: 20 + 20 blocks at 1280)
+    assert abs(counts["heptapod_b"] / 1e6 - 208) < 2
