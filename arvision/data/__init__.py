@@ -1,12 +1,22 @@
-"""Datasets (synthetic shapes, image folders, Hugging Face save_to_disk folders) and the NEPA transforms."""
+"""Datasets (synthetic shapes, image folders, Hugging Face save_to_disk folders, segmentation sets) and transforms
+(the NEPA image transforms, joint image + mask transforms for segmentation, uint8 transforms for generation)."""
 from .datasets import (
-    HFDiskDataset, ImageFolderDataset, SkipCorruptDataset, available_splits, build_dataset, is_hf_disk, is_synthetic,
-    resolve_split,
+    DataError, HFDiskDataset, ImageFolderDataset, SkipCorruptDataset, available_splits, build_dataset, is_hf_disk,
+    is_synthetic, resolve_split,
+)
+from .segmentation import (
+    ADE20KDataset, SegmentationFolder, SyntheticSegmentation, build_segmentation_dataset, read_class_list,
+)
+from .segmentation_transforms import (
+    GenerationTransform, PairTransform, center_crop_arr, generation_transform, seg_eval_transform, seg_train_transform,
 )
 from .synthetic import SyntheticShapes
 from .transforms import eval_transform, finetune_transform, pretrain_transform
 
 __all__ = [
-    "HFDiskDataset", "ImageFolderDataset", "SkipCorruptDataset", "SyntheticShapes", "available_splits", "build_dataset",
-    "eval_transform", "finetune_transform", "is_hf_disk", "is_synthetic", "pretrain_transform", "resolve_split",
+    "ADE20KDataset", "DataError", "GenerationTransform", "HFDiskDataset", "ImageFolderDataset", "PairTransform",
+    "SegmentationFolder", "SkipCorruptDataset", "SyntheticSegmentation", "SyntheticShapes", "available_splits",
+    "build_dataset", "build_segmentation_dataset", "center_crop_arr", "eval_transform", "finetune_transform",
+    "generation_transform", "is_hf_disk", "is_synthetic", "pretrain_transform", "read_class_list", "resolve_split",
+    "seg_eval_transform", "seg_train_transform",
 ]

@@ -25,11 +25,17 @@ _HF_MARKERS = ("dataset_dict.json", "state.json")  # DatasetDict folder / single
 _SYNTHETIC_SIZES = {"train": 10000, "val": 2000, "test": 2000}
 
 
+class DataError(ValueError):
+    """Data that decodes but is wrong (a mask whose size differs from its image, labels out of range): raised, never
+    skipped, because training on it would be silently wrong."""
+
+
 class SkipCorruptDataset(Dataset):
     """Base for datasets whose samples may fail to decode.
 
-    Subclasses implement `_load(index) -> (PIL image, label)` and `_describe(index)` (the file name for messages).
-    A sample that fails to load is replaced by the next readable one (index + 1, wrapping) so that batch shapes stay
+    Subclasses implement `_load(index) -> (PIL image, target)` and `_describe(index)` (the file name for messages);
+    `_apply_transform(sample)` applies `transform` (to the image only by default). `_load` raising `DataError`
+    propagates; any other failure marks the sample unreadable. A sample that fails to load is replaced by the next readable one (index + 1, wrapping) so that batch shapes stay
     constant. Each bad sample is logged once per process and flagged in a shared-memory tensor, so `num_skipped`
     counts distinct bad samples across DataLoader worker processes and epochs.
     """
@@ -45,6 +51,10 @@ class SkipCorruptDataset(Dataset):
 
     def _describe(self, index: int) -> str:
         return f"sample {index}"
+
+    def _apply_transform(self, sample: tuple[Any, Any]) -> tuple[Any, Any]:
+        img, label = sample
+        return (self.transform(img) if self.transform is not None else img), label
 
     @property
     def num_skipped(self) -> int:
@@ -63,14 +73,16 @@ class SkipCorruptDataset(Dataset):
             if self._bad[i]:
                 continue
             try:
-                img, label = self._load(i)
+                sample = self._load(i)
+            except DataError:
+                raise
             except Exception as e:  # noqa: BLE001 - any decode failure (OSError, SyntaxError, ValueError, ...)
                 self._bad[i] = True
                 if i not in self._warned:
                     self._warned.add(i)
                     logger.warning("skipping unreadable image %s (%s: %s)", self._describe(i), type(e).__name__, e)
                 continue
-            return (self.transform(img) if self.transform is not None else img), label
+            return self._apply_transform(sample)
         raise RuntimeError(f"no readable image in {self!r}: all {n} samples failed to load")
 
 

@@ -1,4 +1,6 @@
-"""SyntheticShapes: a procedurally generated, labelled shape-classification dataset (no download, nothing on disk)."""
+"""Procedurally generated shapes (no download, nothing on disk): SyntheticShapes, a labelled shape-classification
+dataset, and `render_scene`, several shapes with their exact segmentation mask (used by
+arvision.data.segmentation.SyntheticSegmentation)."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -71,16 +73,16 @@ def _background(rng: np.random.Generator, size: int) -> tuple[Image.Image, np.nd
     return Image.fromarray(bg.astype(np.uint8), "RGB"), colours.astype(np.float32)
 
 
-def render_shape(rng: np.random.Generator, label: int, img_size: int) -> Image.Image:
-    """Draw shape class `label` at a random position, size, rotation and colour over a random background."""
-    size = img_size * _SUPERSAMPLE
-    bg, bg_colours = _background(rng, size)
-    # The shape colour is the candidate farthest from every background colour, so the shape stays visible.
+def _pick_colour(rng: np.random.Generator, avoid: np.ndarray) -> tuple[int, ...]:
+    """The candidate colour farthest from every colour in `avoid` (k, 3), so the shape stays visible."""
     candidates = rng.uniform(0, 255, (8, 3))
-    dist = np.linalg.norm(candidates[:, None] - bg_colours[None], axis=-1).min(1)
-    fg = tuple(int(c) for c in candidates[dist.argmax()])
+    dist = np.linalg.norm(candidates[:, None] - avoid[None], axis=-1).min(1)
+    return tuple(int(c) for c in candidates[dist.argmax()])
 
-    radius = rng.uniform(0.15, 0.42) * size  # the shape spans 30%..84% of the image side
+
+def _shape_mask(rng: np.random.Generator, label: int, size: int, radius_range: tuple[float, float]) -> Image.Image:
+    """An "L" mask (255 inside) of shape class `label` at a random radius (fraction of `size`), position, rotation."""
+    radius = rng.uniform(*radius_range) * size
     centre = rng.uniform(radius, size - radius, 2)
     angle = rng.uniform(0, 2 * np.pi)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -91,10 +93,47 @@ def render_shape(rng: np.random.Generator, label: int, img_size: int) -> Image.I
         if points is not None:
             xy = points @ rot.T * radius + centre
             draw.polygon([tuple(p) for p in xy.tolist()], fill=fill)
+    return mask
 
-    img = np.asarray(Image.composite(Image.new("RGB", bg.size, fg), bg, mask).reduce(_SUPERSAMPLE), dtype=np.float32)
+
+def _finish(rng: np.random.Generator, canvas: Image.Image) -> Image.Image:
+    """Box-downsample the supersampled canvas (anti-aliased edges) and add Gaussian pixel noise of random strength."""
+    img = np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.float32)
     img = img + rng.normal(0, rng.uniform(0, 12), img.shape).astype(np.float32)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def render_shape(rng: np.random.Generator, label: int, img_size: int) -> Image.Image:
+    """Draw shape class `label` at a random position, size, rotation and colour over a random background."""
+    size = img_size * _SUPERSAMPLE
+    bg, bg_colours = _background(rng, size)
+    fg = _pick_colour(rng, bg_colours)
+    mask = _shape_mask(rng, label, size, (0.15, 0.42))  # the shape spans 30%..84% of the image side
+    return _finish(rng, Image.composite(Image.new("RGB", bg.size, fg), bg, mask))
+
+
+def render_scene(rng: np.random.Generator, labels: list[int], img_size: int,
+                 radius_range: tuple[float, float] = (0.12, 0.3)) -> tuple[Image.Image, np.ndarray]:
+    """Draw the shape classes `labels` in order (later ones on top) over a random background.
+
+    Returns the image and its segmentation mask, (img_size, img_size) uint8: 0 background, k + 1 shape class k. The
+    mask is exact for the rendering: each pixel gets the label covering most of its supersampled area (ties go to
+    the shape drawn last), which is also the colour that dominates the pixel's anti-aliased value.
+    """
+    size = img_size * _SUPERSAMPLE
+    canvas, used = _background(rng, size)
+    labels_ss = np.zeros((size, size), np.uint8)
+    for label in labels:
+        fg = _pick_colour(rng, used)
+        used = np.concatenate([used, np.asarray([fg], np.float32)])
+        mask = _shape_mask(rng, label, size, radius_range)
+        canvas = Image.composite(Image.new("RGB", canvas.size, fg), canvas, mask)
+        labels_ss[np.asarray(mask) > 127] = label + 1
+    order = [label + 1 for label in reversed(labels)] + [0]  # argmax takes the first of tied counts
+    counts = np.stack([(labels_ss == c).reshape(img_size, _SUPERSAMPLE, img_size, _SUPERSAMPLE).sum((1, 3))
+                       for c in order])
+    seg = np.asarray(order, np.uint8)[counts.argmax(0)]
+    return _finish(rng, canvas), seg
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
