@@ -19,7 +19,6 @@ from arvision.train.engine import Trainer
 from arvision.train.optim import llrd_groups, lr_at, weight_decay_groups
 from arvision.train.sampler import ResumableSampler
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ config
@@ -155,36 +154,6 @@ def test_run_directory_is_not_overwritten(tmp_path):
     _trainer(tmp_path, steps=4).fit()
     with pytest.raises(FileExistsError, match="--resume"):
         prepare_run(cfg, "pretrain", str(tmp_path), resume=False)
-
-
-# ------------------------------------------------------------- distributed
-COMMON = ["model.args={depth: 2, rope_rescale: null}", "data.num_samples=256", "train.batch_size=32",
-          "train.max_steps=4", "train.precision=fp32", "eval.knn=false", "data.num_workers=0", "train.log_every=1",
-          "train.blr=1e-2"]
-
-
-def _cli(args, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(launcher + ["-m", "arvision", "pretrain", *args], capture_output=True, text=True, env=env,
-                       cwd=REPO, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(tmp_path, strategy):
-    _cli(["--out", str(tmp_path / "one"), *COMMON, "train.micro_batch_size=16"])
-    _cli(["--out", str(tmp_path / "two"), *COMMON, f"train.distributed={strategy}"], nproc=2)
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert a.keys() == b.keys() == {1, 2, 3, 4}
-    for s in a:
-        assert a[s] == pytest.approx(b[s], abs=1e-5)
-    wa = load_file(checkpoint_dirs(tmp_path / "one")[-1] / "model.safetensors")
-    wb = load_file(checkpoint_dirs(tmp_path / "two")[-1] / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- contract

@@ -93,9 +93,13 @@ def build_model(cfg):
 
 def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze_patch_embed: bool = True):
     """Give ``model`` a ``num_classes`` head unless it has one: zero classifier, fc_norm (1, 0) (nepa_spec.md §6).
-    Freezing affects the conv patch embedding only; the CLS token stays trainable (nepa_spec.md §5.1)."""
+    Freezing affects the conv patch embedding only; the CLS token stays trainable (nepa_spec.md §5.1). A mask token
+    left by masked pretraining is dropped: a classifier never uses it (DDP would fail on the unused parameter)."""
     if (model.config.num_classes, model.config.global_pool) != (num_classes, global_pool):
         model.reset_classifier(num_classes, global_pool)
+    if getattr(model, "mask_token", None) is not None:
+        model.mask_token = None
+        model.config.use_mask_token = False  # the saved config matches the saved weights
     model.patch_embed.requires_grad_(not freeze_patch_embed)
     return model
 

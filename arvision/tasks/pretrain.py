@@ -45,8 +45,10 @@ def run(cfg, out=None, resume=False) -> dict:
     trainer.fit()
     results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
                "data": source}
-    if cfg.eval.knn and env.is_main:
-        results["probes"] = probe_report(cfg, model, img_size, env.device)
+    if cfg.eval.knn:
+        probed = trainer.full_model()  # unsharded on the main process (a collective under FSDP), None elsewhere
+        if env.is_main:
+            results["probes"] = probe_report(cfg, probed, img_size, env.device)
     barrier()
     if env.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

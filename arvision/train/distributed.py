@@ -68,6 +68,26 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def control_group():
+    """A gloo (CPU) process group for small control messages (the stop flag), so that agreeing on them never
+    synchronises a GPU stream; the default group when it already is gloo, None without torch.distributed.
+    A collective: every rank calls it, in the same order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, group) -> bool:
+    """True on every rank when ``flag`` is True on any rank (an all-reduce of one CPU integer on ``group``)."""
+    if group is None:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

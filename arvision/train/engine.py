@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,7 +39,7 @@ from tqdm import tqdm
 
 from ..objectives.base import Objective
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistEnv, all_reduce_mean, barrier, wrap_model
+from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, control_group, wrap_model
 from .logging import MetricWriter, log, plot_loss_curve
 from .optim import build_adamw, set_lr
 from .sampler import ResumableSampler, SeededDataset
@@ -90,6 +91,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + env.rank)  # distinct drop-path / RoPE draws on each rank
         self.writer = MetricWriter(self.run_dir, enabled=env.is_main)
         self._stop = False
+        self._control = control_group() if env.enabled else None  # the ranks agree on stopping through it
 
     # ------------------------------------------------------------ state
     def _full_states(self) -> tuple[dict, dict]:
@@ -115,6 +117,35 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.objective.model,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @contextmanager
+    def gathered(self):
+        """Under FSDP, the root's own parameters (those outside ``shard_units``, e.g. embeddings and head) gathered,
+        so that ``objective.model`` and its methods can be called directly, on every rank at once (the shard units
+        gather themselves in their forward). Nothing to do without FSDP."""
+        if not self.sharded:
+            yield
+            return
+        self.objective.unshard()
+        try:
+            yield
+        finally:
+            self.objective.reshard()
+
+    def full_model(self) -> Optional[nn.Module]:
+        """``objective.model`` as an ordinary, unsharded module on the main process (None on the others): the model
+        itself, or under FSDP a copy built from the gathered full state (a collective: every rank calls it)."""
+        if not self.sharded:
+            return self.objective.model if self.env.is_main else None
+        from ..models import build_from_config, family_of
+
+        state = self._model_state()
+        if not self.env.is_main:
+            return None
+        model = self.objective.model
+        copy = build_from_config(family_of(model), model.config.to_dict())
+        copy.load_state_dict(state)
+        return copy.to(self.env.device).train(model.training)
 
     def save(self, rng: dict) -> None:
         model_sd, optim_sd = self._full_states()  # collective under FSDP: every rank calls it
@@ -169,7 +200,9 @@ class Trainer:
         log.info(f"training {self.total_steps} steps ({self.epochs} epochs x {self.sampler.steps_per_epoch}), "
                  f"global batch {cfg.batch_size} = {self.micro} x {env.world_size} processes x {self.accum} "
                  f"accumulation, lr {self.lr:.3g}, warmup {self.warmup}")
-        prev_handler = signal.signal(signal.SIGTERM, self._request_stop) if env.is_main else None
+        # Every rank handles SIGTERM (a scheduler may signal one process or all); they agree at a step boundary.
+        main_thread = threading.current_thread() is threading.main_thread()
+        prev_handler = signal.signal(signal.SIGTERM, self._request_stop) if main_thread else None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not env.is_main, dynamic_ncols=True,
                    desc="train", mininterval=1.0)
         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
@@ -207,8 +240,8 @@ class Trainer:
                         self.writer.write(self.step, row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
-                    if self._stop:
-                        self.save(rng_state())
+                    if any_rank(self._stop, self._control):
+                        self.save(rng_state())  # collectives: every rank is here, at the same step
                         raise SystemExit(f"stopped at step {self.step}; resume with --resume")
                     if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
                         self.save(rng_state())
@@ -227,8 +260,8 @@ class Trainer:
             raise
         finally:
             bar.close()
-            if prev_handler is not None:
-                signal.signal(signal.SIGTERM, prev_handler)
+            if main_thread:
+                signal.signal(signal.SIGTERM, prev_handler if prev_handler is not None else signal.SIG_DFL)
         self.save(rng_state())
         if env.is_main:
             plot_loss_curve(self.writer.path, self.run_dir / "loss_curve.png")
@@ -254,7 +287,8 @@ class Trainer:
         every, last = self.cfg.eval_every, self.step >= self.total_steps
         if self.evaluate is None or not (last or (every and (epoch + 1) % every == 0)):
             return
-        results = self.evaluate(self.objective.model, self.ema.module if self.ema is not None else None)
+        with self.gathered():  # every rank evaluates its shard of the data
+            results = self.evaluate(self.objective.model, self.ema.module if self.ema is not None else None)
         if not results:
             return
         self.writer.write(self.step, results, prefix="eval")
