@@ -82,3 +82,26 @@ def test_ema_target_network(model):
     obj.after_step()
     torch.testing.assert_close(obj.target_model.patch_embed.weight, before + 0.5)
     assert all(not p.requires_grad for p in obj.target_model.parameters())
+
+
+def test_ema_target_tracks_a_reference_ema_of_the_embedding(model):
+    d = 0.8
+    obj = NepaObjective(model, NepaLossConfig(target="ema", target_ema_decay=d))
+    tracked = ("patch_embed.weight", "patch_embed.bias", "cls_token")  # all that model.embed reads
+    assert sorted(n for n, _ in obj.target_model.named_parameters()) == sorted(tracked)
+    ref = {n: model.state_dict()[n].clone() for n in tracked}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(3):
+        obj(x)[0].backward()
+        opt.step()
+        opt.zero_grad()
+        obj.after_step()
+        for n in tracked:
+            ref[n] = d * ref[n] + (1 - d) * model.state_dict()[n]
+    for n in tracked:
+        assert not torch.equal(ref[n], model.state_dict()[n]), n  # the target lags the trained model
+        torch.testing.assert_close(obj.target_model.state_dict()[n], ref[n], rtol=0, atol=1e-6)
+    twin = arvision.create_model("nepa_tiny_patch4_32", depth=2, layerscale=None, rope_rescale=None)
+    twin.load_state_dict({**model.state_dict(), **ref})
+    torch.testing.assert_close(obj.target_model(x), twin.embed(x))

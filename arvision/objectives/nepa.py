@@ -8,7 +8,7 @@ zhat (after the final norm). Output t predicts embedding t + 1 (shift by one), t
 
 Ablation switches (the paper's table): ``shift``, ``stop_grad``, ``causal``, ``mask_ratio`` (random
 input masking with a mask token), ``distance`` (cosine or MSE between L2-normalised vectors),
-and ``target`` = "online" (the official default) or "ema" (targets from an EMA copy of the model).
+and ``target`` = "online" (the official default) or "ema" (targets from an EMA copy of the embedding).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def nepa_loss(model: nn.Module, images: torch.Tensor, config: Optional[NepaLossC
         if target_model is None:
             raise ValueError("objective.target='ema' needs a target_model (see NepaObjective)")
         with torch.no_grad():
-            target = target_model.embed(images)
+            target = target_model(images)  # an EmbeddingTarget (or any module mapping images to embed()'s output)
     else:
         target = z.detach() if cfg.stop_grad else z
     if cfg.shift:
@@ -87,32 +87,51 @@ def nepa_loss(model: nn.Module, images: torch.Tensor, config: Optional[NepaLossC
     return (loss, {"pred": pred, "target": target}) if return_outputs else loss
 
 
+class EmbeddingTarget(nn.Module):
+    """The EMA target network of ``target='ema'``: copies of what ``model.embed`` reads (the patch embedding and the
+    CLS token; the mask token never reaches a target), frozen and updated by ``update``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.patch_embed = copy.deepcopy(model.patch_embed).requires_grad_(False)
+        self.cls_token = nn.Parameter(model.cls_token.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """cat(CLS, conv(x)) as ``model.embed`` computes it, with the target's weights."""
+        patches = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), patches], dim=1)
+
+    def pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(this target's tensors, the model's tensors that they track), in the same order."""
+        return ([*self.patch_embed.parameters(), self.cls_token],
+                [*(p.detach() for p in model.patch_embed.parameters()), model.cls_token.detach()])
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        """target <- decay * target + (1 - decay) * model, one fused foreach lerp over all tensors."""
+        torch._foreach_lerp_(*self.pairs(model), 1.0 - decay)
+
+
 class NepaObjective(Objective):
     """Wraps the backbone for training: ``objective(images, targets=None) -> (loss, metrics)`` (targets unused).
 
-    Holds the optional EMA target network (``target='ema'``) and reports collapse monitors:
+    Holds the optional EMA target embedding (``target='ema'``, ``EmbeddingTarget``) and reports collapse monitors:
     the mean per-dimension std of the L2-normalised predictions (it falls to 0 on collapse)."""
 
     def __init__(self, model: nn.Module, config: Optional[NepaLossConfig] = None):
         super().__init__()
         self.model = model
         self.config = config or NepaLossConfig()
-        self.target_model = None
-        if self.config.target == "ema":
-            self.target_model = copy.deepcopy(model).requires_grad_(False)
+        self.target_model = EmbeddingTarget(model) if self.config.target == "ema" else None
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
         loss, out = nepa_loss(self.model, images, self.config, self.target_model, return_outputs=True)
         with torch.no_grad():
             pred = F.normalize(out["pred"].detach().float(), dim=-1)
             pred_std = pred.flatten(0, 1).std(dim=0).mean()
         return loss, {"pred_std": pred_std}
 
-    @torch.no_grad()
     def after_step(self):
-        """Called by the trainer after each optimizer step: update the EMA target network."""
-        if self.target_model is None:
-            return
-        d = self.config.target_ema_decay
-        for t, s in zip(self.target_model.parameters(), self.model.parameters()):
-            t.lerp_(s.detach().to(t.dtype), 1 - d)
+        """Called by the trainer after each optimizer step: update the EMA target embedding."""
+        if self.target_model is not None:
+            self.target_model.update(self.model, self.config.target_ema_decay)
