@@ -12,7 +12,9 @@ from arvision.data import (
     ADE20KDataset, DataError, SyntheticSegmentation, build_segmentation_dataset, center_crop_arr, generation_transform,
     read_class_list, seg_eval_transform, seg_train_transform,
 )
-from arvision.data.segmentation_transforms import PhotoMetricDistortion, RandomCropCatMax, _scale_saturation, rescale_size
+from arvision.data.segmentation_transforms import (
+    PhotoMetricDistortion, RandomCropCatMax, _scale_saturation, rescale_size,
+)
 
 PALETTE = np.array([(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)], np.float32)
 

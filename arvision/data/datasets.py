@@ -35,9 +35,10 @@ class SkipCorruptDataset(Dataset):
 
     Subclasses implement `_load(index) -> (PIL image, target)` and `_describe(index)` (the file name for messages);
     `_apply_transform(sample)` applies `transform` (to the image only by default). `_load` raising `DataError`
-    propagates; any other failure marks the sample unreadable. A sample that fails to load is replaced by the next readable one (index + 1, wrapping) so that batch shapes stay
-    constant. Each bad sample is logged once per process and flagged in a shared-memory tensor, so `num_skipped`
-    counts distinct bad samples across DataLoader worker processes and epochs.
+    propagates; any other failure marks the sample unreadable. A sample that fails to load is replaced by the next
+    readable one (index + 1, wrapping) so that batch shapes stay constant. Each bad sample is logged once per process
+    and flagged in a shared-memory tensor, so `num_skipped` counts distinct bad samples across DataLoader worker
+    processes and epochs.
     """
 
     transform: Callable | None

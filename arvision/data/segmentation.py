@@ -281,7 +281,8 @@ def build_segmentation_dataset(source: str | os.PathLike, split: str = "train", 
         return SyntheticSegmentation(n, img_size, split, transform=transform)
     root = Path(source)
     if not root.is_dir():
-        raise FileNotFoundError(f"segmentation data path {root} {'is not a folder' if root.exists() else 'does not exist'}; "
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"segmentation data path {root} {what}; "
                                 f"pass an ADEChallengeData2016 folder, a folder with images/ annotations/ and "
                                 f"classes.json, or '{SYNTHETIC}'")
     class_file = find_class_list(root)

@@ -13,7 +13,6 @@ Random draws use torch's RNG, so DataLoader workers get independent streams (tor
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,7 +67,8 @@ class RandomResizeRatio(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         # Masks: NEAREST_EXACT (pixel-centre aligned, like bilinear); plain NEAREST (and OpenCV's, used by mmseg)
         # samples floor(i * scale), shifting the mask by up to half a source pixel against the image.
-        mode = v2.InterpolationMode.NEAREST_EXACT if isinstance(inpt, tv_tensors.Mask) else v2.InterpolationMode.BILINEAR
+        mask = isinstance(inpt, tv_tensors.Mask)
+        mode = v2.InterpolationMode.NEAREST_EXACT if mask else v2.InterpolationMode.BILINEAR
         return self._call_kernel(F.resize, inpt, params["size"], interpolation=mode, antialias=self.antialias)
 
 
@@ -81,7 +81,8 @@ class RandomCropCatMax(v2.Transform):
     def __init__(self, size: int | Sequence[int], cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX,
                  max_tries: int = 10):
         super().__init__()
-        self.size, self.cat_max_ratio, self.ignore_index, self.max_tries = _pair(size), cat_max_ratio, ignore_index, max_tries
+        self.size, self.cat_max_ratio, self.ignore_index = _pair(size), cat_max_ratio, ignore_index
+        self.max_tries = max_tries
 
     def _draw(self, h: int, w: int) -> tuple[int, int]:
         top = int(torch.randint(0, max(h - self.size[0], 0) + 1, ()))
