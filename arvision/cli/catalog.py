@@ -22,8 +22,7 @@ def preset_summary(name: str) -> str:
     config = registry.model_config(name)
     if callable(getattr(config, "summary", None)):
         return config.summary()
-    _, fields = registry._PRESETS[name]  # the preset function returns exactly the fields it sets
-    return " ".join(f"{k}={v}" for k, v in fields().items())
+    return " ".join(f"{k}={v}" for k, v in registry.preset_fields(name).items())
 
 
 def preset_parameters(name: str) -> int:

@@ -1,7 +1,8 @@
-"""`arvision eval knn | linear | classify`: probes of frozen features and classifier accuracy."""
+"""`arvision eval knn | linear | classify | fid`: probes of frozen features, classifier accuracy, generative metrics."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -26,7 +27,7 @@ def cmd_eval_probe(args) -> None:
     from ..checkpoints import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.checkpoint).to(device)
+    model = load_model(args.checkpoint, family="nepa_vit").to(device)
     spec = FeatureSpec.parse(blocks=args.blocks, pool=args.pool, depth=len(model.blocks))
     train_loader, test_loader, split, train, test = _eval_data(args, model.config.img_size)
     amp = torch.bfloat16 if args.precision == "bf16" else None
@@ -53,7 +54,7 @@ def cmd_eval_classify(args) -> None:
     if args.resize is not None and args.crop_pct is not None:
         raise ValueError("give --resize or --crop-pct, not both")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.checkpoint, ema=args.ema).to(device)
+    model = load_model(args.checkpoint, family="nepa_vit", ema=args.ema).to(device)
     num_classes = model.config.num_classes
     if not num_classes:
         raise ValueError(f"{args.checkpoint} has no classifier head; fine-tune it first (arvision finetune "
@@ -79,8 +80,33 @@ def cmd_eval_classify(args) -> None:
     print(f"classify: top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}% on {split} ({res['n']} images) -> {out}")
 
 
+def cmd_eval_fid(args) -> None:
+    import torch
+    from ..eval.generative import evaluate_generative, write_json
+
+    env = None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: shard the extraction
+        from ..train.distributed import init_distributed
+        env = init_distributed(args.device or "auto")
+    res = evaluate_generative(
+        args.samples, args.ref, extractor=args.extractor, num_samples=args.num_samples, num_ref=args.num_ref,
+        batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size, split=args.split,
+        ref_split=args.ref_split, precision_recall_k=None if args.no_pr else args.k,
+        amp_dtype=torch.bfloat16 if args.precision == "bf16" else None, device=env.device if env else args.device,
+        save_ref_stats=args.save_ref_stats, progress=not args.no_progress)
+    if env is None or env.is_main:
+        print(json.dumps(res, indent=2))
+        if args.out:
+            print(f"results -> {write_json(args.out, res)}")
+        if args.save_ref_stats:
+            print(f"reference statistics -> {args.save_ref_stats}")
+    if env is not None:
+        from ..train.distributed import cleanup
+        cleanup()
+
+
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | classify")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | classify; samples: fid")
     esub = p.add_subparsers(dest="kind", required=True)
     for kind, text in (("knn", "weighted kNN (k=20, T=0.07, cosine) on frozen features"),
                        ("linear", "linear probe on frozen features")):
@@ -119,3 +145,25 @@ def register(sub) -> None:
     q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_classify.json for a local checkpoint)")
     q.set_defaults(func=cmd_eval_classify)
+
+    q = esub.add_parser("fid", help="FID / sFID / IS / precision-recall of samples against a reference (docs/metrics.md)")
+    q.add_argument("samples", help="image folder (recursive png/jpg), ADM-format .npz (arr_0) or dataset folder")
+    q.add_argument("ref", help="dataset or image folder, ADM reference batch .npz, or statistics .npz (mu, sigma)")
+    q.add_argument("--extractor", default="fid-helper", help="fid-helper[:default_1.pt] (offline TF FID Inception), "
+                   "inception[:WEIGHTS] (torch-fidelity), or an arvision classifier checkpoint (reported as FD-<name>)")
+    q.add_argument("--num-samples", type=int, default=None, help="fixed random subset of the samples (seed 0)")
+    q.add_argument("--num-ref", type=int, default=None, help="fixed random subset of the reference images (seed 0)")
+    q.add_argument("--split", default="val", help="split of SAMPLES when it is a dataset folder (val falls back to test)")
+    q.add_argument("--ref-split", default="train", help="split of REF when it is a dataset folder")
+    q.add_argument("--image-size", type=int, default=None, help="resize + centre-crop every image (ADM's center_crop_arr)")
+    q.add_argument("--k", type=int, default=3, help="k of the k-NN radii for precision / recall")
+    q.add_argument("--no-pr", action="store_true", help="skip precision / recall (no reference features needed)")
+    q.add_argument("--batch-size", type=int, default=50)
+    q.add_argument("--num-workers", type=int, default=2)
+    q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 shifts Inception features; "
+                   "use fp32 for numbers compared with published FID")
+    q.add_argument("--device", default=None, help="default: cuda when available")
+    q.add_argument("--save-ref-stats", default=None, help="write the reference statistics (.npz) for reuse")
+    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--out", help="result JSON")
+    q.set_defaults(func=cmd_eval_fid)

@@ -8,7 +8,7 @@ def cmd_visualize(args) -> None:
     from ..eval.visualize import load_images, visualize
     from ..checkpoints import load_model
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, family="nepa_vit")
     images = load_images(args.images, model.config.img_size)
     queries = [tuple(int(v) for v in q.split(",")) for q in args.query] if args.query else args.query_mode
     causal = None if args.attention == "default" else args.attention == "causal"

@@ -73,6 +73,12 @@ def preset_family(name: str) -> str:
     return _PRESETS[name][0]
 
 
+def preset_fields(name: str) -> dict:
+    """The config fields a preset sets (before defaults)."""
+    preset_family(name)
+    return _PRESETS[name][1]()
+
+
 def model_config(name: str, **overrides) -> Any:
     """The config dataclass of a preset with field overrides."""
     family, fn = _PRESETS[name] if name in _PRESETS else (preset_family(name), None)
