@@ -1,0 +1,213 @@
+"""Tokenizers: published layouts and loaders against an independent re-implementation, shapes of every preset,
+training behaviour (overfitting, dead-code restarts), losses, and arvision save / load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference_tokenizers as ref
+from arvision.models import create_model, list_models, model_config
+from arvision.models.tokenizers import (
+    DeadCodeRestart, KLConfig, KLTokenizer, VectorQuantizer, VQConfig, VQTokenizer, kl_config_from_state_dict,
+    load_tokenizer, perplexity, vq_config_from_state_dict,
+)
+
+
+def _shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _meta(keys: dict) -> dict:
+    return {k: torch.empty(s, device="meta") for k, s in keys.items()}
+
+
+def _images(n=2, size=16, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ------------------------------------------------------------------------------- published layouts
+
+def test_vq16_preset_has_the_published_keys_and_shapes():
+    with torch.device("meta"):
+        model = create_model("llamagen_vq16")
+    assert _shapes(model) == ref.llamagen_vq_keys()
+    assert vq_config_from_state_dict(_meta(ref.llamagen_vq_keys())) == model_config("llamagen_vq16")
+
+
+def test_kl16_preset_has_the_published_keys_and_shapes():
+    with torch.device("meta"):
+        model = create_model("mar_kl16")
+    assert _shapes(model) == ref.mar_kl_keys()
+    cfg = kl_config_from_state_dict(_meta(ref.mar_kl_keys()))
+    assert cfg == model_config("mar_kl16") and cfg.scale_factor == 0.2325
+
+
+SMALL_VQ = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, z_channels=32, codebook_size=64, embed_dim=8)
+
+
+def test_llamagen_file_loads_and_matches_the_reference(tmp_path):
+    sd = ref.random_state_dict(ref.llamagen_vq_keys(**SMALL_VQ), seed=1)
+    path = tmp_path / "vq_ds4_c2i.pt"
+    torch.save({"model": sd}, path)
+    tok = load_tokenizer(path)
+    assert isinstance(tok, VQTokenizer) and tok.token_type == "discrete" and not tok.training
+    assert tok.codebook_size == 64 and tok.latent_channels == 8 and tok.grid_size(16) == 4 and tok.scale_factor == 1.0
+    x = _images()
+    with torch.no_grad():
+        codes = tok.encode(x)
+        expect = ref.vq_encode(sd, x)
+        assert codes.dtype == torch.long and codes.shape == (2, 4, 4)
+        assert torch.equal(codes, expect)
+        assert len(codes.unique()) > 1  # a degenerate all-equal code map would not test the lookup
+        torch.testing.assert_close(tok.decode(codes), ref.vq_decode(sd, expect), rtol=1e-5, atol=1e-5)
+
+
+def test_mar_file_loads_and_matches_the_reference(tmp_path):
+    keys = ref.mar_kl_keys(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, embed_dim=4, resolution=64)
+    assert any(".down.2.attn." in k for k in keys) and not any(".up.2.attn." in k for k in keys)
+    sd = ref.random_state_dict(keys, seed=2)
+    extra = {"loss.discriminator.main.0.weight": torch.zeros(2)}  # training-only keys MAR's loader skips
+    path = tmp_path / "kl4.ckpt"
+    torch.save({"model": {**sd, **extra}}, path)
+    tok = load_tokenizer(path)
+    assert isinstance(tok, KLTokenizer) and tok.token_type == "continuous" and tok.codebook_size is None
+    assert tok.latent_channels == 4 and tok.scale_factor == 1.0
+    x = _images(seed=3)
+    with torch.no_grad():
+        mean = tok.encode(x)
+        assert mean.shape == (2, 4, 4, 4)
+        torch.testing.assert_close(mean, ref.kl_encode(sd, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tok.decode(mean), ref.kl_decode(sd, mean), rtol=1e-5, atol=1e-5)
+    assert load_tokenizer(path, scale_factor=0.5).scale_factor == 0.5
+
+
+def test_published_loader_errors(tmp_path):
+    sd = ref.random_state_dict(ref.llamagen_vq_keys(**SMALL_VQ), seed=1)
+    bad = dict(sd)
+    del bad["decoder.conv_out.bias"]
+    torch.save({"model": bad}, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="missing.*decoder.conv_out.bias"):
+        load_tokenizer(tmp_path / "missing.pt")
+    torch.save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither a LlamaGen VQ tokenizer"):
+        load_tokenizer(tmp_path / "other.pt")
+    torch.save({"model": sd, "junk": _Pickled()}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        load_tokenizer(tmp_path / "pickled.pt")
+    with pytest.raises(FileNotFoundError, match="vq_ds16_c2i.pt"):
+        load_tokenizer(tmp_path / "absent.pt")
+
+
+class _Pickled:
+    pass
+
+
+# ------------------------------------------------------------------------------- presets and configs
+
+@pytest.mark.parametrize("name", list_models("vq_tokenizer") + list_models("kl_tokenizer"))
+def test_every_preset_encodes_and_decodes(name):
+    tok = create_model(name).eval()
+    s = tok.downsample
+    x = _images(n=2, size=2 * s)
+    with torch.no_grad():
+        tokens = tok.encode(x)
+        if tok.token_type == "discrete":
+            assert tokens.shape == (2, 2, 2) and tokens.dtype == torch.long
+            assert int(tokens.max()) < tok.codebook_size
+        else:
+            assert tokens.shape == (2, tok.latent_channels, 2, 2)
+        assert tok.decode(tokens).shape == x.shape
+    assert tok.grid_size(32 * s) == 32
+    with pytest.raises(ValueError, match="multiple of the tokenizer's stride"):
+        tok.grid_size(3 * s + 1)
+
+
+def test_small_presets_give_an_8x8_grid_on_cifar():
+    for name in ("vq_f4_32px", "kl_f4_32px"):
+        assert create_model(name).grid_size(32) == 8
+
+
+def test_config_round_trip_and_bad_keys():
+    cfg = model_config("vq_f4_32px")
+    assert VQConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown VQConfig keys \\['codebook'\\]"):
+        VQConfig.from_dict({"codebook": 3})
+    with pytest.raises(ValueError, match="multiples of 32"):
+        KLConfig(ch=48)
+
+
+def test_arvision_directory_round_trip(tmp_path):
+    from arvision.checkpoints import load_model, save_model
+    for name in ("vq_f4_32px", "kl_f4_32px"):
+        tok = create_model(name, ch=32).eval()
+        save_model(tok, tmp_path / name, preset=name)
+        back = load_tokenizer(tmp_path / name)
+        assert type(back) is type(tok) and back.config == tok.config
+        x = _images(size=32)
+        with torch.no_grad():
+            torch.testing.assert_close(back.decode(back.encode(x)), tok.decode(tok.encode(x)))
+        assert type(load_model(tmp_path / name, family=tok.family)) is type(tok)
+
+
+# ------------------------------------------------------------------------------- quantizer statistics
+
+def test_usage_and_perplexity():
+    vq = VectorQuantizer(8, 4, usage_window=16)
+    assert float(vq.usage()) == 0.0
+    vq.record_usage(torch.tensor([0, 1, 1, 2]))
+    assert float(vq.usage()) == pytest.approx(3 / 8)
+    vq.record_usage(torch.arange(16) % 4 + 4)  # fills the window: only codes 4..7 remain
+    assert float(vq.usage()) == pytest.approx(4 / 8)
+    assert float(perplexity(torch.tensor([3, 3, 3]), 8)) == pytest.approx(1.0)
+    assert float(perplexity(torch.arange(8), 8)) == pytest.approx(8.0)
+
+
+def test_dead_code_restart_revives_unused_codes():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(32, 8, usage_window=256).train()
+    with torch.no_grad():  # collapsed codebook: every code equal, so only code 0 is ever nearest
+        vq.embedding.weight.copy_(torch.tensor([1.0] + [0.0] * 7).expand(32, 8))
+    z = torch.randn(4, 8, 8, 8)  # 256 encoder outputs spread over the sphere
+    before = vq(z).indices.unique().numel()
+    restart = DeadCodeRestart(32, 8, restart_after=3, bank_size=128)
+    revived = 0
+    for _ in range(4):
+        out = vq(z)
+        restart.observe(out.indices, out.z)
+        revived += int(restart.step(vq))
+    after = vq(z).indices.unique().numel()
+    assert before == 1 and revived == 31  # re-seeded once each, after 3 unused steps
+    assert after > 16 and float(vq.usage()) > 0.5
+
+
+# ------------------------------------------------------------------------------- training
+
+def _smooth_batch(n=8, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("name", ["vq_f4_32px", "kl_f4_32px"])
+def test_tokenizer_overfits_a_small_batch(name):
+    from arvision.objectives.tokenizer import TokenizerLossConfig, TokenizerObjective
+    torch.manual_seed(0)
+    model = create_model(name, ch=32, z_channels=32 if name.startswith("vq") else 16)
+    obj = TokenizerObjective(model, TokenizerLossConfig(restart_after=5 if name.startswith("vq") else 0)).train()
+    opt = torch.optim.Adam(obj.parameters(), lr=2e-3)
+    x = _smooth_batch()
+    first = None
+    for step in range(40):
+        loss, metrics = obj(x, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        obj.after_step()
+        first = first if first is not None else float(metrics["rec"])
+    last = float(metrics["rec"])
+    assert last < 0.5 * first, (first, last)
+    assert float(metrics["psnr"]) > 18
+    if name.startswith("vq"):
+        assert 0 < float(metrics["usage"]) <= 1 and float(metrics["perplexity"]) > 1
+    else:
+        assert float(metrics["kl"]) > 0
