@@ -50,7 +50,7 @@ def unpack_weighted(batch) -> tuple:
     return inputs, targets, None
 
 
-@torch.no_grad()  # not inference_mode: FSDP2 gathers parameters into buffers that must stay ordinary tensors
+@torch.inference_mode()
 def evaluate_classifier(model: nn.Module, loader: Iterable, device: Union[str, torch.device, None] = None,
                         amp_dtype: Optional[torch.dtype] = None, causal: Optional[bool] = None) -> dict:
     """{'top1', 'top5' (percent), 'loss' (mean NLL), 'n'} over the samples of ``loader`` (``(images, labels)`` or
