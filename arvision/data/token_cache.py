@@ -1,0 +1,229 @@
+"""Token cache: a dataset encoded once by a tokenizer, so generator training never re-runs it.
+
+    stats = build_token_cache(tok, "/data/cifar10", "cache/c10", img_size=32)     # or `arvision tokenizer encode`
+    cache = TokenCache("cache/c10")                  # a Dataset of (tokens, label)
+    tokens, label = cache[0]      # VQ: codes (N,) long;  KL: scale_factor * posterior sample (N, C) float32
+    cache.info                    # the header: token_type, grid_size, codebook_size / latent_channels, num_classes...
+    tok = cache.load_tokenizer()  # the tokenizer the cache was encoded with (a copy is kept in the cache)
+
+Layout of a cache directory (tokens in raster order, N = grid_size ** 2):
+    header.json    format, tokenizer family / codebook size / latent channels / grid / scale factor, source, classes,
+                   counts (images, skipped), "encoded" (rows written so far) and "complete"
+    tokens.npy     VQ: codes (num_images, copies, N) int16/int32;  KL: posterior moments (num_images, copies, N, 2C)
+                   float32 (mean then log-variance, as MAR caches them, so training samples the posterior)
+    labels.npy     (num_images,) int64;  valid.npy (num_images,) uint8: 0 for images that failed to decode
+    tokenizer/     the tokenizer as an arvision checkpoint
+Copy 0 is the centre-cropped image, copy 1 its horizontal mirror (LlamaGen / MAR cache both); reading picks one at
+random per access (``flip=True``), which is the flip augmentation. Arrays are numpy ``.npy`` files opened with
+``mmap_mode="r"``.
+
+Interruptions: rows are written in order, arrays flushed before ``encoded`` advances in the header, and every header
+is written atomically (temp file + rename). ``complete`` is set only after the last row is flushed, and TokenCache
+refuses an incomplete cache. Re-running the same encode resumes from ``encoded``; different settings restart it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+FORMAT = "arvision-token-cache"
+VERSION = 1
+HEADER, TOKENS, LABELS, VALID, TOKENIZER_DIR = "header.json", "tokens.npy", "labels.npy", "valid.npy", "tokenizer"
+PathLike = Union[str, os.PathLike]
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path: PathLike) -> dict:
+    path = Path(path)
+    file = path / HEADER
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a token cache (no {HEADER}); make one with `arvision tokenizer encode "
+                                "--data DIR --tokenizer TOK --out CACHE`")
+    header = json.loads(file.read_text())
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{file} is not an arvision token cache header (format {header.get('format')!r})")
+    return header
+
+
+class TokenCache(Dataset):
+    """Dataset of (tokens, label) read from a complete cache (memory-mapped)."""
+
+    def __init__(self, path: PathLike, flip: bool = True, sample: bool = True):
+        self.path = Path(path)
+        self.info = read_header(self.path)
+        if not self.info.get("complete"):
+            raise ValueError(f"token cache {self.path} is incomplete ({self.info.get('encoded', 0)}/"
+                             f"{self.info['num_images']} images encoded); rerun the same `arvision tokenizer encode` "
+                             "to resume it")
+        self.flip, self.sample = flip, sample
+        self.tokens = np.load(self.path / TOKENS, mmap_mode="r")
+        self.labels = np.load(self.path / LABELS, mmap_mode="r")
+        self.index = np.flatnonzero(np.load(self.path / VALID))
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.info["scale_factor"])
+
+    @property
+    def token_type(self) -> str:
+        return self.info["token_type"]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        row = int(self.index[i])
+        copy = int(torch.randint(self.tokens.shape[1], ())) if self.flip else 0
+        t = torch.from_numpy(np.array(self.tokens[row, copy]))
+        label = torch.tensor(int(self.labels[row]))
+        if self.token_type == "discrete":
+            return t.long(), label
+        mean, logvar = t.chunk(2, dim=-1)
+        if self.sample:
+            mean = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean)
+        return mean * self.scale_factor, label
+
+    def grids(self, copy: int = 0) -> torch.Tensor:
+        """All valid token grids of one copy: codes (M, h, w) or posterior means (M, C, h, w)."""
+        g = self.info["grid_size"]
+        t = torch.from_numpy(np.array(self.tokens[self.index, copy]))
+        if self.token_type == "discrete":
+            return t.long().view(-1, g, g)
+        return t[..., : t.shape[-1] // 2].view(-1, g, g, t.shape[-1] // 2).permute(0, 3, 1, 2).contiguous()
+
+    def load_tokenizer(self):
+        from ..models.tokenizers import load_tokenizer
+        return load_tokenizer(self.path / TOKENIZER_DIR)
+
+
+class _Images(Dataset):
+    """(uint8 image, label, ok) per index of an arvision dataset, without the replace-by-next of corrupt images."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            load = getattr(self.dataset, "_load", self.dataset.__getitem__)  # _load: no replacement of bad images
+            img, label = load(i)
+            return self.transform(img), int(label), True
+        except Exception:  # noqa: BLE001 - any decode failure counts as a skipped image
+            size = self.transform.img_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), -1, False
+
+
+def _settings(tokenizer, source, split: str, img_size: int, num_images: int, flip: bool) -> dict:
+    cfg = tokenizer.config.to_dict()
+    return dict(family=tokenizer.family, tokenizer_config=cfg, source=str(Path(source).resolve()) if
+                Path(str(source)).exists() else str(source), split=split, img_size=img_size,
+                num_images=num_images, copies=2 if flip else 1)
+
+
+@torch.no_grad()
+def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "train", img_size: int = 256,
+                      batch_size: int = 64, num_workers: int = 2, flip: bool = True, device: str = "cpu",
+                      amp: bool = False, limit: Optional[int] = None, progress: bool = True,
+                      tokenizer_source: Optional[str] = None) -> dict:
+    """Encode ``split`` of ``source`` (image folder, HF save_to_disk folder or 'synthetic') into a cache at ``out``.
+
+    Resumes a partial cache made with the same settings, restarts one made with others, and returns at once for a
+    complete matching cache. Returns {"num_images", "skipped", "seconds", "images_per_second", "resumed_from"}."""
+    from tqdm import tqdm
+
+    from ..checkpoints import save_model
+    from .datasets import build_dataset
+    from .segmentation_transforms import generation_transform
+
+    out = Path(out)
+    dataset = build_dataset(source, split, transform=None, img_size=img_size)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    grid = tokenizer.grid_size(img_size)
+    settings = _settings(tokenizer, source, split, img_size, n, flip)
+    header = read_header(out) if (out / HEADER).is_file() else None
+    same = header is not None and {k: header.get(k) for k in settings} == json.loads(json.dumps(settings))
+    if same and header.get("complete"):
+        return dict(num_images=n, skipped=header["skipped"], seconds=0.0, images_per_second=None, resumed_from=n)
+    discrete = tokenizer.token_type == "discrete"
+    copies, N = settings["copies"], grid * grid
+    if discrete:
+        dtype = np.int16 if tokenizer.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+        shape = (n, copies, N)
+    else:
+        dtype, shape = np.float32, (n, copies, N, 2 * tokenizer.latent_channels)
+    if not same:  # fresh start (nothing, or a cache of other settings / a damaged header)
+        if out.exists():
+            for name in (HEADER, TOKENS, LABELS, VALID):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(out / TOKENS, mode="w+", dtype=dtype, shape=shape).flush()
+        np.lib.format.open_memmap(out / LABELS, mode="w+", dtype=np.int64, shape=(n,)).flush()
+        np.lib.format.open_memmap(out / VALID, mode="w+", dtype=np.uint8, shape=(n,)).flush()
+        save_model(tokenizer, out / TOKENIZER_DIR)
+        classes = list(getattr(dataset, "classes", []) or [])
+        header = dict(format=FORMAT, version=VERSION, **settings, token_type=tokenizer.token_type,
+                      codebook_size=tokenizer.codebook_size, latent_channels=tokenizer.latent_channels,
+                      grid_size=grid, scale_factor=tokenizer.scale_factor, stores="codes" if discrete else "moments",
+                      dtype=np.dtype(dtype).name, classes=classes, num_classes=len(classes) or None,
+                      tokenizer=tokenizer_source, encoded=0, skipped=0, complete=False)
+        _write_json_atomic(out / HEADER, header)
+    tokens = np.load(out / TOKENS, mmap_mode="r+")
+    labels = np.load(out / LABELS, mmap_mode="r+")
+    valid = np.load(out / VALID, mmap_mode="r+")
+    start = int(header["encoded"])
+    tokenizer = tokenizer.to(device).eval()
+    images = torch.utils.data.Subset(_Images(dataset, generation_transform(img_size)), range(start, n))
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    row, skipped, t0 = start, int(header["skipped"]), time.perf_counter()
+    for x, y, ok in tqdm(loader, desc="encode", disable=not progress, total=len(loader)):
+        B = x.shape[0]
+        x = x.to(device).float().div_(127.5).sub_(1.0)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            z = tokenizer.encode(x) if discrete else tokenizer.encode_moments(x)
+        if discrete:
+            z = z.reshape(copies, B, N).transpose(0, 1)
+        else:
+            z = z.float().reshape(copies, B, z.shape[1], N).permute(1, 0, 3, 2)
+        tokens[row:row + B] = z.cpu().numpy().astype(dtype)
+        labels[row:row + B] = y.numpy()
+        valid[row:row + B] = ok.numpy().astype(np.uint8)
+        skipped += int((~ok).sum())
+        row += B
+        for arr in (tokens, labels, valid):
+            arr.flush()
+        header.update(encoded=row, skipped=skipped)
+        _write_json_atomic(out / HEADER, header)
+    if skipped:
+        print(f"token cache: skipped {skipped} unreadable image(s)")
+    seconds = time.perf_counter() - t0
+    for name in (TOKENS, LABELS, VALID):
+        with open(out / name, "rb+") as f:
+            os.fsync(f.fileno())
+    if header["num_classes"] is None:
+        header["num_classes"] = int(np.asarray(labels).max()) + 1 if n else 0
+    header.update(complete=True, encode_seconds=round(seconds, 3))
+    _write_json_atomic(out / HEADER, header)
+    done = row - start
+    return dict(num_images=n, skipped=skipped, seconds=seconds, resumed_from=start,
+                images_per_second=done / seconds if seconds > 0 else None)
