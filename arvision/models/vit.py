@@ -118,6 +118,11 @@ class NepaViT(Transformer):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._zero_head()
 
+    def drop_mask_token(self) -> None:
+        """Remove the masking-ablation token (unused outside NEPA pretraining); the config follows the weights."""
+        self.mask_token = None
+        self.config.use_mask_token = False
+
     # ---------------------------------------------------------------- forward
     def patch_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """The (H, W) patch grid of images ``x``; any size that is a multiple of the patch size is accepted

@@ -52,7 +52,7 @@ def build_backbone(model_cfg, **extra):
     args = {**dict(model_cfg.args or {}), **extra}
     if model_cfg.init:
         from ..checkpoints import load_model
-        model = load_model(model_cfg.init, **args)
+        model = load_model(model_cfg.init, family="nepa_vit", **args)
         model.train()
         log.info(f"model initialised from {model_cfg.init}")
     else:

@@ -98,8 +98,7 @@ def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze
     if (model.config.num_classes, model.config.global_pool) != (num_classes, global_pool):
         model.reset_classifier(num_classes, global_pool)
     if getattr(model, "mask_token", None) is not None:
-        model.mask_token = None
-        model.config.use_mask_token = False  # the saved config matches the saved weights
+        model.drop_mask_token()
     model.patch_embed.requires_grad_(not freeze_patch_embed)
     return model
 
