@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_like import OfficialStep, build_official  # noqa: E402
 
-from arvision.hub import arvision_config_to_official, arvision_to_official_state_dict  # noqa: E402
+from arvision.checkpoints import arvision_config_to_official, arvision_to_official_state_dict  # noqa: E402
 from arvision.models import layers as arv_layers  # noqa: E402
 from arvision.models.registry import create_model, list_models, model_config  # noqa: E402
 from arvision.models.vit import NepaViT  # noqa: E402
@@ -109,11 +109,12 @@ def build_pair(preset: str, device: Union[torch.device, str] = "cpu", seed: int 
 
 # ------------------------------------------------------------------------------------ experiments (monkeypatches)
 
-def _attention_forward_qk_joint(self, x, rope, causal, return_attn=False):
+def _attention_forward_qk_joint(self, x, rope=None, causal=False, attn_mask=None, kv_cache=None, layer=0,
+                                return_attn=False):
     """Candidate: QK-Norm and RoPE applied to q and k in one op each (on the (B, T, 2, H, d) slice of the fused
     qkv output) instead of two, halving the element-wise kernel launches and the cos/sin casts."""
-    if return_attn:
-        return _ORIGINAL_ATTN_FORWARD(self, x, rope, causal, return_attn)
+    if return_attn or attn_mask is not None or kv_cache is not None:
+        return _ORIGINAL_ATTN_FORWARD(self, x, rope, causal, attn_mask, kv_cache, layer, return_attn)
     B, T, C = x.shape
     qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
     qk, v = qkv[:, :, :2], qkv[:, :, 2]
