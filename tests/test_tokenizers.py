@@ -211,3 +211,148 @@ def test_tokenizer_overfits_a_small_batch(name):
         assert 0 < float(metrics["usage"]) <= 1 and float(metrics["perplexity"]) > 1
     else:
         assert float(metrics["kl"]) > 0
+
+
+# ------------------------------------------------------------------------------- token cache and CLI
+
+def _folder(root, n_per_class=3, corrupt=1):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in ("cat", "dog"):
+        d = root / "train" / c
+        d.mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(d / f"{i}.png")
+    for i in range(corrupt):
+        (root / "train" / "dog" / f"bad{i}.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize("name", ["vq_f4_32px", "kl_f4_32px"])
+def test_token_cache_round_trip(tmp_path, name):
+    from arvision.data.segmentation_transforms import generation_transform
+    from arvision.data.token_cache import TokenCache, build_token_cache
+    from arvision.data.datasets import ImageFolderDataset
+    data = _folder(tmp_path / "data")
+    tok = create_model(name, ch=32).eval()
+    stats = build_token_cache(tok, data, tmp_path / "cache", img_size=16, batch_size=4, num_workers=0, progress=False)
+    assert stats["num_images"] == 7 and stats["skipped"] == 1
+    cache = TokenCache(tmp_path / "cache", flip=False, sample=False)
+    assert len(cache) == 6 and cache.info["grid_size"] == 4 and cache.info["num_classes"] == 2
+    ds = ImageFolderDataset(data / "train")
+    tf = generation_transform(16)
+    ok_rows = [i for i, (p, _) in enumerate(ds.samples) if "bad" not in p]
+    for j, row in enumerate(ok_rows):
+        img, label = ds._load(row)
+        x = (tf(img).float() / 127.5 - 1)[None]
+        tokens, y = cache[j]
+        assert int(y) == label
+        with torch.no_grad():
+            for copy, xx in enumerate((x, x.flip(-1))):
+                ref_tokens = tok.encode(xx) if tok.token_type == "discrete" else tok.encode(xx)
+                got = cache.grids(copy)[j:j + 1]
+                if tok.token_type == "discrete":
+                    assert torch.equal(got, ref_tokens)
+                else:
+                    torch.testing.assert_close(got, ref_tokens, rtol=1e-5, atol=1e-5)
+        if tok.token_type == "discrete":
+            assert torch.equal(tokens, cache.grids(0)[j].flatten())
+        else:
+            assert tokens.shape == (16, tok.latent_channels)
+    back = cache.load_tokenizer()
+    assert type(back) is type(tok) and back.config == tok.config
+
+
+def test_interrupted_cache_resumes_and_is_never_complete_early(tmp_path, monkeypatch):
+    from arvision.data import token_cache as tc
+    data = _folder(tmp_path / "data", n_per_class=4, corrupt=0)
+    tok = create_model("vq_f4_32px", ch=32).eval()
+    full = tc.build_token_cache(tok, data, tmp_path / "ref", img_size=16, batch_size=3, num_workers=0, progress=False)
+    real_write, writes = tc._write_json_atomic, []
+
+    def crash_after_two(path, obj):
+        real_write(path, obj)
+        writes.append(obj["encoded"])
+        if len(writes) == 3:  # the fresh header, then two batches
+            raise KeyboardInterrupt
+    monkeypatch.setattr(tc, "_write_json_atomic", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)
+    monkeypatch.setattr(tc, "_write_json_atomic", real_write)
+    with pytest.raises(ValueError, match="incomplete \\(6/8"):
+        tc.TokenCache(tmp_path / "c")
+    stats = tc.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)
+    assert stats["resumed_from"] == 6 and full["resumed_from"] == 0
+    a, b = tc.TokenCache(tmp_path / "ref", flip=False), tc.TokenCache(tmp_path / "c", flip=False)
+    assert torch.equal(a.grids(0), b.grids(0)) and torch.equal(a.grids(1), b.grids(1))
+    # other settings restart the cache instead of mixing two encodings
+    stats = tc.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False)
+    assert stats["resumed_from"] == 0 and tc.TokenCache(tmp_path / "c").info["grid_size"] == 2
+
+
+def test_tokenizer_cli_train_eval_encode_reconstruct(tmp_path, capsys):
+    import json
+    from arvision.cli import main
+    data = _folder(tmp_path / "data", n_per_class=4, corrupt=0)
+    (data / "test").symlink_to(data / "train")
+    main(["tokenizer", "train", "--data", str(data), "--out", str(tmp_path / "run"), "train.max_steps=2",
+          "train.batch_size=4", "data.img_size=16", "data.num_workers=0", "model.args={ch: 32}", "eval.num_images=4"])
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["steps"] == 2 and res["eval"]["num_images"] == 4 and 0 < res["eval"]["codebook_usage"] <= 1
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    capsys.readouterr()
+    main(["tokenizer", "eval", str(ckpt), "--data", str(data), "--num-workers", "0"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["img_size"] == 16 and out["num_images"] == 8 and out["psnr"] > 0
+    main(["tokenizer", "encode", "--tokenizer", str(ckpt), "--data", str(data), "--out", str(tmp_path / "cache"),
+          "--num-workers", "0"])
+    enc = json.loads(capsys.readouterr().out)
+    assert enc["num_images"] == 8 and enc["skipped"] == 0
+    from arvision.data.token_cache import TokenCache
+    assert len(TokenCache(tmp_path / "cache")) == 8
+    img = next((data / "train" / "cat").iterdir())
+    main(["tokenizer", "reconstruct", str(ckpt), "--images", str(img), "--out", str(tmp_path / "r.png")])
+    assert (tmp_path / "r.png").is_file()
+
+
+# ------------------------------------------------------------------------------- optional loss terms
+
+def test_lpips_needs_weight_files_and_measures_distance(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+    from arvision.objectives.tokenizer import LPIPS, TokenizerLossConfig, TokenizerObjective
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth .*vgg.pth"):
+        LPIPS(str(tmp_path / "none.pth"), str(tmp_path / "none2.pth"))
+    with pytest.raises(FileNotFoundError, match="perceptual_weight=0"):
+        TokenizerObjective(create_model("vq_f4_32px", ch=32), TokenizerLossConfig(
+            perceptual_weight=1.0, lpips_vgg_path=str(tmp_path / "none.pth"), lpips_lin_path=str(tmp_path / "n")))
+    torch.manual_seed(0)
+    trunk = {f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}
+    torch.save(trunk, tmp_path / "vgg16-397923af.pth")  # the key layout of torchvision's vgg16 file
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS.chans)},
+               tmp_path / "vgg.pth")
+    lp = LPIPS(str(tmp_path / "vgg16-397923af.pth"), str(tmp_path / "vgg.pth"))
+    x = _images(n=2, size=32)
+    d = lp(x, torch.cat([x[:1], x[1:] * 0.2]))
+    assert float(lp(x, x).abs().max()) < 1e-6 and d[0] < 1e-6 < d[1]
+
+
+def test_patchgan_terms_train_each_side_only():
+    from arvision.objectives.tokenizer import TokenizerLossConfig, TokenizerObjective
+    obj = TokenizerObjective(create_model("vq_f4_32px", ch=32), TokenizerLossConfig(disc_weight=0.5, disc_layers=2))
+    x = _images(n=2, size=32)
+    loss, m = obj(x)
+    assert set(m) >= {"g_loss", "d_loss"}
+    loss.backward()
+    assert all(p.grad is not None for p in obj.discriminator.parameters() if p.requires_grad)
+    assert obj.model.decoder.conv_out.weight.grad is not None
+    recon = obj.model(x)[0]
+    g_loss, d_loss = obj.adversarial_terms(x, recon)
+    disc, tok = list(obj.discriminator.parameters()), list(obj.model.parameters())
+    g_disc = torch.autograd.grad(g_loss, disc, retain_graph=True, allow_unused=True)
+    assert all(g is None or float(g.abs().max()) == 0 for g in g_disc)
+    assert float(torch.autograd.grad(g_loss, obj.model.decoder.conv_out.weight, retain_graph=True)[0].abs().max()) > 0
+    assert all(g is None for g in torch.autograd.grad(d_loss, tok, retain_graph=True, allow_unused=True))
+    assert any(g is not None and float(g.abs().max()) > 0 for g in torch.autograd.grad(d_loss, disc))
+    with pytest.raises(ValueError, match="unknown tokenizer loss keys \\['nope'\\]"):
+        TokenizerLossConfig.from_dict({"nope": 1})

@@ -104,8 +104,8 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_path: Optional[str] = None, lin_path: Optional[str] = None, load: bool = True):
         super().__init__()
-        from torchvision.models import vgg16
-        self.features = vgg16(weights=None).features[: self.cuts[-1]]
+        from torchvision.models.vgg import cfgs, make_layers  # vgg16's trunk, without its 120M-parameter classifier
+        self.features = make_layers(cfgs["D"])[: self.cuts[-1]]
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.chans)
         self.register_buffer("shift_", torch.tensor(self.shift).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale_", torch.tensor(self.scale).view(1, 3, 1, 1), persistent=False)
@@ -222,12 +222,18 @@ class TokenizerObjective(Objective):
             m["lpips"] = lp.detach()
         if self.discriminator is not None:
             on = (self.step >= cfg.disc_start).float()
-            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-            g_loss = -functional_call(self.discriminator, frozen, (recon,)).float().mean()
-            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
+            g_loss, d_loss = self.adversarial_terms(images, recon)
             loss = loss + on * (cfg.disc_weight * g_loss + d_loss)
             m.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
         return loss, m
+
+    def adversarial_terms(self, images: torch.Tensor, recon: torch.Tensor):
+        """(generator loss, discriminator hinge loss). The generator term runs the discriminator with detached
+        weights (gradients reach only the tokenizer); the discriminator term sees detached reconstructions."""
+        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+        g_loss = -functional_call(self.discriminator, frozen, (recon,)).float().mean()
+        d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
+        return g_loss, d_loss
 
     def after_step(self) -> None:
         self.step += 1

