@@ -1,0 +1,80 @@
+"""`arvision heptapod train` on a token cache and `arvision sample`, end to end, and their one-line errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import arvision
+from arvision.cli import main
+from arvision.data.token_cache import build_token_cache
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hp")
+    torch.manual_seed(0)
+    tok = arvision.create_model("vq_f4_32px").eval()
+    build_token_cache(tok, "synthetic", root / "cache", img_size=32, limit=24, num_workers=0, progress=False)
+    return root / "cache"
+
+
+def test_train_then_sample(cache, tmp_path, capsys):
+    run = tmp_path / "gen"
+    main(["heptapod", "train", "--data", str(cache), "--out", str(run), "train.max_steps=3", "train.batch_size=8",
+          "sample.num_per_class=1", "model.args.depth=2", "model.args.head_depth=1", "objective.timesteps_per_image=2"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 3 and results["samples"]["count"] == 10
+    samples = np.load(run / "samples.npz")
+    assert samples["arr_0"].shape == (10, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
+    assert samples["arr_1"].tolist() == list(range(10))
+    ckpt = run / "checkpoints" / "step_00000003"
+    model = arvision.load_model(ckpt, family="heptapod")
+    assert model.config.codebook_size == arvision.create_model("vq_f4_32px").codebook_size
+    assert model.config.grid_size == 8 and model.config.depth == 2
+    # sampling from the checkpoint finds the tokenizer through the run's token cache
+    main(["sample", str(ckpt), "--out", str(tmp_path / "s"), "--num-per-class", "2", "--classes", "1,4"])
+    out = np.load(tmp_path / "s" / "samples.npz")
+    assert out["arr_0"].shape == (4, 32, 32, 3) and out["arr_1"].tolist() == [1, 1, 4, 4]
+    again = tmp_path / "s2"
+    main(["sample", str(ckpt), "--out", str(again), "--num-per-class", "2", "--classes", "1,4", "--no-cache"])
+    assert np.array_equal(np.load(again / "samples.npz")["arr_0"], out["arr_0"])  # the cache changes nothing
+
+
+def test_one_line_errors(cache, tmp_path, capsys):
+    def error(argv):
+        with pytest.raises(SystemExit):
+            main(argv)
+        msg = capsys.readouterr().err.strip()
+        assert msg.startswith("arvision: error:") and "\n" not in msg
+        return msg
+
+    msg = error(["heptapod", "train", "--data", str(cache), "--out", str(tmp_path / "a"), "model.args.codebook_size=7"])
+    assert "contradicts the token cache" in msg and not (tmp_path / "a").exists()
+    assert "not a token cache" in error(["heptapod", "train", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert "needs a token cache" in error(["heptapod", "train", "--out", str(tmp_path / "c")])
+    nepa = arvision.save_model(arvision.create_model("nepa_tiny_patch4_32"), tmp_path / "nepa")
+    assert "not heptapod" in error(["sample", str(nepa), "--out", str(tmp_path / "d")])
+    gen = arvision.save_model(arvision.create_model("heptapod_tiny", depth=1, head_depth=1), tmp_path / "gen")
+    assert "out of range" in error(["sample", str(gen), "--out", str(tmp_path / "e"), "--classes", "3,10",
+                                    "--tokenizer", str(cache / "tokenizer")])
+    assert "no tokenizer found" in error(["sample", str(gen), "--out", str(tmp_path / "f")])
+    # a generator trained on another tokenizer's cache (another codebook size) cannot continue on this one
+    other = arvision.save_model(arvision.create_model("heptapod_tiny", codebook_size=64, depth=1, head_depth=1),
+                                tmp_path / "other")
+    msg = error(["heptapod", "train", "--data", str(cache), "--out", str(tmp_path / "g"), f"model.init={other}"])
+    assert "does not fit the token cache" in msg and "codebook_size" in msg
+
+
+def test_backbone_initialised_from_nepa(tmp_path):
+    from arvision.tasks.heptapod import init_backbone_from_nepa
+
+    nepa = arvision.create_model("nepa_tiny_patch4_32")
+    path = arvision.save_model(nepa, tmp_path / "nepa")
+    gen = arvision.create_model("heptapod_tiny", qk_norm="affine", layerscale=1e-5, norm_eps=1e-12)
+    init_backbone_from_nepa(gen, path)
+    for (name, p), q in zip(gen.backbone.blocks.named_parameters(), nepa.blocks.parameters()):
+        assert torch.equal(p, q), name
+    narrow = arvision.create_model("heptapod_tiny", embed_dim=96)
+    with pytest.raises(ValueError, match="does not fit the generator backbone"):
+        init_backbone_from_nepa(narrow, path)
