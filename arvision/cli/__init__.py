@@ -7,6 +7,7 @@
     arvision convert SRC DST            # official NEPA checkpoint (or Hub id) -> arvision checkpoint
     arvision visualize CHECKPOINT --images a.jpg b.jpg --out DIR [--layers all] [--query 7,7]
     arvision tokenizer train | eval TOK --data DIR | encode --tokenizer TOK --data DIR --out CACHE | reconstruct TOK
+    arvision segment train | eval CHECKPOINT --data DIR | predict CHECKPOINT --images a.jpg --out DIR
     arvision heptapod train --data TOKEN_CACHE [key=value ...]
     arvision sample CHECKPOINT --out DIR [--num-per-class 50] [--temperature 1.0] [--top-k 0] [--cfg 1.0]
     arvision models | arvision recipes
@@ -17,9 +18,9 @@ import argparse
 import os
 import sys
 
-from . import catalog, evaluate, generate, tokenizer, train, visualize
+from . import catalog, evaluate, generate, segment, tokenizer, train, visualize
 
-COMMANDS = (train, tokenizer, generate, evaluate, catalog, visualize)  # each module adds its subcommands with register(subparsers)
+COMMANDS = (train, tokenizer, generate, segment, evaluate, catalog, visualize)  # each module adds its subcommands with register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,64 @@
+"""Semantic segmentation objective (mmseg / BEiT / MAE ADE20K): pixel cross-entropy with ``ignore_index`` on the decode
+head's logits plus ``aux_weight`` (0.4) times the auxiliary FCN head's, both at the mask resolution.
+
+    objective = SegmentationObjective(segmentor, aux_weight=0.4, llrd=0.65, head_lr_scale=1.0)
+    loss, metrics = objective(images, masks)       # images (B, 3, H, W), masks (B, H, W) int64, 255 = ignored
+    groups = objective.param_groups(lr=1e-4, weight_decay=0.05, warmup_steps=1500)
+
+Parameter groups: MAE/BEiT layer-wise lr decay over the backbone (``train.optim.llrd_groups``, standard mode: the
+embeddings get llrd^(L+1), block i llrd^(L-i), the final norm 1), and the neck and heads at ``head_lr_scale`` x the
+base lr (MAE: 1; some BEiT / mmseg configs use 10). Weight decay on matrices and convolutions only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Objective
+
+
+class SegmentationObjective(Objective):
+    def __init__(self, model: nn.Module, aux_weight: float = 0.4, ignore_index: int = 255,
+                 llrd: Optional[float] = 0.65, head_lr_scale: float = 1.0):
+        super().__init__()
+        if aux_weight < 0 or head_lr_scale <= 0:
+            raise ValueError(f"need aux_weight >= 0 and head_lr_scale > 0, got {aux_weight} and {head_lr_scale}")
+        self.model, self.aux_weight, self.ignore_index = model, aux_weight, ignore_index
+        self.llrd, self.head_lr_scale = llrd, head_lr_scale
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.model.backbone.blocks)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor):
+        if masks.shape != (images.shape[0], *images.shape[-2:]):
+            raise ValueError(f"masks of shape {tuple(masks.shape)} do not match images of shape {tuple(images.shape)};"
+                             " a mask must be (H, W) at its image's size")
+        if self.training and images.shape[0] < 2 and self.model.config.head == "upernet":
+            raise ValueError("UperNet's BatchNorm needs at least 2 images per process and micro-batch; raise "
+                             "train.batch_size / train.micro_batch_size")
+        logits, aux = self.model(images, return_aux=True)
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+        metrics = {"decode_loss": loss.detach()}
+        if aux is not None and self.aux_weight > 0:
+            aux_loss = F.cross_entropy(aux.float(), masks, ignore_index=self.ignore_index)
+            metrics["aux_loss"] = aux_loss.detach()
+            loss = loss + self.aux_weight * aux_loss
+        valid = masks != self.ignore_index
+        hits = (logits.detach().argmax(1) == masks) & valid
+        metrics["pixel_acc"] = hits.sum() * 100.0 / valid.sum().clamp_min(1)  # no host sync
+        return loss, metrics
+
+    def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
+        from ..train.optim import llrd_groups, weight_decay_groups
+
+        backbone = self.model.backbone
+        if self.llrd is None:
+            groups = weight_decay_groups(backbone, lr, weight_decay, warmup_steps)
+        else:
+            groups = llrd_groups(backbone, lr, weight_decay, warmup_steps, self.llrd, mode="standard")
+        heads = nn.ModuleDict({n: m for n, m in self.model.named_children() if m is not backbone})
+        groups += weight_decay_groups(heads, lr * self.head_lr_scale, weight_decay, warmup_steps)
+        return groups
