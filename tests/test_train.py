@@ -224,3 +224,16 @@ def test_layer_decay_finds_blocks_through_wrappers():
     assert {id(p): g["lr_scale"] for g in compiled for p in g["params"]} == scale
     with pytest.raises(ValueError, match="blocks"):
         llrd_groups(torch.nn.Sequential(model), 1.0, 0.05, 10, llrd=0.5)
+
+
+def test_schedules_after_warmup():
+    from arvision.train.optim import lr_at
+
+    g = dict(lr_scale=0.5, warmup_steps=10, lr_base=2.0)
+    assert lr_at(5, g, 110) == 0.5  # warmup: 2.0 * 0.5 * 5 / 10, whatever the schedule
+    assert lr_at(60, g, 110, schedule="constant") == 1.0 and lr_at(200, g, 110, schedule="constant") == 1.0
+    assert lr_at(60, g, 110, min_lr=0.2, schedule="poly", power=1.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(60, g, 110, schedule="poly", power=2.0) == pytest.approx(1.0 * 0.25)
+    assert lr_at(60, g, 110, schedule="cosine") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="train.schedule"):
+        lr_at(60, g, 110, schedule="step")

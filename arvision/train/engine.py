@@ -41,7 +41,7 @@ from ..objectives.base import Objective
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, control_group, wrap_model
 from .logging import MetricWriter, log, plot_loss_curve
-from .optim import build_adamw, set_lr
+from .optim import SCHEDULES, build_adamw, set_lr
 from .sampler import ResumableSampler, SeededDataset
 
 EvaluateFn = Callable[[nn.Module, Optional[nn.Module]], dict]
@@ -71,6 +71,9 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / spe)
         self.lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.schedule, self.poly_power = cfg.get("schedule", "cosine"), cfg.get("poly_power", 1.0)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         self.sharded = env.enabled and cfg.distributed == "fsdp"
         # Wrap before building the optimizer: FSDP2 turns the parameters into sharded DTensors in place.
         self.model = wrap_model(self.objective, env, cfg.distributed,
@@ -214,7 +217,7 @@ class Trainer:
                 batches = iter(self.loader)
                 for _ in range(in_epoch, self.sampler.steps_per_epoch):
                     step_at_start, rng_at_start = self.step, rng_state()
-                    lr = set_lr(self.optimizer, self.step, self.total_steps, cfg.min_lr)
+                    lr = set_lr(self.optimizer, self.step, self.total_steps, cfg.min_lr, self.schedule, self.poly_power)
                     step_sums = self._accumulate(model, batches, ddp)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad else float("inf"))
                     self.optimizer.step()

@@ -2,7 +2,8 @@
 
 Every group carries ``lr_base`` (its peak lr before scaling), ``lr_scale`` (f) and ``warmup_steps`` (w).
 The schedule (``lr_at``) is linear warmup from 0 over w steps, then a half-cosine from f * lr_base to
-``min_lr``, as in HF's ``cosine`` schedule used by the official code (the first step runs at lr 0).
+``min_lr``, as in HF's ``cosine`` schedule used by the official code (the first step runs at lr 0); ``train.schedule``
+also offers ``constant`` (MAR) and ``poly`` (mmseg's segmentation schedule, ``train.poly_power``).
 
 Pretraining (nepa_spec.md §4): one lr for all, weight decay on every parameter with ndim >= 2 (Linear/Conv
 weights and the CLS token), none on biases, norms and LayerScale.
@@ -106,21 +107,34 @@ def llrd_groups(model: nn.Module, lr: float, weight_decay: float, warmup_steps: 
     return list(groups.values())
 
 
-def lr_at(step: int, group: dict, total_steps: int, min_lr: float = 0.0) -> float:
+SCHEDULES = ("cosine", "constant", "poly")
+
+
+def lr_at(step: int, group: dict, total_steps: int, min_lr: float = 0.0, schedule: str = "cosine",
+          power: float = 1.0) -> float:
+    """Linear warmup, then ``cosine`` (HF / official NEPA), ``constant`` (MAR) or ``poly`` (mmseg:
+    (1 - progress) ** power down to min_lr)."""
     f, w, base = group["lr_scale"], group["warmup_steps"], group["lr_base"]
     if step < w:
         return base * f * step / max(1, w)
+    if schedule == "constant":
+        return base * f
     if step >= total_steps:
         return min_lr * f
     progress = (step - w) / max(1, total_steps - w)
+    if schedule == "poly":
+        return min_lr * f + (base - min_lr) * f * (1.0 - progress) ** power
+    if schedule != "cosine":
+        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {schedule!r}")
     return min_lr * f + (base - min_lr) * f * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, min_lr: float = 0.0) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, min_lr: float = 0.0,
+           schedule: str = "cosine", power: float = 1.0) -> float:
     """Sets every group's lr for ``step``; returns the largest (for logging)."""
     lrs = []
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(step, g, total_steps, min_lr)
+        g["lr"] = lr_at(step, g, total_steps, min_lr, schedule, power)
         lrs.append(g["lr"])
     return max(lrs)
 
