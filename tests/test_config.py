@@ -84,3 +84,20 @@ def test_save_config_round_trip(tmp_path):
     # the saved file is itself a valid recipe that reproduces the config
     again = load_config("finetune", str(tmp_path / "config.yaml"))
     assert again == cfg
+
+
+def test_every_packaged_recipe_loads_under_its_task():
+    from importlib import resources
+
+    import yaml
+
+    from arvision.config import load_config
+
+    recipes = [f for f in resources.files("arvision.configs").iterdir() if f.name.endswith(".yaml")]
+    checked = 0
+    for f in recipes:
+        task = (yaml.safe_load(f.read_text()) or {}).get("task")
+        if task:  # recipes name their task; the defaults are the task files themselves
+            load_config(task, f.name[:-5])
+            checked += 1
+    assert checked >= 10
