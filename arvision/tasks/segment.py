@@ -58,13 +58,13 @@ def build_segmentor(cfg, num_classes: int, classes: Optional[Sequence[str]] = No
         backbone = load_model(m.backbone_init, family="nepa_vit", ema=m.init_ema, num_classes=0, **bb_args)
         if backbone.mask_token is not None:
             backbone.drop_mask_token()
-        if "out_indices" not in (m.args or {}) and backbone.config.depth != fields["backbone"]["depth"]:
-            fields["out_indices"] = None  # the preset's blocks belong to another depth: use the defaults
+        _fit_out_indices(fields, m.args, backbone.config.depth)
         fields.pop("backbone")
         model = Segmentor.from_backbone(backbone, **fields)
         log.info(f"backbone initialised from {m.backbone_init}")
     else:
         fields["backbone"] = {**fields["backbone"], **bb_args}
+        _fit_out_indices(fields, m.args, fields["backbone"].get("depth", 12))
         model = create_model(m.name, **{k: v for k, v in fields.items()})
     model.train()
     if m.grad_checkpointing:
@@ -72,6 +72,14 @@ def build_segmentor(cfg, num_classes: int, classes: Optional[Sequence[str]] = No
     n = sum(p.numel() for p in model.parameters())
     log.info(f"segmentor {m.name} ({model.config.summary()}): {n / 1e6:.2f}M parameters")
     return model
+
+
+def _fit_out_indices(fields: dict, args, depth: int) -> None:
+    """The preset's pyramid blocks belong to its backbone depth: another depth takes the defaults, unless
+    ``model.args`` names the blocks."""
+    if "out_indices" not in (args or {}) and fields["backbone"].get("depth", 12) != depth or (
+            "out_indices" not in (args or {}) and max(fields["out_indices"] or [0]) >= depth):
+        fields["out_indices"] = None
 
 
 def load_segmentor(source, ema: bool = False) -> Segmentor:
