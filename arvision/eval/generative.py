@@ -241,7 +241,8 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
                ref=str(ref), num_ref=ref_used, supported=list(ext.provides), image_size=image_size,
                precision_recall_k=precision_recall_k if ref_feats is not None else None)
     if save_ref_stats and _dist()[0] == 0:
-        save_stats(save_ref_stats, ref_stats, extractor=ext.stats_tag, num_images=ref_used)
+        save_stats(save_ref_stats, ref_stats, extractor=ext.stats_tag,
+                   num_images=ref_used if isinstance(ref_used, int) else None)
     return res
 
 
