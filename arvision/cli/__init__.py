@@ -4,6 +4,7 @@
     arvision finetune [--config RECIPE] [--data DIR] [--out DIR] [--resume] [key=value ...]
     arvision eval knn|linear CHECKPOINT --data DIR [--blocks middle] [--pool mean]
     arvision eval classify CHECKPOINT --data DIR [--split val] [--resize 256 | --crop-pct 0.95] [--ema]
+    arvision eval fid SAMPLES REF [--extractor fid-helper|inception|CHECKPOINT] [--num-samples N] [--num-ref N]
     arvision convert SRC DST            # official NEPA checkpoint (or Hub id) -> arvision checkpoint
     arvision visualize CHECKPOINT --images a.jpg b.jpg --out DIR [--layers all] [--query 7,7]
     arvision tokenizer train | eval TOK --data DIR | encode --tokenizer TOK --data DIR --out CACHE | reconstruct TOK
