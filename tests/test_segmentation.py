@@ -173,3 +173,72 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         for k in ("mIoU", "mAcc", "aAcc"):
             assert two[k] == pytest.approx(one[k], abs=1e-9)
         assert two["IoU"] == one["IoU"]
+
+
+def _write_folder(root, n_train=48, n_val=8, classes=("background", "red", "blue"), bad_mask=False):
+    """A generic segmentation folder: noisy grey backgrounds with a red and a blue rectangle, masks as class indices."""
+    rng = np.random.default_rng(0)
+    entries = [{"name": c, "color": [40 * i, 200 - 40 * i, 90]} for i, c in enumerate(classes)]
+    (root / "classes.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.json").write_text(json.dumps(entries))
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(60, 140, (32, 32, 1)).repeat(3, 2).astype(np.uint8)
+            mask = np.zeros((32, 32), np.uint8)
+            for label, colour in ((1, (220, 30, 30)), (2, (30, 30, 220))):
+                y, x = rng.integers(0, 20, 2)
+                h, w = rng.integers(6, 13, 2)
+                img[y:y + h, x:x + w], mask[y:y + h, x:x + w] = colour, label
+            Image.fromarray(img).save(root / "images" / split / f"{i}.png")
+            if bad_mask and split == "val" and i == 0:
+                mask = mask[:16, :16]
+            Image.fromarray(mask).save(root / "annotations" / split / f"{i}.png")
+    return root
+
+
+def _fails(argv, capsys, match):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("arvision: error:") and match in err and "\n" not in err, err
+
+
+def test_segment_train_eval_predict_commands(tmp_path, capsys):
+    data = _write_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    main(["segment", "train", "--data", str(data), "--out", str(run), "train.max_steps=120", "train.batch_size=8",
+          "train.lr=3e-3", "train.warmup_steps=5", "segment.llrd=null", "segment.drop_path_rate=0.0",
+          "train.precision=fp32", "data.num_workers=0", "data.photometric=false", "train.log_every=10",
+          "model.backbone_args={depth: 2, embed_dim: 32, num_heads: 2}", "model.args={channels: 16, aux_channels: 8}"])
+    res = json.loads((run / "results.json").read_text())
+    final = res["final"]
+    # chance: everything "background" gives mIoU = background share / 3 (about 27 here)
+    assert final["mIoU"] > 60, final
+    assert set(final["IoU"]) == {"background", "red", "blue"}
+    capsys.readouterr()
+    main(["segment", "eval", str(run / "best"), "--data", str(data), "--json", str(tmp_path / "eval.json"),
+          "--num-workers", "0"])
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["mIoU"] == pytest.approx(final["mIoU"], abs=1e-6) and again["crop"] == 32
+    flip = tmp_path / "flip.json"
+    main(["segment", "eval", str(run / "best"), "--data", str(data), "--flip", "--ratios", "0.75,1.0",
+          "--mode", "whole", "--json", str(flip), "--num-workers", "0"])
+    assert json.loads(flip.read_text())["mIoU"] > 50
+    img = data / "images" / "val" / "0.png"
+    main(["segment", "predict", str(run / "best"), "--images", str(img), "--out", str(tmp_path / "pred")])
+    overlay = Image.open(tmp_path / "pred" / "0_overlay.png")
+    labels = np.asarray(Image.open(tmp_path / "pred" / "0_labels.png"))
+    assert overlay.size[0] > 32 and labels.shape == (32, 32) and set(np.unique(labels)) <= {0, 1, 2}
+    # bad input: one line each
+    other = _write_folder(tmp_path / "four", 2, 2, ("background", "red", "blue", "green"))
+    _fails(["segment", "eval", str(run / "best"), "--data", str(other)], capsys,
+           "has 4 classes but the segmentor's head predicts 3")
+    _fails(["segment", "predict", str(run / "best"), "--images", str(img), "--out", str(tmp_path / "p2"),
+            "--classes", str(other / "classes.json")], capsys, "has 4 classes but the segmentor's head predicts 3")
+    bad = _write_folder(tmp_path / "bad", 2, 2, bad_mask=True)
+    _fails(["segment", "eval", str(run / "best"), "--data", str(bad), "--num-workers", "0"], capsys,
+           "masks must match their image")
+    save_model(create_model("nepa_tiny_patch4_32"), tmp_path / "vit")
+    _fails(["segment", "eval", str(tmp_path / "vit"), "--data", str(data)], capsys, "not a segmentor")

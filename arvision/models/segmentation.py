@@ -71,7 +71,7 @@ class SegmentorConfig:
             self.out_indices = default_out_indices(bb.depth)
         from .transformer import parse_blocks
 
-        self.out_indices = parse_blocks(list(self.out_indices), bb.depth)
+        self.out_indices = [parse_blocks([i], bb.depth)[0] for i in self.out_indices]  # a block may feed 2 levels
         if self.head == "upernet" and len(self.out_indices) != 4:
             raise ValueError(f"the UperNet pyramid takes 4 blocks, got out_indices={self.out_indices}")
         if not 0 <= self.aux_index < 4:
@@ -163,8 +163,9 @@ class Segmentor(nn.Module):
         if cfg.head == "linear":
             return self.backbone.forward_intermediates(x, [self.backbone.depth - 1], norm=True, output_fmt="NCHW",
                                                        causal=cfg.causal)
-        grids = self.backbone.forward_intermediates(x, cfg.out_indices, output_fmt="NCHW", causal=cfg.causal)
-        return self.neck(grids)
+        unique = list(dict.fromkeys(cfg.out_indices))
+        grids = self.backbone.forward_intermediates(x, unique, output_fmt="NCHW", causal=cfg.causal)
+        return self.neck([grids[unique.index(i)] for i in cfg.out_indices])
 
     def forward_head(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Logits at the finest feature resolution."""
