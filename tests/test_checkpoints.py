@@ -278,7 +278,7 @@ def test_save_load_round_trip(tmp_path, images):
     save_model(model, tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="without EMA"):
         load_model(tmp_path / "plain", ema=True)
-    with pytest.raises(ValueError, match="unknown model config keys"):
+    with pytest.raises(ValueError, match="unknown config keys"):
         load_model(d, not_a_field=1)
 
 

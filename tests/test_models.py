@@ -152,7 +152,7 @@ def test_forward_api_shapes_and_errors():
         model.embed(torch.randn(1, 3, 30, 30))
     with pytest.raises(ValueError, match="unknown model"):
         arvision.create_model("nepa_huge")
-    with pytest.raises(ValueError, match="unknown model config keys"):
+    with pytest.raises(ValueError, match="unknown config keys"):
         arvision.create_model("nepa_tiny_patch4_32", dropout=0.1)
 
 

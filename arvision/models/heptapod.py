@@ -19,14 +19,14 @@ distribution head: logits over the codebook (VQ tokens) or the condition of a di
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .diffusion_mlp import DiffusionMLP
-from .registry import register_family, register_model
+from .registry import ConfigDict, register_family, register_model
 from .rope import Rope2D
 from .transformer import KVCache, Transformer
 
@@ -34,7 +34,7 @@ HEAD_TYPES = ("global", "local", "none")
 
 
 @dataclass
-class HeptapodConfig:
+class HeptapodConfig(ConfigDict):
     token_type: str = "discrete"  # discrete (VQ code indices) | continuous (tokenizer latents)
     codebook_size: int = 16384  # discrete tokens
     latent_channels: int = 16  # continuous tokens
@@ -70,16 +70,6 @@ class HeptapodConfig:
             raise ValueError(f"pos_embed must be 'learned' or 'rope', got {self.pos_embed!r}")
         if self.class_tokens < 1:
             raise ValueError("class_tokens must be at least 1 (the class prefix gives h_0)")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HeptapodConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown Heptapod config keys {unknown}; valid keys: {sorted(f.name for f in fields(cls))}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         tok = f"VQ K={self.codebook_size}" if self.token_type == "discrete" else f"latent C={self.latent_channels}"

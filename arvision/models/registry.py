@@ -12,10 +12,26 @@ A *preset* is a named config of one family (timm's registered model names):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Optional
 
 from torch import nn
+
+
+class ConfigDict:
+    """``from_dict`` / ``to_dict`` of a config dataclass, as checkpoints store it; an unknown key is one ValueError
+    line naming the valid ones (a checkpoint of another version, a typo in ``model.args``)."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown} for {cls.__name__}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,19 @@ The block stack, final norm, attention modes and KV cache come from the shared t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .registry import register_family, register_model
+from .registry import ConfigDict, register_family, register_model
 from .rope import Rope2D
 from .transformer import BlockSpec, Transformer
 
 
 @dataclass
-class NepaConfig:
+class NepaConfig(ConfigDict):
     img_size: int = 224
     patch_size: int = 14
     in_chans: int = 3
@@ -54,17 +54,6 @@ class NepaConfig:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.global_pool not in ("avg", "last"):
             raise ValueError(f"global_pool must be 'avg' or 'last', got {self.global_pool!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NepaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class NepaViT(Transformer):
