@@ -175,7 +175,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
         assert two["IoU"] == one["IoU"]
 
 
-def _write_folder(root, n_train=48, n_val=8, classes=("background", "red", "blue"), bad_mask=False):
+def _write_folder(root, n_train=48, n_val=8, classes=("background", "red", "blue"), bad_mask=False, bad_label=False):
     """A generic segmentation folder: noisy grey backgrounds with a red and a blue rectangle, masks as class indices."""
     rng = np.random.default_rng(0)
     entries = [{"name": c, "color": [40 * i, 200 - 40 * i, 90]} for i, c in enumerate(classes)]
@@ -194,6 +194,8 @@ def _write_folder(root, n_train=48, n_val=8, classes=("background", "red", "blue
             Image.fromarray(img).save(root / "images" / split / f"{i}.png")
             if bad_mask and split == "val" and i == 0:
                 mask = mask[:16, :16]
+            if bad_label and split == "val" and i == 0:
+                mask[0, 0] = 9
             Image.fromarray(mask).save(root / "annotations" / split / f"{i}.png")
     return root
 
@@ -240,5 +242,8 @@ def test_segment_train_eval_predict_commands(tmp_path, capsys):
     bad = _write_folder(tmp_path / "bad", 2, 2, bad_mask=True)
     _fails(["segment", "eval", str(run / "best"), "--data", str(bad), "--num-workers", "0"], capsys,
            "masks must match their image")
+    bad = _write_folder(tmp_path / "badlabel", 2, 2, bad_label=True)
+    _fails(["segment", "eval", str(run / "best"), "--data", str(bad), "--num-workers", "0"], capsys,
+           "has labels 9 outside 0..2")
     save_model(create_model("nepa_tiny_patch4_32"), tmp_path / "vit")
     _fails(["segment", "eval", str(tmp_path / "vit"), "--data", str(data)], capsys, "not a segmentor")
