@@ -247,3 +247,19 @@ def test_segment_train_eval_predict_commands(tmp_path, capsys):
            "has labels 9 outside 0..2")
     save_model(create_model("nepa_tiny_patch4_32"), tmp_path / "vit")
     _fails(["segment", "eval", str(tmp_path / "vit"), "--data", str(data)], capsys, "not a segmentor")
+
+
+def test_ddp_training_two_processes(tmp_path):
+    """2 gloo processes: UperNet leaves the backbone's final norm unused (frozen, or DDP fails on step 2)."""
+    import subprocess
+    import sys
+    data = _write_folder(tmp_path / "data", 8, 2)
+    port = str(29500 + os.getpid() % 1000 + 700)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m",
+           "arvision", "segment", "train", "--data", str(data), "--out", str(tmp_path / "run"), "train.max_steps=3",
+           "train.batch_size=8", "data.num_workers=0", "train.precision=fp32", "train.log_every=1",
+           "model.backbone_args={depth: 2, embed_dim: 32, num_heads: 2}", "model.args={channels: 16, aux_channels: 8}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["steps"] == 3 and res["final"]["n"] == 2

@@ -117,6 +117,15 @@ class Segmentor(nn.Module):
             self.neck, self.auxiliary_head = None, None
             self.decode_head = LinearHead(D, K)
         self.init_heads()
+        self.freeze_unused()
+
+    def freeze_unused(self) -> None:
+        """UperNet reads un-normed block outputs up to the last of ``out_indices``: the final norm and any later
+        blocks take no part in the loss, so they are frozen (DDP rejects parameters that get no gradient)."""
+        if self.config.head == "upernet":
+            self.backbone.norm.requires_grad_(False)
+            for blk in self.backbone.blocks[max(self.config.out_indices) + 1:]:
+                blk.requires_grad_(False)
 
     def init_heads(self) -> None:
         """mmseg / BEiT init of the new layers: truncated normal (0.02) linear-like weights, BN (1, 0)."""

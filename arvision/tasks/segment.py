@@ -47,7 +47,7 @@ def build_segmentor(cfg, num_classes: int, classes: Optional[Sequence[str]] = No
     ``model.backbone_init`` (arvision or official NEPA checkpoint) or random init."""
     m, s = cfg.model, cfg.segment
     fields = {**model_config(m.name).to_dict(), **dict(m.args or {})}
-    fields.update(num_classes=num_classes, causal=s.causal, classes=list(classes) if classes else None,
+    fields.update(num_classes=num_classes, causal=s.causal, aux_head=s.aux_weight > 0, classes=list(classes) if classes else None,
                   palette=[list(c) for c in palette] if palette else None)
     if m.head:
         fields["head"] = m.head
