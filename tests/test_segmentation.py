@@ -153,6 +153,21 @@ def test_poly_schedule():
     assert poly_lr(100, g, 100) == 0.0
 
 
+def test_poly_hook_sets_the_lr_the_optimizer_uses():
+    from types import SimpleNamespace
+
+    from arvision.tasks.segment import use_poly_schedule
+    from arvision.train.optim import build_adamw
+    w = nn.Parameter(torch.ones(3))
+    opt = build_adamw([dict(params=[w], weight_decay=0.0, lr_base=1e-2, lr_scale=0.5, warmup_steps=4)])
+    trainer = SimpleNamespace(step=6, total_steps=10, cfg=SimpleNamespace(min_lr=0.0), optimizer=opt)
+    use_poly_schedule(trainer, power=1.0)
+    opt.param_groups[0]["lr"] = 123.0  # what the Trainer's cosine set_lr would have written
+    w.grad = torch.ones(3)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3 * 0.4)
+
+
 def _eval_worker(rank, world, init_file, out):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
