@@ -47,25 +47,26 @@ def build_segmentor(cfg, num_classes: int, classes: Optional[Sequence[str]] = No
     ``model.backbone_init`` (arvision or official NEPA checkpoint) or random init."""
     m, s = cfg.model, cfg.segment
     fields = {**model_config(m.name).to_dict(), **dict(m.args or {})}
-    fields.update(num_classes=num_classes, causal=s.causal, aux_head=s.aux_weight > 0, classes=list(classes) if classes else None,
-                  palette=[list(c) for c in palette] if palette else None)
+    fields.update(num_classes=num_classes, causal=s.causal, aux_head=s.aux_weight > 0,
+                  classes=list(classes) if classes else None, palette=[list(c) for c in palette] if palette else None)
     if m.head:
         fields["head"] = m.head
     bb_args = {**dict(m.backbone_args or {}), "drop_path_rate": s.drop_path_rate}
+    preset_depth = fields["backbone"]["depth"]
     if m.backbone_init:
         from ..checkpoints import load_model
 
         backbone = load_model(m.backbone_init, family="nepa_vit", ema=m.init_ema, num_classes=0, **bb_args)
         if backbone.mask_token is not None:
             backbone.drop_mask_token()
-        _fit_out_indices(fields, m.args, backbone.config.depth)
+        _fit_out_indices(fields, m.args, preset_depth, backbone.config.depth)
         fields.pop("backbone")
         model = Segmentor.from_backbone(backbone, **fields)
         log.info(f"backbone initialised from {m.backbone_init}")
     else:
         fields["backbone"] = {**fields["backbone"], **bb_args}
-        _fit_out_indices(fields, m.args, fields["backbone"].get("depth", 12))
-        model = create_model(m.name, **{k: v for k, v in fields.items()})
+        _fit_out_indices(fields, m.args, preset_depth, fields["backbone"]["depth"])
+        model = create_model(m.name, **fields)
     model.train()
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -74,11 +75,10 @@ def build_segmentor(cfg, num_classes: int, classes: Optional[Sequence[str]] = No
     return model
 
 
-def _fit_out_indices(fields: dict, args, depth: int) -> None:
-    """The preset's pyramid blocks belong to its backbone depth: another depth takes the defaults, unless
-    ``model.args`` names the blocks."""
-    if "out_indices" not in (args or {}) and fields["backbone"].get("depth", 12) != depth or (
-            "out_indices" not in (args or {}) and max(fields["out_indices"] or [0]) >= depth):
+def _fit_out_indices(fields: dict, args, preset_depth: int, depth: int) -> None:
+    """The preset's pyramid blocks belong to its backbone depth: another depth takes the defaults
+    (``default_out_indices``) unless ``model.args`` names the blocks."""
+    if "out_indices" not in (args or {}) and depth != preset_depth:
         fields["out_indices"] = None
 
 
@@ -161,8 +161,8 @@ def eval_kwargs(e, d) -> dict:
 def run(cfg, out=None, resume=False) -> dict:
     _resolve_best_metric(cfg)
     if cfg.train.distributed == "fsdp":
-        raise ValueError("segment train supports train.distributed=ddp only (sliding-window evaluation runs a different "
-                         "number of forward passes on each process, which FSDP cannot gather for)")
+        raise ValueError("segment train supports train.distributed=ddp only (sliding-window evaluation runs a "
+                         "different number of forward passes on each process, which FSDP cannot gather for)")
     if cfg.segment.schedule not in ("poly", "cosine"):
         raise ValueError(f"segment.schedule must be poly or cosine, got {cfg.segment.schedule!r}")
     env, run_dir = prepare_run(cfg, "segment", out, resume)
@@ -231,7 +231,8 @@ def _resolve_best_metric(cfg) -> None:
     if metric not in BEST_METRICS:
         raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got {metric!r}")
     if metric.startswith("ema_") and not train["ema_decay"] > 0:
-        raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay or train.best_metric=mIoU")
+        raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay or "
+                         "train.best_metric=mIoU")
 
 
 # --------------------------------------------------------------------------------------- eval / predict
@@ -292,7 +293,8 @@ def predict(checkpoint, images: Sequence[str], out_dir, classes_file=None, mode:
                           ratios, test_scale)
         pred = probs.argmax(1)[0].cpu().numpy()
         stem = Path(path).stem
-        written.append(save_png(overlay_image(image, pred, names, colours, alpha), Path(out_dir) / f"{stem}_overlay.png"))
+        overlay = overlay_image(image, pred, names, colours, alpha)
+        written.append(save_png(overlay, Path(out_dir) / f"{stem}_overlay.png"))
         labels = Image.fromarray(pred.astype(np.uint8 if K <= 256 else np.uint16))
         written.append(save_png(labels, Path(out_dir) / f"{stem}_labels.png"))
     return written
