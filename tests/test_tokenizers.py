@@ -130,7 +130,7 @@ def test_small_presets_give_an_8x8_grid_on_cifar():
 def test_config_round_trip_and_bad_keys():
     cfg = model_config("vq_f4_32px")
     assert VQConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown VQConfig keys \\['codebook'\\]"):
+    with pytest.raises(ValueError, match="unknown config keys \\['codebook'\\] for VQConfig"):
         VQConfig.from_dict({"codebook": 3})
     with pytest.raises(ValueError, match="multiples of 32"):
         KLConfig(ch=48)
@@ -354,7 +354,7 @@ def test_patchgan_terms_train_each_side_only():
     assert float(torch.autograd.grad(g_loss, obj.model.decoder.conv_out.weight, retain_graph=True)[0].abs().max()) > 0
     assert all(g is None for g in torch.autograd.grad(d_loss, tok, retain_graph=True, allow_unused=True))
     assert any(g is not None and float(g.abs().max()) > 0 for g in torch.autograd.grad(d_loss, disc))
-    with pytest.raises(ValueError, match="unknown tokenizer loss keys \\['nope'\\]"):
+    with pytest.raises(ValueError, match="unknown config keys \\['nope'\\] for TokenizerLossConfig"):
         TokenizerLossConfig.from_dict({"nope": 1})
 
 

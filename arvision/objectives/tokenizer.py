@@ -22,7 +22,7 @@ restarted (codes re-seeded at the last step).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..models.registry import ConfigDict
 from ..models.tokenizers import DeadCodeRestart, KLTokenizer, VQTokenizer, perplexity
 from .base import Objective
 
@@ -39,7 +40,7 @@ LPIPS_FILE = "vgg.pth"
 
 
 @dataclass
-class TokenizerLossConfig:
+class TokenizerLossConfig(ConfigDict):
     recon: str = "l1"                 # l1 | l2
     recon_weight: float = 1.0
     codebook_weight: float = 1.0      # VQ: weight of (codebook + commitment + entropy)
@@ -57,17 +58,6 @@ class TokenizerLossConfig:
     def __post_init__(self):
         if self.recon not in ("l1", "l2"):
             raise ValueError(f"loss.recon must be 'l1' or 'l2', got {self.recon!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TokenizerLossConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown tokenizer loss keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def reconstruction_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:

@@ -11,25 +11,22 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, fields
 from typing import Optional
 
 from torch import nn
 
+from ..registry import ConfigDict
 
-class TokenizerConfigMixin:
-    """``to_dict`` / ``from_dict`` (lists become tuples; unknown keys are a one-line error)."""
+
+class TokenizerConfigMixin(ConfigDict):
+    """``ConfigDict`` with tuples stored as JSON lists (``ch_mult``) and read back as tuples."""
 
     @classmethod
     def from_dict(cls, d: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return super().from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in super().to_dict().items()}
 
     def _check_common(self) -> None:
         if not self.ch_mult or any(int(m) < 1 for m in self.ch_mult):
