@@ -78,3 +78,18 @@ def test_backbone_initialised_from_nepa(tmp_path):
     narrow = arvision.create_model("heptapod_tiny", embed_dim=96)
     with pytest.raises(ValueError, match="does not fit the generator backbone"):
         init_backbone_from_nepa(narrow, path)
+
+
+def test_cache_limit_takes_a_random_subset_of_a_class_sorted_folder(tmp_path):
+    from PIL import Image
+
+    from arvision.data.token_cache import TokenCache
+
+    for c in range(3):
+        (tmp_path / "data" / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (80 * c, 10 * i, 0)).save(tmp_path / "data" / "train" / f"c{c}" / f"{i}.png")
+    tok = arvision.create_model("vq_f4_32px").eval()
+    build_token_cache(tok, tmp_path / "data", tmp_path / "cache", img_size=32, limit=6, num_workers=0, progress=False)
+    labels = sorted(int(TokenCache(tmp_path / "cache")[i][1]) for i in range(6))
+    assert len(set(labels)) == 3  # not the first six images (two classes of a class-sorted folder)

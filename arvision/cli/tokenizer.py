@@ -129,7 +129,7 @@ def register(sub) -> None:
     q.add_argument("--num-workers", type=int, default=2)
     q.add_argument("--no-flip", action="store_true", help="no horizontal-flip copies")
     q.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder")
-    q.add_argument("--limit", type=int, help="encode only the first N images")
+    q.add_argument("--limit", type=int, help="encode a fixed random subset of N images (seed 0)")
     q.add_argument("--scale-factor", type=float, help="KL: latent scale stored in the cache (default: tokenizer's)")
     q.set_defaults(func=cmd_encode)
 

@@ -156,8 +156,13 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
     out = Path(out)
     dataset = build_dataset(source, split, transform=None, img_size=img_size)
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    # a limit takes a fixed random subset (seed 0, in dataset order): the first N of a class-sorted folder would be
+    # a few classes only
+    order = (list(range(n)) if n == len(dataset) else
+             sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()))
     grid = tokenizer.grid_size(img_size)
     settings = _settings(tokenizer, source, split, img_size, n, flip)
+    settings["subset"] = None if n == len(dataset) else "random-seed0"
     header = read_header(out) if (out / HEADER).is_file() else None
     same = header is not None and {k: header.get(k) for k in settings} == json.loads(json.dumps(settings))
     if same and header.get("complete"):
@@ -191,7 +196,7 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
     valid = np.load(out / VALID, mmap_mode="r+")
     start = int(header["encoded"])
     tokenizer = tokenizer.to(device).eval()
-    images = torch.utils.data.Subset(_Images(dataset, generation_transform(img_size)), range(start, n))
+    images = torch.utils.data.Subset(_Images(dataset, generation_transform(img_size)), order[start:n])
     loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     row, skipped, t0 = start, int(header["skipped"]), time.perf_counter()
     for x, y, ok in tqdm(loader, desc="encode", disable=not progress, total=len(loader)):
