@@ -1,6 +1,6 @@
 """Segmentation: sliding-window inference (window placement, count map, averaging, equality with whole-image
 inference), flip TTA, the RoPE path for inputs larger than the backbone's img_size, segmentor save/load, the
-objective's checks and layer-decay groups, the poly schedule, a 2-process evaluation equal to one process, and the
+objective's checks and layer-decay groups, a 2-process evaluation equal to one process, and the
 `arvision segment train | eval | predict` commands end to end (mIoU well above chance) with their one-line errors."""
 import json
 import os
@@ -19,7 +19,7 @@ from arvision.eval.segmentation import evaluate_segmentation, inference, slide_l
 from arvision.models import create_model
 from arvision.models.segmentation import Segmentor, SegmentorConfig
 from arvision.objectives.segmentation import SegmentationObjective
-from arvision.tasks.segment import load_segmentor, poly_lr
+from arvision.tasks.segment import load_segmentor
 from arvision.train.engine import check_param_groups
 
 TINY_BB = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, qk_norm="affine", rope_rescale=None)
@@ -142,30 +142,6 @@ def test_objective_checks_and_layer_decay_groups():
         assert all(factor[id(p)] == (1e-4, 0.5 ** (L - i)) for p in blk.parameters())
     assert factor[id(seg.backbone.patch_embed.weight)] == (1e-4, 0.5 ** (L + 1))
     assert factor[id(seg.decode_head.cls.conv_seg.weight)] == (pytest.approx(1e-3), 1.0)
-
-
-def test_poly_schedule():
-    g = dict(lr_scale=0.5, warmup_steps=10, lr_base=1e-4)
-    assert poly_lr(0, g, 100) == pytest.approx(5e-5 * 1e-6)                       # mmcv warmup starts at ratio 1e-6
-    assert poly_lr(5, g, 100) == pytest.approx(5e-5 * 0.95 * (1 - 0.5 * (1 - 1e-6)))
-    assert poly_lr(10, g, 100) == pytest.approx(5e-5 * 0.9)
-    assert poly_lr(60, g, 100, power=2.0) == pytest.approx(5e-5 * 0.4 ** 2)
-    assert poly_lr(100, g, 100) == 0.0
-
-
-def test_poly_hook_sets_the_lr_the_optimizer_uses():
-    from types import SimpleNamespace
-
-    from arvision.tasks.segment import use_poly_schedule
-    from arvision.train.optim import build_adamw
-    w = nn.Parameter(torch.ones(3))
-    opt = build_adamw([dict(params=[w], weight_decay=0.0, lr_base=1e-2, lr_scale=0.5, warmup_steps=4)])
-    trainer = SimpleNamespace(step=6, total_steps=10, cfg=SimpleNamespace(min_lr=0.0), optimizer=opt)
-    use_poly_schedule(trainer, power=1.0)
-    opt.param_groups[0]["lr"] = 123.0  # what the Trainer's cosine set_lr would have written
-    w.grad = torch.ones(3)
-    opt.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3 * 0.4)
 
 
 def _eval_worker(rank, world, init_file, out):

@@ -96,31 +96,6 @@ def load_segmentor(source, ema: bool = False) -> Segmentor:
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------------- schedule
-
-def poly_lr(step: int, group: dict, total_steps: int, min_lr: float = 0.0, power: float = 1.0,
-            warmup_ratio: float = 1e-6) -> float:
-    """mmcv's poly schedule with linear warmup, per parameter group (peak f * lr_base, f the layer-decay factor):
-    lr = (f * lr_base - min_lr) * (1 - t / T)^power + min_lr, times 1 - (1 - t / w)(1 - warmup_ratio) while t < w."""
-    f, w, base = group["lr_scale"], group["warmup_steps"], group["lr_base"]
-    lr = (base * f - min_lr) * (1.0 - min(step, total_steps) / max(1, total_steps)) ** power + min_lr
-    if step < w:
-        lr *= 1.0 - (1.0 - step / w) * (1.0 - warmup_ratio)
-    return lr
-
-
-def use_poly_schedule(trainer: Trainer, power: float = 1.0) -> None:
-    """Replace the Trainer's cosine schedule by ``poly_lr``: an optimizer step pre-hook sets every group's lr for the
-    current step (the Trainer's logged ``lr`` column still shows its own cosine value)."""
-    min_lr = trainer.cfg.min_lr
-
-    def hook(optimizer, args, kwargs):
-        for g in optimizer.param_groups:
-            g["lr"] = poly_lr(trainer.step, g, trainer.total_steps, min_lr, power)
-
-    trainer.optimizer.register_step_pre_hook(hook)
-
-
 # ------------------------------------------------------------------------------------------------- data
 
 def train_transform(d):
@@ -163,8 +138,6 @@ def run(cfg, out=None, resume=False) -> dict:
     if cfg.train.distributed == "fsdp":
         raise ValueError("segment train supports train.distributed=ddp only (sliding-window evaluation runs a "
                          "different number of forward passes on each process, which FSDP cannot gather for)")
-    if cfg.segment.schedule not in ("poly", "cosine"):
-        raise ValueError(f"segment.schedule must be poly or cosine, got {cfg.segment.schedule!r}")
     env, run_dir = prepare_run(cfg, "segment", out, resume)
     seed_everything(cfg.train.seed)
     d, e, s = cfg.data, cfg.eval, cfg.segment
@@ -199,8 +172,6 @@ def run(cfg, out=None, resume=False) -> dict:
 
     trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers, evaluate=evaluate,
                       preset=None if cfg.model.backbone_init else cfg.model.name)
-    if s.schedule == "poly":
-        use_poly_schedule(trainer, s.poly_power)
     if resume:
         trainer.resume()
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Every group carries ``lr_base`` (its peak lr before scaling), ``lr_scale`` (f) and ``warmup_steps`` (w).
 The schedule (``lr_at``) is linear warmup from 0 over w steps, then a half-cosine from f * lr_base to
 ``min_lr``, as in HF's ``cosine`` schedule used by the official code (the first step runs at lr 0); ``train.schedule``
-also offers ``constant`` (MAR) and ``poly`` (mmseg's segmentation schedule, ``train.poly_power``).
+also offers ``constant`` (MAR) and ``poly`` (mmcv / mmseg's segmentation schedule, ``train.poly_power``).
 
 Pretraining (nepa_spec.md §4): one lr for all, weight decay on every parameter with ndim >= 2 (Linear/Conv
 weights and the CLS token), none on biases, norms and LayerScale.
@@ -112,20 +112,23 @@ SCHEDULES = ("cosine", "constant", "poly")
 
 def lr_at(step: int, group: dict, total_steps: int, min_lr: float = 0.0, schedule: str = "cosine",
           power: float = 1.0) -> float:
-    """Linear warmup, then ``cosine`` (HF / official NEPA), ``constant`` (MAR) or ``poly`` (mmseg:
-    (1 - progress) ** power down to min_lr)."""
+    """The lr of ``group`` at ``step``: linear warmup, then ``cosine`` (HF / official NEPA) or ``constant`` (MAR);
+    ``poly`` is mmcv's: (f lr_base - f min_lr) (1 - t/T)^power + f min_lr over the whole run, times the linear warmup
+    factor t/w while t < w (mmseg's ADE20K schedule)."""
     f, w, base = group["lr_scale"], group["warmup_steps"], group["lr_base"]
+    if schedule == "poly":
+        t = min(step, total_steps)
+        lr = (base - min_lr) * f * (1.0 - t / max(1, total_steps)) ** power + min_lr * f
+        return lr * step / w if step < w else lr
     if step < w:
         return base * f * step / max(1, w)
     if schedule == "constant":
         return base * f
     if step >= total_steps:
         return min_lr * f
-    progress = (step - w) / max(1, total_steps - w)
-    if schedule == "poly":
-        return min_lr * f + (base - min_lr) * f * (1.0 - progress) ** power
     if schedule != "cosine":
         raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {schedule!r}")
+    progress = (step - w) / max(1, total_steps - w)
     return min_lr * f + (base - min_lr) * f * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
