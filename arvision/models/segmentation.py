@@ -22,14 +22,14 @@ it also keeps the class names and colours (``classes``, ``palette``) used by ``a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .registry import preset_fields, register_family, register_model
+from .registry import ConfigDict, preset_fields, register_family, register_model
 from .upernet import FCNHead, LinearHead, SimplePyramid, UperHead, resize
 from .vit import NepaConfig, NepaViT
 
@@ -44,7 +44,7 @@ def default_out_indices(depth: int) -> list[int]:
 
 
 @dataclass
-class SegmentorConfig:
+class SegmentorConfig(ConfigDict):
     backbone: dict = field(default_factory=dict)  # NepaConfig fields (classifier-free: num_classes is forced to 0)
     num_classes: int = 150
     head: str = "upernet"  # upernet | linear
@@ -82,17 +82,6 @@ class SegmentorConfig:
         self.classes = list(self.classes) if self.classes is not None else None
         self.palette = [[int(v) for v in c] for c in self.palette] if self.palette is not None else None
         self.pool_scales = [int(s) for s in self.pool_scales]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SegmentorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown segmentor config keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def summary(self) -> str:
         bb = self.backbone
