@@ -131,13 +131,13 @@ def test_fsdp_finetuning_then_evaluation(tmp_path):
 
     from arvision.data import build_dataset, eval_transform
     from arvision.eval import evaluate_classifier
-    from arvision.tasks.finetune import _subset
+    from arvision.data import fixed_subset
 
     launch("finetune", ["--out", str(tmp_path), *FINETUNE, "train.distributed=fsdp"])
     got = json.loads((tmp_path / "results.json").read_text())["final"]
     # every one of the 31 images once (one rank pads its shard), scored as one process scores the saved weights
     model = arvision.load_model(checkpoint_dirs(tmp_path)[-1])
-    val = _subset(build_dataset("synthetic", "val", eval_transform(32), img_size=32), 31)
+    val = fixed_subset(build_dataset("synthetic", "val", eval_transform(32), img_size=32), 31)
     want = evaluate_classifier(model, DataLoader(val, batch_size=8), "cpu", torch.bfloat16, causal=False)
     assert got["n"] == want["n"] == 31
     assert got["top1"] == pytest.approx(want["top1"]) and got["loss"] == pytest.approx(want["loss"], abs=1e-3)

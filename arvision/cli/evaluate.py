@@ -8,15 +8,13 @@ from pathlib import Path
 
 def _eval_data(args, img_size: int):
     import torch
-    from ..data import build_dataset, eval_transform, resolve_split
+    from ..data import build_dataset, eval_transform, fixed_subset, resolve_split
 
     tf = eval_transform(img_size, crop_pct=args.crop_pct) if args.crop_pct else eval_transform(img_size)
     test_split = resolve_split(args.data, args.split)
     train = build_dataset(args.data, "train", tf, img_size=img_size)
     test = build_dataset(args.data, test_split, tf, img_size=img_size)
-    if args.train_samples and args.train_samples < len(train):  # a fixed random subset, the same for every model
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.train_samples]
-        train = torch.utils.data.Subset(train, keep.tolist())
+    train = fixed_subset(train, args.train_samples or None)  # the same subset for every model
     mk = lambda ds: torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
     return mk(train), mk(test), test_split, train, test
 

@@ -36,11 +36,12 @@ def _device(args) -> str:
 
 def cmd_eval(args) -> None:
     from ..models.tokenizers import load_tokenizer
-    from ..tasks.tokenizer import _subset, evaluate_tokenizer, image_set
+    from ..data import fixed_subset
+    from ..tasks.tokenizer import evaluate_tokenizer, image_set
 
     tok = load_tokenizer(args.tokenizer, ema=args.ema)
     size = _img_size(args)
-    ds = _subset(image_set(args.data, args.split, size), args.num_images)
+    ds = fixed_subset(image_set(args.data, args.split, size), args.num_images)
     grid = Path(args.grid) if args.grid else None
     res = evaluate_tokenizer(tok, ds, args.batch_size, args.num_workers, _device(args), args.fid, args.extractor, grid)
     res.update(tokenizer=str(args.tokenizer), data=str(args.data), split=args.split, img_size=size)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from .synthetic import SyntheticShapes
@@ -252,3 +252,16 @@ def build_dataset(source: str | os.PathLike, split: str = "train", transform: Ca
     if is_hf_disk(source):
         return HFDiskDataset(source, name, transform=transform)
     return ImageFolderDataset(Path(source) / name, transform=transform)
+
+
+def fixed_subset_indices(total: int, n: int, seed: int = 0) -> list[int]:
+    """n of range(total) drawn at random with a fixed seed, in dataset order: the same subset for every model and
+    run, and not the first n (a class-sorted folder's first n images are one or two classes)."""
+    return sorted(torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
+
+def fixed_subset(dataset, n, seed: int = 0):
+    """``dataset`` itself when n is None or >= its length, else a fixed random ``Subset`` (fixed_subset_indices)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return Subset(dataset, fixed_subset_indices(len(dataset), n, seed))

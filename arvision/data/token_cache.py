@@ -150,7 +150,7 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
     from tqdm import tqdm
 
     from ..checkpoints import save_model
-    from .datasets import build_dataset
+    from .datasets import build_dataset, fixed_subset_indices
     from .segmentation_transforms import generation_transform
 
     out = Path(out)
@@ -158,8 +158,7 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
     n = len(dataset) if limit is None else min(limit, len(dataset))
     # a limit takes a fixed random subset (seed 0, in dataset order): the first N of a class-sorted folder would be
     # a few classes only
-    order = (list(range(n)) if n == len(dataset) else
-             sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()))
+    order = list(range(n)) if n == len(dataset) else fixed_subset_indices(len(dataset), n)
     grid = tokenizer.grid_size(img_size)
     settings = _settings(tokenizer, source, split, img_size, n, flip)
     settings["subset"] = None if n == len(dataset) else "random-seed0"

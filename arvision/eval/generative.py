@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..data.datasets import fixed_subset
 from ..metrics import feature_statistics, frechet_distance, inception_score, load_npz, precision_recall, save_stats
 from ..metrics.extractors import FeatureExtractor, build_extractor
 from ..metrics.frechet import stats_extractor_tag
@@ -129,8 +130,7 @@ def subset(ds: Dataset, n: Optional[int], seed: int = 0) -> Dataset:
         return ds
     if n < 2:
         raise ValueError(f"need at least 2 images for statistics, got --num-samples/--num-ref {n}")
-    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return Subset(ds, keep.tolist())
+    return fixed_subset(ds, n, seed)
 
 
 def _collate(batch: list[torch.Tensor]) -> torch.Tensor:

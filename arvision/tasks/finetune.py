@@ -14,9 +14,9 @@ import time
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from ..data import build_dataset, eval_transform, finetune_transform, resolve_split
+from ..data import build_dataset, eval_transform, finetune_transform, fixed_subset, resolve_split
 from ..eval.classify import EvalShard, evaluate_classifier
 from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
@@ -54,7 +54,7 @@ def run(cfg, out=None, resume=False) -> dict:
         raise ValueError(f"mixup/cutmix needs an even per-process micro-batch, got {micro}; change train.batch_size "
                          "or train.micro_batch_size")
     val_split = resolve_split(d.source, e.split)
-    val_set = _subset(build_dataset(d.source, val_split, eval_transform(img_size, e.resize, e.crop_pct),
+    val_set = fixed_subset(build_dataset(d.source, val_split, eval_transform(img_size, e.resize, e.crop_pct),
                                     img_size=img_size), e.max_samples)
     log.info(f"data: {len(train_set)} training images, {len(val_set)} {val_split} images, {num_classes} classes "
              f"from {d.source}")
@@ -149,10 +149,3 @@ def _resolve_best_metric(cfg) -> None:
     if metric.startswith("ema_") and not train["ema_decay"] > 0:
         raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay (e.g. 0.9999) or "
                          "train.best_metric=top1")
-
-
-def _subset(dataset, n):
-    if n is None or len(dataset) <= n:
-        return dataset
-    g = torch.Generator().manual_seed(0)
-    return Subset(dataset, sorted(torch.randperm(len(dataset), generator=g)[:n].tolist()))

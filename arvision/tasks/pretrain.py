@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 
-from ..data import build_dataset, eval_transform, pretrain_transform, resolve_split
+from ..data import build_dataset, eval_transform, fixed_subset, pretrain_transform, resolve_split
 from ..eval import FeatureSpec, extract_features, knn_classify, linear_probe
 from ..models import create_model
 from ..objectives import NepaLossConfig, NepaObjective
@@ -64,7 +64,7 @@ def probe_report(cfg, model, img_size: int, device) -> dict:
     tf = eval_transform(img_size)
     train_set = build_dataset(source, "train", tf, img_size=img_size, num_samples=e.train_samples)
     val_set = build_dataset(source, val_split, tf, img_size=img_size, num_samples=e.val_samples)
-    train_set, val_set = _subset(train_set, e.train_samples), _subset(val_set, e.val_samples)
+    train_set, val_set = fixed_subset(train_set, e.train_samples), fixed_subset(val_set, e.val_samples)
     loader = partial(torch.utils.data.DataLoader, batch_size=256, num_workers=cfg.data.num_workers)
     torch.manual_seed(cfg.train.seed)
     random_model = create_model(cfg.model.name, **dict(cfg.model.args or {})).to(device)
@@ -88,10 +88,3 @@ def probe_report(cfg, model, img_size: int, device) -> dict:
              f"{len(train_set)} train / {len(val_set)} {val_split} images"
              f"{', synthetic data' if source == 'synthetic' else ''}):\n" + "\n".join(lines))
     return report
-
-
-def _subset(dataset, n):
-    if n is None or len(dataset) <= n:
-        return dataset
-    g = torch.Generator().manual_seed(0)
-    return torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=g)[:n].tolist())

@@ -22,9 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
-from ..data import build_segmentation_dataset, seg_eval_transform, seg_train_transform
+from ..data import build_segmentation_dataset, fixed_subset, seg_eval_transform, seg_train_transform
 from ..eval.segmentation import evaluate_segmentation, inference, overlay_image, save_png, write_json
 from ..models import create_model, model_config
 from ..models.segmentation import Segmentor
@@ -117,13 +116,6 @@ def check_classes(model: Segmentor, data, where: str) -> None:
                          "list the model was trained on (or train a new head on this data)")
 
 
-def _subset(ds, n):
-    if n is None or len(ds) <= n:
-        return ds
-    g = torch.Generator().manual_seed(0)
-    return Subset(ds, sorted(torch.randperm(len(ds), generator=g)[:n].tolist()))
-
-
 def eval_kwargs(e, d) -> dict:
     crop = e.crop_size or d.crop_size
     return dict(mode=e.mode, crop=crop, stride=e.stride or max(1, math.ceil(crop * 2 / 3)), flip=e.flip,
@@ -150,7 +142,7 @@ def run(cfg, out=None, resume=False) -> dict:
     if env.enabled and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's SyncBN; same state-dict keys
     val_split = e.split
-    val_set = _subset(dataset(d, val_split, seg_eval_transform()), e.max_samples)
+    val_set = fixed_subset(dataset(d, val_split, seg_eval_transform()), e.max_samples)
     log.info(f"data: {len(train_set)} training images, {len(val_set)} {val_split} images, {len(classes)} classes "
              f"from {d.source}")
     objective = SegmentationObjective(model, s.aux_weight, s.ignore_index, s.llrd, s.head_lr_scale)
@@ -222,7 +214,7 @@ def evaluate_checkpoint(checkpoint, source, split: str = "val", mode: str = "sli
     ds = build_segmentation_dataset(source, split, seg_eval_transform(), img_size=img_size,
                                     reduce_zero_label=reduce_zero_label)
     check_classes(model, ds, f"{source} ({split})")
-    ds = _subset(ds, max_samples)
+    ds = fixed_subset(ds, max_samples)
     crop = crop or model.config.backbone["img_size"]
     res = evaluate_segmentation(model, ds, model.config.num_classes, mode, crop,
                                 stride or max(1, math.ceil(crop * 2 / 3)), flip, ratios, test_scale, env.device,

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import build_dataset
+from ..data import build_dataset, fixed_subset
 from ..data.segmentation_transforms import generation_transform
 from ..objectives.tokenizer import TokenizerLossConfig, TokenizerObjective, psnr
 from ..train.distributed import barrier
@@ -45,12 +45,6 @@ def image_set(source, split: str, img_size: int, random_flip: float = 0.0, num_s
     """Centre-cropped (ADM ``center_crop_arr``) images in [-1, 1] with labels."""
     return build_dataset(source, split, UnitRange(generation_transform(img_size, random_flip=random_flip)),
                          img_size=img_size, num_samples=num_samples)
-
-
-def _subset(ds, n: Optional[int]):
-    if n is None or n >= len(ds):
-        return ds
-    return torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist())
 
 
 @torch.no_grad()
@@ -162,7 +156,7 @@ def run(cfg, out=None, resume=False) -> dict:
     tok = trainer.full_model()
     if env.is_main and cfg.eval.num_images:
         e = cfg.eval
-        val = _subset(image_set(d.source, "val", d.img_size), e.num_images)
+        val = fixed_subset(image_set(d.source, "val", d.img_size), e.num_images)
         results["eval"] = evaluate_tokenizer(tok, val, e.batch_size, d.num_workers, env.device, e.fid, e.extractor,
                                              run_dir / "reconstructions.png")
         log.info("tokenizer eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
