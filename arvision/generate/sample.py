@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..objectives.diffusion_loss import GaussianDiffusion
 
@@ -75,9 +74,9 @@ def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] 
     cfg = config or SamplingConfig()
     mcfg = model.config
     device = next(model.parameters()).device
-    labels = labels.to(device)
     model.check_inputs(torch.zeros(0, dtype=torch.long) if mcfg.token_type == "discrete"
-                       else torch.zeros(0, mcfg.latent_channels), labels)
+                       else torch.zeros(0, mcfg.latent_channels), labels.cpu())  # once per call, on the host
+    labels = labels.to(device)
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
@@ -130,6 +129,3 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), the ADM .npz layout."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
-
-def resize_like(images: torch.Tensor, size: int) -> torch.Tensor:
-    return images if images.shape[-1] == size else F.interpolate(images, size=size, mode="bicubic", antialias=True)

@@ -133,7 +133,10 @@ class Heptapod(nn.Module):
                 raise ValueError(f"a discrete-token Heptapod takes code indices, got {tokens.dtype} tokens")
         elif tokens.shape[-1] != cfg.latent_channels:
             raise ValueError(f"tokens have {tokens.shape[-1]} channels, the model expects {cfg.latent_channels}")
-        if labels.numel() and (labels.min() < 0 or labels.max() > cfg.num_classes - (0 if cfg.null_class else 1)):
+        # The value check reads the labels on the host: free on the CPU, a sync per step on a GPU, where it is skipped
+        # (a token cache's labels define num_classes, so training data cannot be out of range).
+        top = cfg.num_classes - (0 if cfg.null_class else 1)
+        if labels.numel() and labels.device.type == "cpu" and (labels.min() < 0 or labels.max() > top):
             raise ValueError(f"class index out of range [0, {cfg.num_classes - 1}] (null class {cfg.num_classes}): "
                              f"got {labels.min().item()}..{labels.max().item()}")
 

@@ -17,7 +17,7 @@ All of these stay on the device (no host synchronisation).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
