@@ -108,6 +108,10 @@ def test_cached_sampling_equals_recomputation(kw):
     else:
         torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
         assert cached.shape == (3, 9, 3)
+    half = sample_tokens(model, labels, SamplingConfig(diffusion_steps=5, top_k=8, precision="bf16"), seed=7)
+    assert half.shape == cached.shape and half.dtype == cached.dtype  # the cache and head run under bf16 autocast
+    if half.dtype == torch.long:
+        assert half.min() >= 0 and half.max() < model.config.codebook_size
     with pytest.raises(ValueError, match="class index out of range"):
         sample_tokens(model, torch.tensor([5]), cfg)
 

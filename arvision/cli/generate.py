@@ -27,7 +27,7 @@ def cmd_sample(args) -> None:
     labels = torch.tensor(classes).repeat_interleave(args.num_per_class)
     cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
-                         cfg_scale=args.cfg, use_cache=not args.no_cache)
+                         cfg_scale=args.cfg, use_cache=not args.no_cache, precision=args.precision)
     images = generate_images(model, tokenizer, labels, cfg, args.batch_size, args.seed, scale)
     out = Path(args.out)
     files = {"npz": str(save_npz(images, labels, out / "samples.npz")),
@@ -84,6 +84,8 @@ def register(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (for checking)")
     p.add_argument("--ema", action="store_true", help="sample from the checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 autocasts the generator (about 2x faster on CPUs with AVX512-BF16 and on GPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)

@@ -27,8 +27,11 @@ class SamplingConfig:
     diffusion_temperature: float = 0.95  # MAR's no-CFG value
     cfg_scale: float = 1.0  # 1 = no guidance (the default: Heptapod uses none)
     use_cache: bool = True
+    precision: str = "fp32"  # "bf16": autocast the networks (about 2x on a CPU with AVX512-BF16; logits stay fp32)
 
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -83,6 +86,12 @@ def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] 
     guided = cfg.cfg_scale != 1.0
     if guided and not mcfg.null_class:
         raise ValueError("cfg_scale != 1 needs a generator with a null class (null_class=true)")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        return _sample(model, labels, cfg, generator, guided)[:labels.shape[0]]
+
+
+def _sample(model, labels, cfg: SamplingConfig, generator, guided: bool) -> torch.Tensor:
+    mcfg, device = model.config, labels.device
     B, N = labels.shape[0], model.num_tokens
     run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     dtype = next(model.parameters()).dtype
@@ -111,7 +120,7 @@ def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] 
         tokens[:, t] = nxt
         if cache is not None and t < N - 1:
             h = model.step_backbone(cache, tokens=tokens[:, t:t + 1])
-    return tokens[:B]
+    return tokens
 
 
 def decode_tokens(tokenizer, tokens: torch.Tensor, model_config, scale_factor: float = 1.0) -> torch.Tensor:
