@@ -1,4 +1,4 @@
-"""`arvision eval knn | linear | classify | fid`: probes of frozen features, classifier accuracy, generative metrics."""
+"""`arvision eval knn | linear | attentive | classify | fid`: probes of frozen features, classifier accuracy, generative metrics."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ def _eval_data(args, img_size: int):
 
 def cmd_eval_probe(args) -> None:
     import torch
-    from ..eval import FeatureSpec, knn_eval, linear_eval
+    from ..eval import FeatureSpec, attentive_eval, knn_eval, linear_eval
     from ..checkpoints import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,8 +32,11 @@ def cmd_eval_probe(args) -> None:
     if args.kind == "knn":
         res = knn_eval(model, train_loader, test_loader, spec, k=args.k, temperature=args.temperature,
                        device=device, amp_dtype=amp)
-    else:
+    elif args.kind == "linear":
         res = linear_eval(model, train_loader, test_loader, spec, epochs=args.epochs, device=device, amp_dtype=amp)
+    else:
+        res = attentive_eval(model, train_loader, test_loader, spec, epochs=args.epochs, num_heads=args.heads,
+                             device=device, amp_dtype=amp)
     res = {k: v for k, v in res.items() if isinstance(v, (int, float, str, list, dict))}
     res.update(checkpoint=str(args.checkpoint), data=str(args.data), split=split, blocks=args.blocks, pool=args.pool)
     print(json.dumps(res, indent=2, default=str))
@@ -104,10 +107,11 @@ def cmd_eval_fid(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | classify; samples: fid")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | attentive | classify; samples: fid")
     esub = p.add_subparsers(dest="kind", required=True)
     for kind, text in (("knn", "weighted kNN (k=20, T=0.07, cosine) on frozen features"),
-                       ("linear", "linear probe on frozen features")):
+                       ("linear", "linear probe on frozen features"),
+                       ("attentive", "attentive probe (AIM): a learned query cross-attends to a block's frozen tokens")):
         q = esub.add_parser(kind, help=text)
         q.add_argument("checkpoint", help="arvision or official checkpoint directory, or a Hub id")
         q.add_argument("--data", required=True, help="labelled data: image folder with train/ and val/ or test/")
@@ -123,8 +127,11 @@ def register(sub) -> None:
         if kind == "knn":
             q.add_argument("--k", type=int, default=20)
             q.add_argument("--temperature", type=float, default=0.07)
-        else:
+        elif kind == "linear":
             q.add_argument("--epochs", type=int, default=50)
+        else:
+            q.add_argument("--epochs", type=int, default=20)
+            q.add_argument("--heads", type=int, default=4, help="attention heads of the probe's query")
         q.set_defaults(func=cmd_eval_probe)
 
     q = esub.add_parser("classify", help="top-1 / top-5 of a classifier checkpoint (fine-tuned or official -sft)")
