@@ -246,3 +246,29 @@ def test_finetune_transform():
     assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
     assert ra.num_layers == 2 and all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
     assert erase.probability == 0.25 and erase.mode == "pixel" and norm.mean.tolist() == [0.5] * 3
+
+
+def test_labelled_subset_is_class_balanced_and_fixed():
+    from torch.utils.data import Dataset
+
+    from arvision.data import labelled_subset
+
+    class Labelled(Dataset):
+        classes = ["a", "b", "c"]
+        targets = [i % 3 for i in range(300)]
+
+        def __len__(self):
+            return 300
+
+        def __getitem__(self, i):
+            return i, self.targets[i]
+
+    ds = Labelled()
+    sub = labelled_subset(ds, 0.1)
+    assert len(sub) == 30 and sorted(sub.targets) == [0] * 10 + [1] * 10 + [2] * 10
+    assert [ds[i][1] for i in sub.indices] == sub.targets and sub.classes == ds.classes
+    assert labelled_subset(ds, 0.1).indices == sub.indices and labelled_subset(ds, 0.1, seed=1).indices != sub.indices
+    assert set(labelled_subset(ds, 0.02).indices) <= set(range(300)) and len(labelled_subset(ds, 0.001)) == 3
+    assert labelled_subset(ds, None) is ds
+    with pytest.raises(ValueError, match="label_fraction"):
+        labelled_subset(ds, 1.5)

@@ -2,7 +2,7 @@
 (the NEPA image transforms, joint image + mask transforms for segmentation, uint8 transforms for generation)."""
 from .datasets import (
     DataError, HFDiskDataset, ImageFolderDataset, SkipCorruptDataset, available_splits, build_dataset,
-    fixed_subset, fixed_subset_indices, is_hf_disk, is_synthetic, resolve_split,
+    fixed_subset, fixed_subset_indices, is_hf_disk, is_synthetic, labelled_subset, resolve_split,
 )
 from .segmentation import (
     ADE20KDataset, SegmentationFolder, SyntheticSegmentation, build_segmentation_dataset, read_class_list,
@@ -17,6 +17,6 @@ __all__ = [
     "ADE20KDataset", "DataError", "GenerationTransform", "HFDiskDataset", "ImageFolderDataset", "PairTransform",
     "SegmentationFolder", "SkipCorruptDataset", "SyntheticSegmentation", "SyntheticShapes", "available_splits",
     "build_dataset", "build_segmentation_dataset", "fixed_subset", "fixed_subset_indices", "center_crop_arr", "eval_transform", "finetune_transform",
-    "generation_transform", "is_hf_disk", "is_synthetic", "pretrain_transform", "read_class_list", "resolve_split",
+    "generation_transform", "is_hf_disk", "is_synthetic", "labelled_subset", "pretrain_transform", "read_class_list", "resolve_split",
     "seg_eval_transform", "seg_train_transform",
 ]

@@ -265,3 +265,26 @@ def fixed_subset(dataset, n, seed: int = 0):
     if n is None or n >= len(dataset):
         return dataset
     return Subset(dataset, fixed_subset_indices(len(dataset), n, seed))
+
+
+def labelled_subset(dataset, fraction: float | None, seed: int = 0):
+    """A fixed class-balanced fraction of ``dataset`` (the semi-supervised 1% / 10% label splits): in every class,
+    the first round(fraction * n_class) images (at least one) of a permutation fixed by ``seed``, in dataset order.
+    The same images for every model and training seed. ``dataset`` itself for None or 1."""
+    if fraction is None or fraction == 1:
+        return dataset
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.label_fraction must be in (0, 1] (e.g. 0.01 or 0.1), got {fraction}")
+    targets = torch.as_tensor(getattr(dataset, "targets", []))
+    if targets.numel() != len(dataset) or (targets < 0).any():
+        raise ValueError(f"{type(dataset).__name__} has no class labels (targets) to take a class-balanced "
+                         "fraction of; drop data.label_fraction")
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))
+    keep = []
+    for c in targets.unique().tolist():
+        members = order[targets[order] == c]
+        keep += members[:max(1, round(fraction * len(members)))].tolist()
+    subset = Subset(dataset, sorted(keep))
+    subset.classes = getattr(dataset, "classes", [])
+    subset.targets = targets[sorted(keep)].tolist()
+    return subset

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import build_dataset, eval_transform, finetune_transform, fixed_subset, resolve_split
+from ..data import build_dataset, eval_transform, finetune_transform, fixed_subset, labelled_subset, resolve_split
 from ..eval.classify import EvalShard, evaluate_classifier
 from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
@@ -39,8 +39,8 @@ def run(cfg, out=None, resume=False) -> dict:
     if d.source == "synthetic":
         log.info("data: the built-in SYNTHETIC shapes dataset (10 classes). For real data pass --data DIR (image "
                  "folder with train/ and val/ or test/ class folders, or a Hugging Face save_to_disk folder).")
-    train_set = build_dataset(d.source, "train", train_transform(d, img_size), img_size=img_size,
-                              num_samples=d.num_samples)
+    train_set = labelled_subset(build_dataset(d.source, "train", train_transform(d, img_size), img_size=img_size,
+                                              num_samples=d.num_samples), d.label_fraction)
     found = len(getattr(train_set, "classes", []))
     num_classes = ft.num_classes or found
     if not num_classes:
