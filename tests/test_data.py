@@ -272,3 +272,18 @@ def test_labelled_subset_is_class_balanced_and_fixed():
     assert labelled_subset(ds, None) is ds
     with pytest.raises(ValueError, match="label_fraction"):
         labelled_subset(ds, 1.5)
+
+
+def test_synthetic_digits_are_deterministic_balanced_and_drawn():
+    from arvision.data import SyntheticDigits
+
+    ds = build_dataset("synthetic-digits", "train", img_size=32, num_samples=40)
+    assert isinstance(ds, SyntheticDigits) and sorted(ds.targets[:10]) == list(range(10))
+    a, b = np.asarray(ds[3][0]), np.asarray(SyntheticDigits(40)[3][0])
+    assert np.array_equal(a, b) and a.shape == (32, 32, 3)
+    assert not np.array_equal(a, np.asarray(SyntheticDigits(40, split="val")[3][0]))
+    # the glyph is there: two colour populations far apart (foreground and background differ by >= 200 in sum)
+    px = a.reshape(-1, 3).astype(float)
+    far = np.abs(px[:, None] - px[None, ::7]).sum(-1).max()
+    assert far > 150
+    assert build_dataset("synthetic-digits", "val", num_samples=5)[0][1] in range(10)

@@ -10,12 +10,12 @@ from .segmentation import (
 from .segmentation_transforms import (
     GenerationTransform, PairTransform, center_crop_arr, generation_transform, seg_eval_transform, seg_train_transform,
 )
-from .synthetic import SyntheticShapes
+from .synthetic import SyntheticDigits, SyntheticShapes
 from .transforms import eval_transform, finetune_transform, pretrain_transform
 
 __all__ = [
     "ADE20KDataset", "DataError", "GenerationTransform", "HFDiskDataset", "ImageFolderDataset", "PairTransform",
-    "SegmentationFolder", "SkipCorruptDataset", "SyntheticSegmentation", "SyntheticShapes", "available_splits",
+    "SegmentationFolder", "SkipCorruptDataset", "SyntheticDigits", "SyntheticSegmentation", "SyntheticShapes", "available_splits",
     "build_dataset", "build_segmentation_dataset", "fixed_subset", "fixed_subset_indices", "center_crop_arr", "eval_transform", "finetune_transform",
     "generation_transform", "is_hf_disk", "is_synthetic", "labelled_subset", "pretrain_transform", "read_class_list", "resolve_split",
     "seg_eval_transform", "seg_train_transform",

@@ -14,11 +14,12 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from .synthetic import SyntheticShapes
+from .synthetic import SyntheticDigits, SyntheticShapes
 
 logger = logging.getLogger("arvision.data")
 
-SYNTHETIC = "synthetic"
+SYNTHETIC = "synthetic"  # SyntheticShapes
+SYNTHETIC_DIGITS = "synthetic-digits"  # SyntheticDigits
 _SPLIT_ALIASES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 _FALLBACK = {"val": "test", "test": "val"}
 _HF_MARKERS = ("dataset_dict.json", "state.json")  # DatasetDict folder / single Dataset folder
@@ -198,7 +199,7 @@ def _find_column(features: dict, feature_type: type, names: tuple[str, ...]) -> 
 
 
 def is_synthetic(source: str | os.PathLike) -> bool:
-    return str(source) == SYNTHETIC
+    return str(source) in (SYNTHETIC, SYNTHETIC_DIGITS)
 
 
 def is_hf_disk(source: str | os.PathLike) -> bool:
@@ -210,7 +211,7 @@ def _check_exists(source: str | os.PathLike) -> Path:
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(f"data path {path} {what}; pass a folder with train/ (and val/ or test/) class "
-                                f"subfolders, an HF save_to_disk folder, or '{SYNTHETIC}'")
+                                f"subfolders, an HF save_to_disk folder, or '{SYNTHETIC}' / '{SYNTHETIC_DIGITS}'")
     return path
 
 
@@ -243,12 +244,13 @@ def resolve_split(source: str | os.PathLike, split: str) -> str:
 
 def build_dataset(source: str | os.PathLike, split: str = "train", transform: Callable | None = None,
                   img_size: int = 32, num_samples: int | None = None) -> Dataset:
-    """'synthetic' (SyntheticShapes), a folder with train/ val/ test/ class-folder subfolders, or an HF save_to_disk
+    """'synthetic' (SyntheticShapes), 'synthetic-digits' (SyntheticDigits), a folder with train/ val/ test/ class-folder subfolders, or an HF save_to_disk
     folder. A missing 'val' falls back to 'test' and vice versa (see `resolve_split`)."""
     name = resolve_split(source, split)
     if is_synthetic(source):
         n = num_samples if num_samples is not None else _SYNTHETIC_SIZES[name]
-        return SyntheticShapes(num_samples=n, img_size=img_size, split=name, transform=transform)
+        cls = SyntheticDigits if str(source) == SYNTHETIC_DIGITS else SyntheticShapes
+        return cls(num_samples=n, img_size=img_size, split=name, transform=transform)
     if is_hf_disk(source):
         return HFDiskDataset(source, name, transform=transform)
     return ImageFolderDataset(Path(source) / name, transform=transform)

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE
-from .datasets import SYNTHETIC, DataError, SkipCorruptDataset, is_synthetic
+from .datasets import SYNTHETIC, DataError, SkipCorruptDataset
 from .synthetic import SHAPES, SPLITS, render_scene
 
 IGNORE_INDEX = 255
@@ -274,7 +274,7 @@ def build_segmentation_dataset(source: str | os.PathLike, split: str = "train", 
     """'synthetic' (SyntheticSegmentation), an ADEChallengeData2016 folder, or a generic folder with a class list
     (classes.json / .csv / .txt) and images/<split>/ + annotations/<split>/. `reduce_zero_label` applies to generic
     folders (default False); ADE20K always reduces."""
-    if is_synthetic(source):
+    if str(source) == SYNTHETIC:
         if split not in _SYNTHETIC_SIZES:
             raise ValueError(f"split must be one of {', '.join(_SYNTHETIC_SIZES)}, got {split!r}")
         n = num_samples if num_samples is not None else _SYNTHETIC_SIZES[split]

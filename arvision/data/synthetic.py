@@ -1,5 +1,6 @@
-"""Procedurally generated shapes (no download, nothing on disk): SyntheticShapes, a labelled shape-classification
-dataset, and `render_scene`, several shapes with their exact segmentation mask (used by
+"""Procedurally generated images (no download, nothing on disk): SyntheticShapes, a labelled shape-classification
+dataset; SyntheticDigits, the digits 0-9 drawn in Pillow's built-in font like street-number crops; and
+`render_scene`, several shapes with their exact segmentation mask (used by
 arvision.data.segmentation.SyntheticSegmentation)."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SPLITS = ("train", "val", "test")
 _SUPERSAMPLE = 2  # render at 2x and box-downsample: anti-aliased edges
@@ -171,3 +172,47 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"SyntheticShapes(num_samples={self.num_samples}, img_size={self.img_size}, split={self.split!r})"
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # Pillow >= 10.1 embeds the Aileron Regular typeface (public domain, CC0) for load_default(size)
+    return ImageFont.load_default(size=size)
+
+
+def render_digit(rng: np.random.Generator, label: int, img_size: int) -> Image.Image:
+    """The digit `label` at a random size (55-95% of the side), stroke weight, rotation (+-25 deg), offset (+-20%) and
+    foreground / background colours (kept apart), with Gaussian pixel noise; anti-aliased by supersampling."""
+    size = img_size * _SUPERSAMPLE
+    bg = rng.uniform(0, 255, 3)
+    fg = rng.uniform(0, 255, 3)
+    while np.abs(fg - bg).sum() < 200:  # visible: the channels differ by 200 / 765 in all
+        fg = rng.uniform(0, 255, 3)
+    glyph = Image.new("L", (size, size), 0)
+    weight = int(rng.integers(0, 2 * _SUPERSAMPLE))
+    ImageDraw.Draw(glyph).text((size / 2, size / 2), str(label), font=_font(int(rng.uniform(0.55, 0.95) * size)),
+                               fill=255, anchor="mm", stroke_width=weight, stroke_fill=255)
+    glyph = glyph.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR,
+                         translate=tuple(rng.uniform(-0.2, 0.2, 2) * size))
+    canvas = Image.composite(Image.new("RGB", (size, size), tuple(int(c) for c in fg)),
+                             Image.new("RGB", (size, size), tuple(int(c) for c in bg)), glyph)
+    img = np.asarray(canvas.reduce(_SUPERSAMPLE), dtype=np.float32)
+    img = img + rng.normal(0, rng.uniform(0, 10), img.shape).astype(np.float32)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+class SyntheticDigits(SyntheticShapes):
+    """The digits 0-9 in random colours, sizes, weights, rotations and positions (like SVHN crops): the label is a
+    spatial arrangement of strokes, not a colour or texture statistic. Same indexing and splits as SyntheticShapes."""
+
+    classes = [str(d) for d in range(10)]
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        label = self.targets[index]
+        img = render_digit(np.random.default_rng((*self._stream, 2, index)), label, self.img_size)
+        return (self.transform(img) if self.transform is not None else img), label
+
+    def __repr__(self) -> str:
+        return f"SyntheticDigits(num_samples={self.num_samples}, img_size={self.img_size}, split={self.split!r})"
