@@ -129,6 +129,8 @@ class FidHelperInception(FeatureExtractor):
             self.layers = self.net.net.layers
         except AttributeError:
             raise ValueError(f"{file} does not have fid-helper's structure (net.layers)") from None
+        # channels-last convolutions: 1.16x img/s on a CPU (oneDNN), features equal to 2e-6 relative
+        self.net = self.net.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -136,7 +138,7 @@ class FidHelperInception(FeatureExtractor):
         x = images.float()
         if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
             x = tf1_bilinear_resize(x)
-        x = (x - 128) / 128
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
         out = {}
         for name, layer in self.layers.named_children():
             if name == "mixed_6":
