@@ -145,8 +145,19 @@ def _qk_joint():
         arv_layers.Attention.forward = _ORIGINAL_ATTN_FORWARD
 
 
+@contextmanager
+def _attention_kernel(kernel: str):
+    previous = arv_layers.set_attention_kernel(kernel)
+    try:
+        yield
+    finally:
+        arv_layers.set_attention_kernel(previous)
+
+
 EXPERIMENTS: dict[str, Callable[[], ContextManager]] = {
     "qk-joint": _qk_joint,
+    # The attention kernel before the matmul path became the CPU default for short sequences: SDPA (CPU flash).
+    "attn-sdpa": lambda: _attention_kernel("sdpa"),
     # The math SDPA backend (matmul + softmax) instead of the CPU flash kernel, whose bf16 backward is slow at short T.
     "sdpa-math": lambda: sdpa_kernel(SDPBackend.MATH),
 }

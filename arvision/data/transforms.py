@@ -1,8 +1,18 @@
-"""Image transforms of the official NEPA recipes (spec nepa_spec.md §4, §5.2, §5.5), torchvision v1 / timm."""
+"""Image transforms of the official NEPA recipes (spec nepa_spec.md §4, §5.2, §5.5), torchvision v1 / timm.
+
+Pretraining can move normalisation to the device: ``pretrain_transform(..., uint8=True)`` yields the cropped and
+flipped pixels as uint8 tensors (4x fewer bytes through the loader workers, pinned memory and the host-to-device
+copy than float32), and ``normalize_uint8`` turns a batch of them into exactly what ToTensor + Normalize give, on
+the batch's device (``NepaObjective`` does it for uint8 inputs):
+
+    tf = pretrain_transform(32, uint8=True)          # PIL -> (3, 32, 32) uint8
+    x = normalize_uint8(batch.to("cuda", non_blocking=True))   # float32 in [-1, 1]
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -11,13 +21,31 @@ NEPA_STD = (0.5, 0.5, 0.5)
 
 
 def pretrain_transform(img_size: int, scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5,
-                       mean: Sequence[float] = NEPA_MEAN, std: Sequence[float] = NEPA_STD) -> T.Compose:
-    """NEPA pretraining: RandomResizedCrop (bilinear, antialias) + horizontal flip; pixels in [-1, 1] by default."""
+                       mean: Sequence[float] = NEPA_MEAN, std: Sequence[float] = NEPA_STD,
+                       uint8: bool = False) -> T.Compose:
+    """NEPA pretraining: RandomResizedCrop (bilinear, antialias) + horizontal flip; pixels in [-1, 1] by default.
+    ``uint8``: the same crop as (3, H, W) uint8 (mean and std unused), to be normalised on the device with
+    ``normalize_uint8``; the random draws are the same, so both outputs agree image for image."""
     ops = [T.RandomResizedCrop(img_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=InterpolationMode.BILINEAR,
                                antialias=True)]
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
+    if uint8:
+        return T.Compose(ops + [T.PILToTensor()])
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def normalize_uint8(images: torch.Tensor, mean: Sequence[float] = NEPA_MEAN,
+                    std: Sequence[float] = NEPA_STD) -> torch.Tensor:
+    """uint8 images (..., C, H, W) -> float32 (x / 255 - mean) / std on their device: the operations of ToTensor +
+    Normalize in the same order, so the result equals the float transform's (bitwise on the CPU)."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize_uint8 expects uint8 images, got {images.dtype}; float images are normalised "
+                         "already")
+    x = images.to(torch.float32).div_(255)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
 
 
 def eval_transform(img_size: int, resize: int | None = None, crop_pct: float | None = None,

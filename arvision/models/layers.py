@@ -3,6 +3,12 @@
 Block (pre-norm):  h = x + DropPath(LS1 * Proj(Attn(LN1(x))));  x' = h + DropPath(LS2 * MLP(LN2(h))).
 Attention: fused q/k/v projection with bias, QK-Norm shared across heads, 2D RoPE on the patch tokens,
 then SDPA (causal, bidirectional or an explicit mask, chosen per call; an optional KV cache for decoding). MLP, LayerScale and DropPath come from timm.
+
+Attention kernel (``attention``): on the CPU, for short sequences (at most ``SHORT_ATTENTION_MAX_T`` keys), causal or
+bidirectional attention runs as two batched matmuls and a softmax in the input dtype (bf16 under autocast, softmax
+accumulated in fp32 by the kernel), which is several times faster than torch's CPU flash kernel, whose backward is
+slow at short T (measured in benchmarks/README.md); elsewhere, and for explicit masks, it is
+``F.scaled_dot_product_attention``. ``set_attention_kernel("sdpa")`` forces SDPA everywhere.
 """
 from __future__ import annotations
 
@@ -13,9 +19,56 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, SwiGLU
 from torch import nn
 
-from .rope import apply_rope
+from .rope import apply_rope_signed, signed_sin
 
 QK_NORMS = ("off", "layernorm", "affine")
+ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
+SHORT_ATTENTION_MAX_T = 256  # keys; measured: the matmul path wins on the CPU up to here (benchmarks/README.md)
+_kernel = "auto"
+_causal_bias: dict = {}
+
+
+def set_attention_kernel(kernel: str) -> str:
+    """Choose the attention kernel: "auto" (matmul path on the CPU for short sequences, SDPA elsewhere), "sdpa" or
+    "matmul" (always the matmul path where it applies). Returns the previous choice."""
+    global _kernel
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    previous, _kernel = _kernel, kernel
+    return previous
+
+
+def _causal_additive_mask(T: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(1, T, T) additive mask, 0 on and below the diagonal and -inf above, cached per (T, dtype, device)."""
+    key = (T, dtype, device)
+    mask = _causal_bias.get(key)
+    if mask is None:
+        mask = torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu(1)[None]
+        if not torch.compiler.is_compiling():
+            _causal_bias[key] = mask
+    return mask
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+              is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for (B, H, T, d) q and (B, H, Tk, d) k, v: the matmul path (see the
+    module docstring) where it pays, else ``F.scaled_dot_product_attention``."""
+    B, H, T, d = q.shape
+    Tk = k.shape[2]
+    use_matmul = attn_mask is None and (not is_causal or T == Tk) and (
+        _kernel == "matmul" or (_kernel == "auto" and q.device.type == "cpu" and Tk <= SHORT_ATTENTION_MAX_T))
+    if not use_matmul:
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
+                                              is_causal=is_causal, scale=scale)
+    dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+    scale = d ** -0.5 if scale is None else scale
+    q, k, v = (t.to(dtype).reshape(B * H, -1, d) for t in (q, k, v))
+    if is_causal:  # scale, mask and q k^T in one kernel
+        logits = torch.baddbmm(_causal_additive_mask(T, dtype, q.device), q, k.transpose(1, 2), alpha=scale)
+    else:
+        logits = torch.bmm(q, k.transpose(1, 2)) * scale
+    out = torch.bmm(logits.softmax(dim=-1), v)
+    return out.view(B, H, T, -1)
 MLP_TYPES = ("gelu", "swiglu", "geglu")
 
 
@@ -52,7 +105,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+            cos, sin = cos.to(q.dtype), signed_sin(sin.to(q.dtype))
+            q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k.to(q.dtype), cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         Tk = k.shape[2]
@@ -69,8 +123,7 @@ class Attention(nn.Module):
             attn = logits.softmax(dim=-1)
             out = (attn.to(v.dtype) @ v)
         else:
-            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask,
-                                                 is_causal=is_causal)
+            out = attention(q, k, v, attn_mask, is_causal)
         out = self.proj(out.transpose(1, 2).reshape(B, T, C))
         return (out, attn) if return_attn else out
 

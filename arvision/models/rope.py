@@ -36,6 +36,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, for ``apply_rope_signed``: rotate_half(x) * sin = roll(x, d/2) * signed_sin."""
+    h = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` with ``signed_sin(sin)`` computed once per forward: x cos + roll(x, d/2) sin_signed, three
+    kernels instead of five (no negation, the multiply-add fused); equal to ``apply_rope`` up to float rounding."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
 Grid = Union[int, tuple[int, int]]
 
 

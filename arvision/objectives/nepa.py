@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import NEPA_MEAN, NEPA_STD, normalize_uint8
 from .base import Objective
 
 
@@ -116,15 +117,21 @@ class NepaObjective(Objective):
     """Wraps the backbone for training: ``objective(images, targets=None) -> (loss, metrics)`` (targets unused).
 
     Holds the optional EMA target embedding (``target='ema'``, ``EmbeddingTarget``) and reports collapse monitors:
-    the mean per-dimension std of the L2-normalised predictions (it falls to 0 on collapse)."""
+    the mean per-dimension std of the L2-normalised predictions (it falls to 0 on collapse). uint8 images (from
+    ``pretrain_transform(..., uint8=True)``) are normalised here, on their device, with ``mean`` / ``std``; float
+    images are taken as normalised already."""
 
-    def __init__(self, model: nn.Module, config: Optional[NepaLossConfig] = None):
+    def __init__(self, model: nn.Module, config: Optional[NepaLossConfig] = None,
+                 mean: Sequence[float] = NEPA_MEAN, std: Sequence[float] = NEPA_STD):
         super().__init__()
         self.model = model
         self.config = config or NepaLossConfig()
         self.target_model = EmbeddingTarget(model) if self.config.target == "ema" else None
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def forward(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        if images.dtype == torch.uint8:
+            images = normalize_uint8(images, self.mean, self.std)
         loss, out = nepa_loss(self.model, images, self.config, self.target_model, return_outputs=True)
         with torch.no_grad():
             pred = F.normalize(out["pred"].detach().float(), dim=-1)

@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,20 +44,32 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local_rank, dev)
 
 
-def wrap_model(module: nn.Module, env: DistEnv, strategy: str = "ddp", shard_units=None) -> nn.Module:
+def has_state_buffers(module: nn.Module) -> bool:
+    """True when ``module`` holds persistent buffers (running statistics, counters) that DDP must keep equal across
+    ranks; non-persistent buffers (RoPE frequencies, masks) are constants computed identically on every rank."""
+    return any(name not in m._non_persistent_buffers_set for m in module.modules()
+               for name, b in m._buffers.items() if b is not None)
+
+
+def wrap_model(module: nn.Module, env: DistEnv, strategy: str = "ddp", shard_units=None,
+               mixed_precision: bool = False) -> nn.Module:
     """DDP, or FSDP2 (``fully_shard`` on each of ``shard_units``, e.g. the transformer blocks, then the root) for
-    models that do not fit."""
+    models that do not fit. DDP broadcasts buffers before each forward only when the module has persistent ones
+    (``has_state_buffers``). ``mixed_precision`` (FSDP2 only): parameters all-gathered and used in bf16, gradients
+    reduced in fp32 (``MixedPrecisionPolicy``)."""
     if not env.enabled:
         return module
     if strategy == "ddp":
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=has_state_buffers(module))
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+            else MixedPrecisionPolicy()
         for unit in shard_units or []:
-            fully_shard(unit)
-        fully_shard(module)
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(module, mp_policy=policy)
         return module
     raise ValueError(f"train.distributed must be 'ddp' or 'fsdp', got {strategy!r}")
 
@@ -66,6 +80,23 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: Optional[float]) -> torch.Tensor:
+    """Total 2-norm of the gradients of ``params``, clipped to ``max_norm`` (None or 0: no clipping, the norm only),
+    as ``clip_grad_norm_`` but with one all-reduce for sharded (FSDP2 DTensor) gradients, a plain tensor result and
+    no host synchronisation."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # a DTensor (partial norms of the shards): the one all-reduce
+        norm = norm.full_tensor()
+    if max_norm and math.isfinite(max_norm):
+        grads = [p.grad for p in params]
+        if grads and hasattr(grads[0], "to_local"):  # scale the local shards: the norm is already global
+            grads = [g.to_local() for g in grads]
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def control_group():

@@ -17,6 +17,13 @@ classification or any model family; it reads only these names:
 It owns batching (gradient accumulation, DDP / FSDP2), bf16 autocast, AdamW with per-group schedules, clipping,
 the weight EMA of ``objective.model``, logging, atomic checkpoints, exact resume and a clean stop on SIGTERM.
 
+No step synchronises the host with the device: the loss, the metrics and the gradient norm are summed on the device
+and read (one all-reduce, one copy) every ``train.log_every`` steps, and a non-finite loss is caught there. Under
+FSDP2 the gradients are reduce-scattered only on the last micro-batch of an accumulation and the gradient norm takes
+one all-reduce; ``train.fsdp_mixed_precision`` (with bf16 precision) all-gathers parameters in bf16 and reduces
+gradients in fp32. The ranks agree on a SIGTERM stop through one CPU integer all-reduce every
+``train.stop_check_every`` steps (default 1: the stop happens at the first step boundary after the signal).
+
     trainer = Trainer(NepaObjective(model), train_set, cfg.train, run_dir, env, num_workers=2)
     trainer.resume()   # optional: continue from the latest checkpoint under run_dir
     trainer.fit()
@@ -39,7 +46,7 @@ from tqdm import tqdm
 
 from ..objectives.base import Objective
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, control_group, wrap_model
+from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, clip_grad_norm, control_group, wrap_model
 from .logging import MetricWriter, log, plot_loss_curve
 from .optim import SCHEDULES, build_adamw, set_lr
 from .sampler import ResumableSampler, SeededDataset
@@ -77,7 +84,9 @@ class Trainer:
         self.sharded = env.enabled and cfg.distributed == "fsdp"
         # Wrap before building the optimizer: FSDP2 turns the parameters into sharded DTensors in place.
         self.model = wrap_model(self.objective, env, cfg.distributed,
-                                shard_units=objective.shard_units() if self.sharded else None)
+                                shard_units=objective.shard_units() if self.sharded else None,
+                                mixed_precision=cfg.precision == "bf16" and bool(cfg.get("fsdp_mixed_precision", False)))
+        self.stop_check_every = int(cfg.get("stop_check_every", 1) or 1)
         groups = objective.param_groups(self.lr, cfg.weight_decay, self.warmup)
         check_param_groups(objective, groups)
         self.optimizer = build_adamw(groups, cfg.betas, cfg.eps, env.device.type)
@@ -219,15 +228,13 @@ class Trainer:
                     step_at_start, rng_at_start = self.step, rng_state()
                     lr = set_lr(self.optimizer, self.step, self.total_steps, cfg.min_lr, self.schedule, self.poly_power)
                     step_sums = self._accumulate(model, batches, ddp)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad else float("inf"))
+                    grad_norm = clip_grad_norm(params, cfg.clip_grad)  # one all-reduce under FSDP, no host sync
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                     if self.ema is not None:
                         self.ema.update(self.objective.model)
                     self.objective.after_step()
-                    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                        grad_norm = grad_norm.full_tensor()
                     step_sums["grad_norm"] = grad_norm.detach().float()
                     sums = step_sums if sums is None else {k: sums[k] + v for k, v in step_sums.items()}
                     n_sum += 1
@@ -235,7 +242,9 @@ class Trainer:
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         elapsed = time.perf_counter() - t0
-                        row = {k: all_reduce_mean(v / n_sum).item() for k, v in sums.items()}
+                        # one all-reduce and one device-to-host copy for all the metrics
+                        means = all_reduce_mean(torch.stack(list(sums.values())) / n_sum).tolist()
+                        row = dict(zip(sums, means))
                         row.update(lr=lr, epoch=self.step / self.sampler.steps_per_epoch, img_per_s=seen / elapsed)
                         if not math.isfinite(row["loss"]):
                             raise FloatingPointError(f"loss is {row['loss']} at step {self.step}; lower train.lr/blr "
@@ -243,7 +252,7 @@ class Trainer:
                         self.writer.write(self.step, row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
-                    if any_rank(self._stop, self._control):
+                    if self.step % self.stop_check_every == 0 and any_rank(self._stop, self._control):
                         self.save(rng_state())  # collectives: every rank is here, at the same step
                         raise SystemExit(f"stopped at step {self.step}; resume with --resume")
                     if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
@@ -277,6 +286,8 @@ class Trainer:
             inputs, targets = next(batches)
             inputs, targets = to_device(inputs, self.env.device), to_device(targets, self.env.device)
             sync = a == self.accum - 1
+            if self.sharded and self.accum > 1:  # FSDP2: reduce-scatter once, on the last micro-batch
+                self.model.set_requires_gradient_sync(sync)
             with (model.no_sync() if ddp and not sync else nullcontext()):
                 with torch.autocast(**self.autocast):
                     loss, metrics = model(inputs, targets)
