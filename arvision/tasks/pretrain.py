@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from ..data import build_dataset, eval_transform, fixed_subset, pretrain_transform, resolve_split
-from ..eval import FeatureSpec, extract_features, knn_classify, linear_probe
+from ..eval import FeatureSpec, attentive_probe, extract_features, extract_tokens, knn_classify, linear_probe
 from ..models import create_model
 from ..objectives import NepaLossConfig, NepaObjective
 from ..train.distributed import barrier
@@ -33,7 +33,7 @@ def run(cfg, out=None, resume=False) -> dict:
     if source == "synthetic":
         log.info("data: the built-in SYNTHETIC shapes dataset (generated on the fly, 10 classes). "
                  "For real data pass --data DIR (image folder with train/ and val/ or test/) or data.source=DIR.")
-    train_set = build_dataset(source, "train", pretrain_transform(img_size, tuple(cfg.data.crop_scale)),
+    train_set = build_dataset(source, "train", pretrain_transform(img_size, tuple(cfg.data.crop_scale), cfg.data.hflip),
                               img_size=img_size, num_samples=cfg.data.num_samples)
     log.info(f"data: {len(train_set)} training images from {source}")
     objective = NepaObjective(model, ocfg)
@@ -79,10 +79,15 @@ def probe_report(cfg, model, img_size: int, device) -> dict:
             row[f"knn_{name}"] = knn_classify(*tr, *te, k=e.knn_k, temperature=e.knn_temperature)["top1"]
             if e.linear:
                 row[f"linear_{name}"] = linear_probe(*tr, *te, epochs=e.linear_epochs, seed=cfg.train.seed)["top1"]
+            if e.attentive:
+                tr, te = (extract_tokens(m, loader(ds), spec, device, amp, progress=False) for ds in (train_set, val_set))
+                row[f"attentive_{name}"] = attentive_probe(*tr, *te, epochs=e.attentive_epochs,
+                                                           seed=cfg.train.seed)["top1"]
         report[str(blocks)] = row
         line = f"  block {str(blocks):>6}: kNN {row['knn_pretrained']:5.1f}% vs {row['knn_random_init']:5.1f}%"
-        if e.linear:
-            line += f"   linear {row['linear_pretrained']:5.1f}% vs {row['linear_random_init']:5.1f}%"
+        for probe in ("linear", "attentive"):
+            if e[probe]:
+                line += f"   {probe} {row[f'{probe}_pretrained']:5.1f}% vs {row[f'{probe}_random_init']:5.1f}%"
         lines.append(line)
     log.info(f"top-1 of the pretrained backbone vs the same architecture at random init (kNN k={e.knn_k}; "
              f"{len(train_set)} train / {len(val_set)} {val_split} images"
