@@ -67,10 +67,12 @@ def last_weights(run_dir):
     return load_file(checkpoint_dirs(run_dir)[-1] / "model.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,micro", [("ddp", 16), ("fsdp", 16), ("fsdp", 8)])
+def test_two_processes_match_one_process(tmp_path, strategy, micro):
+    # micro 8: two micro-batches per rank, FSDP2 reduce-scatters only after the second (set_requires_gradient_sync)
     launch("pretrain", ["--out", str(tmp_path / "one"), *COMMON, "train.micro_batch_size=16"], nproc=1)
-    launch("pretrain", ["--out", str(tmp_path / "two"), *COMMON, f"train.distributed={strategy}"])
+    launch("pretrain", ["--out", str(tmp_path / "two"), *COMMON, f"train.distributed={strategy}",
+                        f"train.micro_batch_size={micro}"])
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for s in a:
@@ -79,6 +81,37 @@ def test_two_processes_match_one_process(tmp_path, strategy):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+# Run by torchrun: the Trainer with train.fsdp_mixed_precision set (bf16 all-gathers, fp32 gradient reduction).
+MIXED_DRIVER = '''
+import sys
+from arvision.cli import main
+from arvision.train import engine
+
+init = engine.Trainer.__init__
+
+def mixed_init(self, objective, train_set, cfg, *args, **kwargs):
+    cfg["fsdp_mixed_precision"] = True
+    init(self, objective, train_set, cfg, *args, **kwargs)
+
+engine.Trainer.__init__ = mixed_init
+main(sys.argv[1:])
+'''
+
+
+def test_fsdp_mixed_precision_trains_like_autocast(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(MIXED_DRIVER)
+    args = [*COMMON, "train.precision=bf16", "train.distributed=fsdp"]
+    launch("pretrain", ["--out", str(tmp_path / "amp"), *args])
+    launch("pretrain", ["--out", str(tmp_path / "mixed"), *args], driver=driver)
+    a, b = losses(tmp_path / "amp"), losses(tmp_path / "mixed")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    assert all(abs(a[s] - b[s]) < 2e-2 for s in a), (a, b)  # bf16 parameters instead of bf16 autocast casts
+    wa, wb = last_weights(tmp_path / "amp"), last_weights(tmp_path / "mixed")
+    assert all(wb[k].dtype == torch.float32 for k in wb)  # the sharded fp32 master weights are what is saved
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the policy was applied
 
 
 def test_sigterm_stops_every_rank_and_resumes_exactly(tmp_path):

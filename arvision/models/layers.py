@@ -23,7 +23,7 @@ from .rope import apply_rope_signed, signed_sin
 
 QK_NORMS = ("off", "layernorm", "affine")
 ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
-SHORT_ATTENTION_MAX_T = 256  # keys; measured: the matmul path wins on the CPU up to here (benchmarks/README.md)
+SHORT_ATTENTION_MAX_T = 640  # keys; measured on the CPU: 4-6x SDPA at 65, 2.4x at 257, 1.3x at 577 (benchmarks/README.md)
 _kernel = "auto"
 _causal_bias: dict = {}
 
