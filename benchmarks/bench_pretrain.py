@@ -14,7 +14,8 @@ by a measured matmul peak of the machine (and, on CUDA, by the H100 dense bf16 p
 
 The arvision side is the step of ``arvision.train.engine.Trainer``: ``NepaObjective`` (nepa_loss plus its collapse
 monitor) under bf16 autocast, ``clip_grad_norm_(1.0)``, AdamW from ``arvision.train.optim.build_adamw`` (fused on
-CUDA, foreach elsewhere) with per-step ``set_lr``; ``--compile on`` compiles the objective module (forward + loss;
+CUDA and on the CPU) with per-step ``set_lr``, attention through ``arvision.models.layers.attention`` (the matmul path
+on the CPU for short sequences); ``--compile on`` compiles the objective module (forward + loss;
 backward through AOTAutograd), as ``train.compile=true`` does. ``--experiment`` adds monkeypatched arvision variants
 (candidate optimisations; see EXPERIMENTS).
 """
@@ -47,6 +48,7 @@ from arvision.models import layers as arv_layers  # noqa: E402
 from arvision.models.registry import create_model, list_models, model_config  # noqa: E402
 from arvision.models.vit import NepaViT  # noqa: E402
 from arvision.objectives.nepa import NepaObjective  # noqa: E402
+from arvision.train.distributed import clip_grad_norm  # noqa: E402
 from arvision.train.optim import build_adamw, set_lr, weight_decay_groups  # noqa: E402
 
 H100_BF16_DENSE = 989e12
@@ -88,7 +90,7 @@ class ArvisionStep:
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
             loss, metrics = self.loss_fn(images)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        clip_grad_norm(self.params, CLIP)  # the trainer's
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -169,6 +171,50 @@ def experiment(name: Optional[str]) -> ContextManager:
 
 
 # -------------------------------------------------------------------------------------------------- measuring
+
+ATTENTION_SHAPES = ((16, 3, 65, 64), (16, 6, 65, 64), (8, 6, 197, 64), (8, 12, 257, 64), (4, 12, 577, 64))
+
+
+def attention_kernels(device: torch.device, repeats: int = 5) -> list[dict]:
+    """Causal attention forward + backward under bf16 autocast (fp32 inputs, as after QK-Norm), median ms per call:
+    the CPU flash kernel, torch's math SDPA backend and arvision's matmul path."""
+    def flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def math(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def matmul(q, k, v):
+        previous = arv_layers.set_attention_kernel("matmul")
+        try:
+            return arv_layers.attention(q, k, v, is_causal=True)
+        finally:
+            arv_layers.set_attention_kernel(previous)
+
+    rows = []
+    for shape in ATTENTION_SHAPES:
+        q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+        row = {"shape": shape}
+        for name, fn in (("flash", flash), ("math", math), ("matmul", matmul)):
+            def once():
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    out = fn(q, k, v)
+                out.float().sum().backward()
+            once()
+            times = []
+            for _ in range(repeats):
+                synchronize(device)
+                t0 = time.perf_counter()
+                once()
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+            row[name] = 1e3 * statistics.median(times)
+        rows.append(row)
+        print(f"| {tuple(shape)} | {row['flash']:.1f} | {row['math']:.1f} | {row['matmul']:.1f} | "
+              f"{row['flash'] / row['matmul']:.2f} |", flush=True)
+    return rows
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -262,7 +308,7 @@ def build_sides(preset: str, precision: str, device: torch.device, compile_modes
     model, official = build_pair(preset, device, seed)
     sides = [Side("official", OfficialStep(official, precision, LR, WEIGHT_DECAY, CLIP, WARMUP, TOTAL, ema=ema))]
     for compiled in compile_modes:
-        for impl in adamw or [None]:  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
+        for impl in adamw or [None]:  # None: the trainer's choice (fused on CUDA and CPU)
             name = "arvision" + ("+compile" if compiled else "") + (f"+{impl}" if impl else "")
             step = ArvisionStep(copy.deepcopy(model), precision, compiled, None if impl is None else impl == "fused",
                                 ema, compile_mode)
@@ -342,7 +388,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune (default: default)")
     p.add_argument("--adamw", type=_csv(str, ("fused", "foreach")), default=[],
                    help="arvision AdamW implementations to compare, e.g. fused,foreach (default: the trainer's "
-                        "choice, fused on CUDA and foreach elsewhere)")
+                        "choice, fused on CUDA and CPU)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per step (default: 16 for 32-pixel presets, 8 for 224 on CPU; 128 on CUDA)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per timed window")
@@ -354,6 +400,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ema", action="store_true", help="both sides keep a weight EMA (the official default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    p.add_argument("--attention-only", action="store_true",
+                   help="only time the attention kernels (flash, math SDPA, matmul path), fwd + bwd, bf16 autocast")
     args = p.parse_args(argv)
     if min(args.steps, args.repeats) < 1 or args.warmup < 0 or (args.batch_size or 1) < 1:
         p.error("--steps, --repeats and --batch-size must be >= 1, --warmup >= 0")
@@ -383,6 +431,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.attention_only:
+        print("| (B, H, T, d) | flash ms | math SDPA ms | matmul path ms | flash / matmul |\n|---|---|---|---|---|")
+        return attention_kernels(device)
     sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048)
     peaks = {"fp32": matmul_peak(device, torch.float32, sizes), "bf16": matmul_peak(device, torch.bfloat16, sizes)}
     print(f"device {device} ({device_name(device)}, {torch.get_num_threads()} threads), torch {torch.__version__}; "

@@ -33,7 +33,7 @@ def run(cfg, out=None, resume=False) -> dict:
     if source == "synthetic":
         log.info("data: the built-in SYNTHETIC shapes dataset (generated on the fly, 10 classes). "
                  "For real data pass --data DIR (image folder with train/ and val/ or test/) or data.source=DIR.")
-    train_set = build_dataset(source, "train", pretrain_transform(img_size, tuple(cfg.data.crop_scale), cfg.data.hflip),
+    train_set = build_dataset(source, "train", pretrain_transform(img_size, tuple(cfg.data.crop_scale), cfg.data.hflip, uint8=True),
                               img_size=img_size, num_samples=cfg.data.num_samples)
     log.info(f"data: {len(train_set)} training images from {source}")
     objective = NepaObjective(model, ocfg)

@@ -243,7 +243,7 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         elapsed = time.perf_counter() - t0
                         # one all-reduce and one device-to-host copy for all the metrics
-                        means = all_reduce_mean(torch.stack(list(sums.values())) / n_sum).tolist()
+                        means = all_reduce_mean(torch.stack([v.reshape(()) for v in sums.values()]) / n_sum).tolist()
                         row = dict(zip(sums, means))
                         row.update(lr=lr, epoch=self.step / self.sampler.steps_per_epoch, img_per_s=seen / elapsed)
                         if not math.isfinite(row["loss"]):
