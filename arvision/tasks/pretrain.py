@@ -50,6 +50,7 @@ def run(cfg, out=None, resume=False) -> dict:
         if env.is_main:
             results["probes"] = probe_report(cfg, probed, img_size, env.device)
     barrier()
+    results["total_minutes"] = (time.perf_counter() - t0) / 60  # training and probes
     if env.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info(f"results written to {run_dir / 'results.json'}; loss curve: {run_dir / 'loss_curve.png'}")
