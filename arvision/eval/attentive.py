@@ -18,17 +18,15 @@ the held-out 10%; the best is retrained on all of it; the test set never takes p
 from __future__ import annotations
 
 import math
-import sys
-from contextlib import nullcontext
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from .features import FeatureSpec, _model_device, _unpack_batch
+from .features import FeatureSpec, run_frozen
 from .knn import _num_classes, topk_accuracy
+from .linear import held_out_split
 
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
 
@@ -66,26 +64,12 @@ def extract_tokens(model: nn.Module, loader: Iterable, spec: Optional[FeatureSpe
     """Frozen patch tokens of every sample: (bf16 (N, T, D), labels (N,)) on the CPU; several blocks are averaged.
     ``spec.pool`` is ignored (the probe pools); the prefix (CLS) token is dropped."""
     spec = spec or FeatureSpec()
-    device = _model_device(model) if device is None else torch.device(device)
-    model.to(device)
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    was_training = model.training
-    model.eval()
-    tokens, labels = [], []
-    try:
-        for batch in tqdm(loader, desc="tokens", leave=False, disable=not (progress and sys.stderr.isatty())):
-            images, target = _unpack_batch(batch)
-            with amp:
-                outs = model.forward_intermediates(images.to(device, non_blocking=True), indices=spec.blocks,
-                                                   norm=spec.norm, causal=spec.causal)
-            t = torch.stack([o.float() for o in outs]).mean(dim=0)[:, model.num_prefix_tokens:]
-            tokens.append(t.to(torch.bfloat16).cpu())
-            labels.append(torch.as_tensor(target).long().cpu())
-    finally:
-        model.train(was_training)
-    if not tokens:
-        raise ValueError("the data loader yielded no batches; check the dataset path and split")
-    return torch.cat(tokens), torch.cat(labels)
+
+    def tokens(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        outs = m.forward_intermediates(images, indices=spec.blocks, norm=spec.norm, causal=spec.causal)
+        return torch.stack([o.float() for o in outs]).mean(dim=0)[:, m.num_prefix_tokens:].to(torch.bfloat16).cpu()
+
+    return run_frozen(model, loader, tokens, device, amp_dtype, progress, "tokens")
 
 
 def train_attentive(tokens: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 20, lr: float = 1e-3,
@@ -149,11 +133,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_labels: torch.Tensor, test
         y_train, y_test = (t.detach().long().to(device).clone() for t in (train_labels, test_labels))
         sweep = {}
         if len(lrs) > 1:
-            n_val = max(1, round(val_fraction * len(y_train)))
-            if n_val >= len(y_train):
-                raise ValueError(f"val_fraction={val_fraction} leaves no training samples for the lr sweep")
-            perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed)).to(device)
-            val_idx, fit_idx = perm[:n_val], perm[n_val:]
+            fit_idx, val_idx = held_out_split(len(y_train), val_fraction, seed, device)
             for one_lr in lrs:
                 probe = train_attentive(x_train[fit_idx], y_train[fit_idx], lr=one_lr, **fit)
                 sweep[one_lr] = topk_accuracy(_predict(probe, x_train[val_idx]), y_train[val_idx], (1,))["top1"]

@@ -121,6 +121,14 @@ def extract_features(model: nn.Module, loader: Iterable, spec: Optional[FeatureS
     autocast. The progress bar is shown only when `progress` is set and stderr is a terminal.
     """
     spec = spec or FeatureSpec()
+    return run_frozen(model, loader, lambda m, x: pooled_features(m, x, spec).float().cpu(), device, amp_dtype,
+                      progress, desc)
+
+
+def run_frozen(model: nn.Module, loader: Iterable, per_batch, device=None, amp_dtype: Optional[torch.dtype] = None,
+               progress: bool = True, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_batch(model, images)`` over every batch of `loader` in eval mode (autocast with `amp_dtype`), the
+    results and the labels concatenated; the model's training mode is restored afterwards."""
     device = _model_device(model) if device is None else torch.device(device)
     model.to(device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -133,8 +141,7 @@ def extract_features(model: nn.Module, loader: Iterable, spec: Optional[FeatureS
         for batch in bar:
             images, target = _unpack_batch(batch)
             with amp:
-                f = pooled_features(model, images.to(device, non_blocking=True), spec)
-            feats.append(f.float().cpu())
+                feats.append(per_batch(model, images.to(device, non_blocking=True)))
             labels.append(torch.as_tensor(target).long().cpu())
     finally:
         model.train(was_training)

@@ -29,6 +29,16 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) 
     return [(t - mean) / std for t in (train, *others)]
 
 
+def held_out_split(n: int, val_fraction: float, seed: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) indices of a fixed random split of n training samples, for choosing a probe's lr without
+    the test set."""
+    n_val = max(1, round(val_fraction * n))
+    if n_val >= n:
+        raise ValueError(f"val_fraction={val_fraction} leaves no training samples for the lr sweep")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    return perm[n_val:], perm[:n_val]
+
+
 def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 1e-3,
                  weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
                  optimizer: str = "adamw") -> nn.Linear:
@@ -87,11 +97,7 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
         sweep = {}
         if len(lrs) > 1:
-            n_val = max(1, round(val_fraction * len(y_train)))
-            if n_val >= len(y_train):
-                raise ValueError(f"val_fraction={val_fraction} leaves no training samples for the lr sweep")
-            perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed)).to(device)
-            val_idx, fit_idx = perm[:n_val], perm[n_val:]
+            fit_idx, val_idx = held_out_split(len(y_train), val_fraction, seed, device)
             x_fit, x_val = _standardise(x_train[fit_idx], x_train[val_idx])
             for one_lr in lrs:
                 head = train_linear(x_fit, y_train[fit_idx], lr=one_lr, **fit)
