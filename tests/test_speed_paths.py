@@ -23,14 +23,6 @@ from arvision.train.distributed import DistEnv, clip_grad_norm, has_state_buffer
 from arvision.train.engine import Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _qkv(shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g, requires_grad=True) for _ in range(3)]

@@ -163,15 +163,19 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    render = staticmethod(render_shape)  # (rng, label, img_size) -> PIL image
+    _render_stream = 0  # a per-class tag in the image seeds, so that subclasses draw independent images
+
     def __getitem__(self, index: int):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         label = self.targets[index]
-        img = render_shape(np.random.default_rng((*self._stream, 0, index)), label, self.img_size)
+        img = self.render(np.random.default_rng((*self._stream, self._render_stream, index)), label, self.img_size)
         return (self.transform(img) if self.transform is not None else img), label
 
     def __repr__(self) -> str:
-        return f"SyntheticShapes(num_samples={self.num_samples}, img_size={self.img_size}, split={self.split!r})"
+        return (f"{type(self).__name__}(num_samples={self.num_samples}, img_size={self.img_size}, "
+                f"split={self.split!r})")
 
 
 @lru_cache(maxsize=64)
@@ -202,13 +206,5 @@ class SyntheticDigits(SyntheticShapes):
     label is a spatial arrangement of strokes, not a colour or texture statistic. Same indexing and splits as SyntheticShapes."""
 
     classes = [str(d) for d in range(10)]
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        label = self.targets[index]
-        img = render_digit(np.random.default_rng((*self._stream, 2, index)), label, self.img_size)
-        return (self.transform(img) if self.transform is not None else img), label
-
-    def __repr__(self) -> str:
-        return f"SyntheticDigits(num_samples={self.num_samples}, img_size={self.img_size}, split={self.split!r})"
+    render = staticmethod(render_digit)
+    _render_stream = 2
