@@ -77,8 +77,8 @@ def test_frechet_distance_rejects_mismatch_and_complex():
 
 
 def test_inception_score_one_hot_uniform_and_constant():
-    probs = torch.eye(10).repeat(20, 1)  # every split holds each class equally often
-    mean, std = inception_score(probs=probs, splits=10)
+    probs = torch.eye(10).repeat(20, 1)  # in file order, every split holds each class equally often
+    mean, std = inception_score(probs=probs, splits=10, shuffle=False)
     assert mean == pytest.approx(10.0) and std == pytest.approx(0.0, abs=1e-9)
     assert inception_score(logits=torch.randn(1, 7).repeat(50, 1))[0] == pytest.approx(1.0)
     logits = torch.randn(100, 5, generator=torch.Generator().manual_seed(0)) * 3
@@ -87,6 +87,59 @@ def test_inception_score_one_hot_uniform_and_constant():
     assert inception_score(logits=logits[:50], splits=1)[0] == pytest.approx(float(ref))
     with pytest.raises(ValueError, match="N >= splits"):
         inception_score(logits=torch.randn(5, 3), splits=10)
+
+
+def test_inception_score_is_a_function_of_the_set():
+    """Samples grouped by class (as `arvision sample` used to write them) and the same samples in another order give
+    one IS: the splits are drawn at random with a fixed seed, so each split holds about every class."""
+    grouped = torch.eye(10).repeat_interleave(20, 0)  # a perfect classifier on 200 images of 10 classes, by class
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(1))
+    score = inception_score(probs=grouped)
+    assert score == inception_score(probs=grouped[order])
+    assert 7.0 < score[0] < 10.0  # split in file order, every split holds one class: IS 1.0
+    logits = torch.randn(300, 20, generator=torch.Generator().manual_seed(0)) * 2
+    assert inception_score(logits=logits) == inception_score(logits=logits.flip(0))
+    assert inception_score(logits=logits, splits=1)[0] == pytest.approx(inception_score(logits=logits.flip(0),
+                                                                                         splits=1)[0], rel=1e-12)
+    assert inception_score(probs=grouped, shuffle=False)[0] == pytest.approx(1.0)  # file-order splits on request
+
+
+CLASS_COLOURS = torch.tensor([[(i * 37) % 256, (i * 91) % 256, (i * 151) % 256] for i in range(10)]).float() / 255
+
+
+class _ColourClassifier(FeatureExtractor):
+    """A perfect classifier of `_class_images`: the class is the nearest class colour to the image's mean colour."""
+
+    name, provides = "colour", ("pool", "logits")
+
+    def features(self, images):
+        x = images.float() / 255
+        mean = x.mean((2, 3))
+        return {"pool": torch.cat([mean, x.std((2, 3))], 1),
+                "logits": -((mean[:, None] - CLASS_COLOURS[None]) ** 2).sum(-1) * 1e4}
+
+
+def _class_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(10), per_class)  # grouped by class
+    base = (CLASS_COLOURS.numpy()[labels] * 255)[:, None, None, :]
+    images = np.clip(base + rng.normal(0, 8, (len(labels), 16, 16, 3)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def test_generative_metrics_do_not_depend_on_sample_order(tmp_path):
+    """FID, IS and precision / recall of a class-grouped .npz equal those of the same images shuffled."""
+    images, labels = _class_images(12, seed=0)
+    perm = np.random.default_rng(1).permutation(len(images))
+    np.savez(tmp_path / "grouped.npz", arr_0=images, arr_1=labels)
+    np.savez(tmp_path / "shuffled.npz", arr_0=images[perm], arr_1=labels[perm])
+    np.savez(tmp_path / "ref.npz", arr_0=_class_images(12, seed=2)[0])
+    kw = dict(extractor=_ColourClassifier(), num_workers=0, progress=False, batch_size=16)
+    a = evaluate_generative(tmp_path / "grouped.npz", tmp_path / "ref.npz", **kw)
+    b = evaluate_generative(tmp_path / "shuffled.npz", tmp_path / "ref.npz", **kw)
+    assert a["IS-colour"] == b["IS-colour"] and a["IS-colour"] > 5  # grouped in file order: 1.0
+    assert a["FD-colour"] == pytest.approx(b["FD-colour"], rel=1e-6, abs=1e-9)
+    assert (a["precision-colour"], a["recall-colour"]) == (b["precision-colour"], b["recall-colour"])
 
 
 def test_precision_recall_self_far_and_partial():
