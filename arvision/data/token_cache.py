@@ -55,9 +55,14 @@ def read_header(path: PathLike) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a token cache (no {HEADER}); make one with `arvision tokenizer encode "
                                 "--data DIR --tokenizer TOK --out CACHE`")
-    header = json.loads(file.read_text())
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{file} is not an arvision token cache header (format {header.get('format')!r})")
+    try:
+        header = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): the header is damaged; re-encode the cache with "
+                         "`arvision tokenizer encode`") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{file} is not an arvision token cache header (format "
+                         f"{header.get('format') if isinstance(header, dict) else None!r})")
     return header
 
 
@@ -72,9 +77,93 @@ class TokenCache(Dataset):
                              f"{self.info['num_images']} images encoded); rerun the same `arvision tokenizer encode` "
                              "to resume it")
         self.flip, self.sample = flip, sample
-        self.tokens = np.load(self.path / TOKENS, mmap_mode="r")
-        self.labels = np.load(self.path / LABELS, mmap_mode="r")
-        self.index = np.flatnonzero(np.load(self.path / VALID))
+        self.tokens, self.labels, valid = (self._array(name) for name in (TOKENS, LABELS, VALID))
+        self._check(valid)
+        self.index = np.flatnonzero(valid)
+
+    def _refuse(self, problem: str) -> ValueError:
+        return ValueError(f"token cache {self.path}: {problem}; the header and the arrays disagree (edited, damaged "
+                          "or from different encodes): delete it and encode again with `arvision tokenizer encode`")
+
+    def _array(self, name: str) -> np.ndarray:
+        try:
+            return np.load(self.path / name, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise self._refuse(f"{name} is missing") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise self._refuse(f"{name} is not a readable .npy array ({str(e).splitlines()[0][:120]})") from None
+
+    def _field(self, name: str, minimum: int = 0) -> int:
+        value = self.info.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._refuse(f"header field {name}={value!r} is not an integer >= {minimum}")
+        return value
+
+    def _check(self, valid: np.ndarray) -> None:
+        """The header against the arrays: token type, dtypes, shapes, counts, label and code ranges (one line naming
+        the field that disagrees). Codes are scanned in chunks of rows, so a large cache is never read at once."""
+        info, tokens, labels = self.info, self.tokens, self.labels
+        token_type = info.get("token_type")
+        if token_type not in ("discrete", "continuous"):
+            raise self._refuse(f"header field token_type={token_type!r} is neither 'discrete' nor 'continuous'")
+        n, copies, grid = self._field("num_images"), self._field("copies", 1), self._field("grid_size", 1)
+        encoded, skipped, num_classes = self._field("encoded"), self._field("skipped"), self._field("num_classes", 1)
+        if encoded != n:
+            raise self._refuse(f"header says complete but encoded={encoded} of num_images={n} images")
+        discrete = token_type == "discrete"
+        width = self._field("codebook_size", 1) if discrete else 2 * self._field("latent_channels", 1)
+        kind = "codes (integer, num_images x copies x tokens)" if discrete else \
+            "moments (float, num_images x copies x tokens x 2*latent_channels)"
+        if tokens.ndim != (3 if discrete else 4) or tokens.dtype.kind not in ("iu" if discrete else "f"):
+            raise self._refuse(f"header field token_type={token_type!r} expects {kind} in {TOKENS}, which holds "
+                               f"{tokens.dtype} {tuple(tokens.shape)}")
+        if info.get("dtype") not in (None, tokens.dtype.name):
+            raise self._refuse(f"header field dtype={info['dtype']!r} but {TOKENS} holds {tokens.dtype.name}")
+        if tokens.shape[0] != n:
+            raise self._refuse(f"header field num_images={n} but {TOKENS} holds {tokens.shape[0]} rows")
+        if tokens.shape[1] != copies:
+            raise self._refuse(f"header field copies={copies} but {TOKENS} holds {tokens.shape[1]} per image")
+        if tokens.shape[2] != grid * grid:
+            side = int(round(tokens.shape[2] ** 0.5))
+            found = f"grid {side}" if side * side == tokens.shape[2] else "not a square grid"
+            raise self._refuse(f"header field grid_size={grid} ({grid * grid} tokens per image) but {TOKENS} holds "
+                               f"{tokens.shape[2]} per image ({found})")
+        if not discrete and tokens.shape[3] != width:
+            raise self._refuse(f"header field latent_channels={width // 2} but {TOKENS} holds {tokens.shape[3]} "
+                               f"moments per token (2 x {tokens.shape[3] // 2} channels)")
+        if not discrete and not (isinstance(info.get("scale_factor"), (int, float)) and
+                                 np.isfinite(info["scale_factor"]) and info["scale_factor"] > 0):
+            raise self._refuse(f"header field scale_factor={info.get('scale_factor')!r} is not a positive number")
+        classes = info.get("classes") or []
+        if classes and len(classes) != num_classes:
+            raise self._refuse(f"header field num_classes={num_classes} but it lists {len(classes)} class names")
+        for name, arr, kinds in ((LABELS, labels, "iu"), (VALID, valid, "bu")):
+            if arr.shape != (n,) or arr.dtype.kind not in kinds:
+                raise self._refuse(f"{name} is {arr.dtype} {tuple(arr.shape)}, expected one "
+                                   f"{'integer label' if name == LABELS else 'uint8 flag'} per image "
+                                   f"(num_images={n})")
+        valid = np.asarray(valid)
+        if valid.size and valid.max() > 1:
+            raise self._refuse(f"{VALID} holds {int(valid.max())}; its flags are 0 (unreadable image) or 1")
+        unreadable = n - int(np.count_nonzero(valid))
+        if unreadable != skipped:
+            raise self._refuse(f"{VALID} marks {unreadable} of {n} images unencoded or unreadable but the header "
+                               f"field skipped={skipped}")
+        if unreadable == n:
+            raise self._refuse(f"{VALID} marks none of its {n} images readable")
+        used = np.asarray(labels)[valid.astype(bool)]
+        if used.min() < 0 or used.max() >= num_classes:
+            bad = int(used.min() if used.min() < 0 else used.max())
+            raise self._refuse(f"{LABELS} holds label {bad}, outside 0..{num_classes - 1} (header field "
+                               f"num_classes={num_classes})")
+        if discrete:
+            rows = max(1, (64 << 20) // max(1, tokens[0].nbytes))
+            for start in range(0, n, rows):
+                block = np.asarray(tokens[start:start + rows])[valid[start:start + rows].astype(bool)]
+                if block.size and (block.min() < 0 or block.max() >= width):
+                    bad = int(block.min() if block.min() < 0 else block.max())
+                    raise self._refuse(f"{TOKENS} holds code {bad}, outside 0..{width - 1} (header field "
+                                       f"codebook_size={width})")
 
     @property
     def scale_factor(self) -> float:
