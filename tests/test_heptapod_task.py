@@ -8,6 +8,7 @@ import torch
 import arvision
 from arvision.cli import main
 from arvision.data.token_cache import build_token_cache
+from arvision.generate.outputs import class_labels
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,9 @@ def test_train_then_sample(cache, tmp_path, capsys):
     assert results["steps"] == 3 and results["samples"]["count"] == 10
     samples = np.load(run / "samples.npz")
     assert samples["arr_0"].shape == (10, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
-    assert samples["arr_1"].tolist() == list(range(10))
+    # written in a seeded random class order (not 0, 1, ..., 9), so evaluators that split in file order see every class
+    assert sorted(samples["arr_1"].tolist()) == list(range(10)) and samples["arr_1"].tolist() != list(range(10))
+    assert samples["arr_1"].tolist() == class_labels(range(10), 1, seed=0).tolist()
     ckpt = run / "checkpoints" / "step_00000003"
     model = arvision.load_model(ckpt, family="heptapod")
     assert model.config.codebook_size == arvision.create_model("vq_f4_32px").codebook_size
@@ -35,10 +38,20 @@ def test_train_then_sample(cache, tmp_path, capsys):
     # sampling from the checkpoint finds the tokenizer through the run's token cache
     main(["sample", str(ckpt), "--out", str(tmp_path / "s"), "--num-per-class", "2", "--classes", "1,4"])
     out = np.load(tmp_path / "s" / "samples.npz")
-    assert out["arr_0"].shape == (4, 32, 32, 3) and out["arr_1"].tolist() == [1, 1, 4, 4]
+    assert out["arr_0"].shape == (4, 32, 32, 3) and out["arr_1"].tolist() == class_labels([1, 4], 2, seed=0).tolist()
     again = tmp_path / "s2"
     main(["sample", str(ckpt), "--out", str(again), "--num-per-class", "2", "--classes", "1,4", "--no-cache"])
     assert np.array_equal(np.load(again / "samples.npz")["arr_0"], out["arr_0"])  # the cache changes nothing
+
+
+def test_sample_class_order_is_seeded_and_mixed():
+    """`arvision sample` / `heptapod train` write samples in this order: every class equally often, shuffled by the
+    sampling seed, so any window of the file (an IS split, a first-N subset) holds about every class."""
+    labels = class_labels(range(10), 20, seed=0)
+    assert torch.bincount(labels).tolist() == [20] * 10
+    assert all(len(labels[i:i + 20].unique()) >= 5 for i in range(0, 200, 20))  # grouped: one class per window
+    assert torch.equal(labels, class_labels(range(10), 20, seed=0))
+    assert not torch.equal(labels, class_labels(range(10), 20, seed=1))
 
 
 def test_one_line_errors(cache, tmp_path, capsys):

@@ -12,7 +12,7 @@ def cmd_sample(args) -> None:
     import torch
 
     from ..checkpoints import load_model
-    from ..generate.outputs import generate_images, save_grid, save_npz
+    from ..generate.outputs import class_labels, generate_images, save_grid, save_npz
     from ..generate.sample import SamplingConfig
 
     model = load_model(args.checkpoint, family="heptapod", ema=args.ema)
@@ -24,7 +24,7 @@ def cmd_sample(args) -> None:
     bad = [c for c in classes if not 0 <= c < n_cls]
     if bad:
         raise ValueError(f"class indices {bad} are out of range for a generator of {n_cls} classes")
-    labels = torch.tensor(classes).repeat_interleave(args.num_per_class)
+    labels = class_labels(classes, args.num_per_class, args.seed)
     cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
                          cfg_scale=args.cfg, use_cache=not args.no_cache, precision=args.precision)

@@ -1,7 +1,9 @@
 """Writing samples: a PNG grid (one row per class) and the ADM-format ``.npz`` that ``arvision eval fid`` and the
 ADM/OpenAI evaluator read (``arr_0``: uint8 (N, H, W, 3); ``arr_1``: int64 class labels). Both are written to a
-temporary name and renamed, so an interrupted run never leaves a file that looks complete.
+temporary name and renamed, so an interrupted run never leaves a file that looks complete. Samples are drawn and
+written in a seeded random class order (``class_labels``), never class by class.
 
+    labels = class_labels(range(1000), 50, seed=0)
     images = generate_images(model, tokenizer, labels, SamplingConfig(), batch_size=64, seed=0)
     save_npz(images, labels, "samples.npz");  save_grid(images, labels, "samples.png", per_row=8)
 """
@@ -32,6 +34,14 @@ def generate_images(model, tokenizer, labels: torch.Tensor, config: Optional[Sam
         images = decode_tokens(tokenizer, tokens, model.config, scale_factor)
         out.append(to_uint8(images))
     return torch.cat(out)
+
+
+def class_labels(classes, num_per_class: int, seed: int = 0) -> torch.Tensor:
+    """Each of ``classes`` ``num_per_class`` times, in a random order fixed by ``seed``: samples written in this
+    order can be split or subset in file order (an Inception Score's splits, an external evaluator's first N) and
+    each part still holds about every class."""
+    labels = torch.as_tensor(list(classes), dtype=torch.long).repeat_interleave(num_per_class)
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
 
 
 def _atomic_path(path: Path) -> Path:

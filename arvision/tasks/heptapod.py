@@ -104,12 +104,12 @@ def run(cfg, out=None, resume=False) -> dict:
 
 
 def write_samples(model, cache: TokenCache, scfg, run_dir: Path) -> dict:
-    from ..generate.outputs import generate_images, save_grid, save_npz
+    from ..generate.outputs import class_labels, generate_images, save_grid, save_npz
     from ..generate.sample import SamplingConfig
 
     tokenizer = cache.load_tokenizer()
     model = model.eval()
-    labels = torch.arange(model.config.num_classes).repeat_interleave(scfg.num_per_class)
+    labels = class_labels(range(model.config.num_classes), scfg.num_per_class, scfg.seed)
     sampling = SamplingConfig(temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
                               diffusion_steps=scfg.diffusion_steps, diffusion_temperature=scfg.diffusion_temperature)
     images = generate_images(model, tokenizer, labels, sampling, scfg.batch_size, scfg.seed, cache.scale_factor)
