@@ -132,7 +132,7 @@ def test_objective_checks_and_layer_decay_groups():
     masks = torch.randint(0, 5, (2, 32, 32))
     masks[:, :4] = 255
     loss, metrics = obj(torch.randn(2, 3, 32, 32), masks)
-    assert loss.isfinite() and set(metrics) == {"decode_loss", "aux_loss", "pixel_acc"}
+    assert loss.isfinite() and set(metrics) == {"decode_loss", "aux_loss", "pixel_acc", "all_ignored"}
     torch.testing.assert_close(loss, metrics["decode_loss"] + 0.4 * metrics["aux_loss"])
     groups = obj.param_groups(1e-4, 0.05, 10)
     check_param_groups(obj, groups)

@@ -3,7 +3,8 @@ with a class list, and a built-in synthetic set of shapes with exact masks.
 
 Without a transform a sample is (uint8 image (3, H, W), LongTensor mask (H, W)); a transform is called as
 `transform(pil_image, mask_array)` (see arvision.data.segmentation_transforms). Labels are 0..num_classes-1, and
-`ignore_index` (255) marks pixels that count for nothing.
+`ignore_index` (default 255, `segment.ignore_index`; outside the class range) marks pixels that count for nothing,
+in the mask files and in the masks this yields.
 
     ds = build_segmentation_dataset("/data/ADEChallengeData2016", "train", seg_train_transform())   # 150 classes
     ds = build_segmentation_dataset("synthetic", "val", img_size=64)                               # 11 classes
@@ -11,7 +12,7 @@ Without a transform a sample is (uint8 image (3, H, W), LongTensor mask (H, W));
 
 Layouts:
 - ADE20K: `images/{training,validation}/*.jpg`, `annotations/{training,validation}/*.png`; annotation 0 ("other")
-  becomes 255 and v becomes v - 1 (reduce-zero-label), giving the 150 classes of arvision.data.ade20k.
+  becomes the ignore index and v becomes v - 1 (reduce-zero-label), giving the 150 classes of arvision.data.ade20k.
 - Generic folders: `images/<split>/` and `annotations/<split>/` (split `train`/`training`, `val`/`validation`, `test`),
   masks named as their image with a .png suffix, and a class list `classes.json` at the root:
   `[{"name": "road", "color": [128, 64, 128]}, ...]` (or a list of names), or `classes.csv` / `classes.txt` with
@@ -33,11 +34,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..models.segmentation import IGNORE_INDEX, check_ignore_index
 from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE
 from .datasets import SYNTHETIC, DataError, SkipCorruptDataset
 from .synthetic import SHAPES, SPLITS, render_scene
 
-IGNORE_INDEX = 255
 CLASS_FILES = ("classes.json", "classes.csv", "classes.txt")
 _SPLIT_DIRS = {"train": ("training", "train"), "val": ("validation", "val"), "test": ("test", "testing")}
 _SYNTHETIC_SIZES = {"train": 4000, "val": 500, "test": 500}
@@ -78,9 +79,9 @@ class SegmentationFolder(SkipCorruptDataset):
         self.palette = [tuple(int(v) for v in c) for c in palette] if palette else _default_palette(len(self.classes))
         if len(self.palette) != len(self.classes):
             raise ValueError(f"{len(self.classes)} classes but {len(self.palette)} palette colours")
-        if not self.classes or len(self.classes) > 65535 or 0 <= ignore_index < len(self.classes):
-            raise ValueError(f"need 1..65535 classes and an ignore_index outside 0..{len(self.classes) - 1}, got "
-                             f"{len(self.classes)} classes and ignore_index={ignore_index}")
+        if not self.classes or len(self.classes) > 65535:
+            raise ValueError(f"need 1..65535 classes, got {len(self.classes)}")
+        check_ignore_index(ignore_index, len(self.classes))
         self.reduce_zero_label, self.ignore_index = reduce_zero_label, ignore_index
         for d, what in ((self.image_dir, "image"), (self.mask_dir, "mask")):
             if not d.is_dir():
@@ -162,11 +163,12 @@ class SegmentationFolder(SkipCorruptDataset):
 class ADE20KDataset(SegmentationFolder):
     """ADE20K SceneParsing (`ADEChallengeData2016`): 150 classes, reduce-zero-label (annotation 0 ignored)."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Callable | None = None,
+                 ignore_index: int = IGNORE_INDEX):
         self.root = Path(root)
         name = _split_dir(self.root, split)
         super().__init__(self.root / "images" / name, self.root / "annotations" / name, ADE20K_CLASSES,
-                         ADE20K_PALETTE, transform, reduce_zero_label=True)
+                         ADE20K_PALETTE, transform, reduce_zero_label=True, ignore_index=ignore_index)
         self.split = name
 
 
@@ -232,10 +234,11 @@ class SyntheticSegmentation(Dataset):
 
     classes = ["background", *SHAPES]
     palette = [(0, 0, 0), *_default_palette(len(SHAPES))]
-    ignore_index = IGNORE_INDEX
 
     def __init__(self, num_samples: int = 4000, img_size: int = 32, split: str = "train", seed: int = 0,
-                 transform: Callable | None = None, max_shapes: int = 3):
+                 transform: Callable | None = None, max_shapes: int = 3, ignore_index: int = IGNORE_INDEX):
+        check_ignore_index(ignore_index, len(self.classes))  # every pixel is labelled; the padding uses it
+        self.ignore_index = ignore_index
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if num_samples < 1 or img_size < 8 or not 1 <= max_shapes <= len(SHAPES):
@@ -270,15 +273,16 @@ class SyntheticSegmentation(Dataset):
 
 def build_segmentation_dataset(source: str | os.PathLike, split: str = "train", transform: Callable | None = None,
                                img_size: int = 32, num_samples: int | None = None,
-                               reduce_zero_label: bool | None = None) -> Dataset:
+                               reduce_zero_label: bool | None = None, ignore_index: int = IGNORE_INDEX) -> Dataset:
     """'synthetic' (SyntheticSegmentation), an ADEChallengeData2016 folder, or a generic folder with a class list
     (classes.json / .csv / .txt) and images/<split>/ + annotations/<split>/. `reduce_zero_label` applies to generic
-    folders (default False); ADE20K always reduces."""
+    folders (default False); ADE20K always reduces. `ignore_index`: the label of unlabelled pixels (see the module
+    docstring); one inside the class range is a one-line error."""
     if str(source) == SYNTHETIC:
         if split not in _SYNTHETIC_SIZES:
             raise ValueError(f"split must be one of {', '.join(_SYNTHETIC_SIZES)}, got {split!r}")
         n = num_samples if num_samples is not None else _SYNTHETIC_SIZES[split]
-        return SyntheticSegmentation(n, img_size, split, transform=transform)
+        return SyntheticSegmentation(n, img_size, split, transform=transform, ignore_index=ignore_index)
     root = Path(source)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
@@ -288,10 +292,10 @@ def build_segmentation_dataset(source: str | os.PathLike, split: str = "train", 
     class_file = find_class_list(root)
     if class_file is None:
         if is_ade20k(root):
-            return ADE20KDataset(root, split, transform)
+            return ADE20KDataset(root, split, transform, ignore_index)
         raise FileNotFoundError(f"no class list in {root}: add one of {', '.join(CLASS_FILES)} (or use the "
                                 f"ADEChallengeData2016 layout, images/training and annotations/training)")
     names, colours = read_class_list(class_file)
     name = _split_dir(root, split)
     return SegmentationFolder(root / "images" / name, root / "annotations" / name, names, colours, transform,
-                              reduce_zero_label=bool(reduce_zero_label))
+                              reduce_zero_label=bool(reduce_zero_label), ignore_index=ignore_index)

@@ -23,9 +23,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
+from ..models.segmentation import IGNORE_INDEX
 from .transforms import NEPA_MEAN, NEPA_STD
-
-IGNORE_INDEX = 255
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..metrics import ConfusionMatrix
+from ..models.segmentation import IGNORE_INDEX
 from .classify import EvalShard, unpack_weighted
 
 MODES = ("whole", "slide")
@@ -109,7 +110,7 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, num_classes: int, 
                           stride=341, flip: bool = False, ratios: Sequence[float] = (1.0,),
                           test_scale: Optional[Sequence[int]] = None, device=None,
                           amp_dtype: Optional[torch.dtype] = None, batch_size: int = 1, num_workers: int = 0,
-                          ignore_index: int = 255, classes: Optional[Sequence[str]] = None,
+                          ignore_index: int = IGNORE_INDEX, classes: Optional[Sequence[str]] = None,
                           rank: int = 0, world_size: int = 1) -> dict:
     """mIoU / mAcc / aAcc (percent) and per-class IoU / Acc of ``model`` on ``dataset`` ((normalised image, mask)
     pairs at the annotation size). Each process evaluates its shard; the confusion matrices are all-reduced, so every

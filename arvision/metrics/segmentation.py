@@ -11,7 +11,7 @@ Definitions (mmseg ``total_area_to_metrics``): with intersect_c = CM[c, c], area
 column sum, IoU_c = intersect_c / (area_label_c + area_pred_c - intersect_c), Acc_c = intersect_c / area_label_c,
 aAcc = sum intersect / sum area_label. A class absent from both prediction and target has IoU nan and is left out of
 mIoU (nanmean); a class absent from the target has Acc nan. Values are fractions in [0, 1]. Pixels whose target is
-``ignore_index`` are not counted.
+``ignore_index`` (default 255; one inside the class range is an error) are not counted.
 """
 from __future__ import annotations
 
@@ -20,13 +20,16 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..models.segmentation import IGNORE_INDEX, check_ignore_index
+
 
 class ConfusionMatrix:
     """(num_classes, num_classes) int64 counts, rows = target class, columns = predicted class, kept on ``device``."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: str | torch.device = "cpu"):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: str | torch.device = "cpu"):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_ignore_index(ignore_index, num_classes)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
@@ -82,6 +85,6 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(x.nanmean()) if (~x.isnan()).any() else math.nan
 
 
-def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> dict:
+def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> dict:
     """Segmentation metrics of predicted class indices against targets (any matching shapes); see the module doc."""
     return ConfusionMatrix(num_classes, ignore_index, device=pred.device).update(pred, target).compute()

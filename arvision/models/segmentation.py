@@ -18,7 +18,8 @@ runs through a 224-trained backbone with the same weights and no position interp
     seg = Segmentor.from_backbone(load_model(ckpt, family="nepa_vit", num_classes=0), num_classes=150)
 
 The config holds the backbone's config as a nested dict, so ``save_model`` / ``load_model`` round-trip segmentors;
-it also keeps the class names and colours (``classes``, ``palette``) used by ``arvision segment eval | predict``.
+it also keeps the class names and colours (``classes``, ``palette``) and the ignore index of its training masks,
+used by ``arvision segment eval | predict``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ from .upernet import FCNHead, LinearHead, SimplePyramid, UperHead, resize
 from .vit import NepaConfig, NepaViT
 
 HEADS = ("upernet", "linear")
+# The label of pixels that count for nothing (mmseg's 255), unless ``segment.ignore_index`` says otherwise: the one
+# default of the datasets, the transforms' mask padding, the loss and the metrics.
+IGNORE_INDEX = 255
+
+
+def check_ignore_index(ignore_index: int, num_classes: int) -> None:
+    """One line if ``ignore_index`` is a class label (0 .. num_classes - 1): its pixels would be dropped from both the
+    loss and the metrics."""
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index={ignore_index} is inside the class range 0..{num_classes - 1}, so that class "
+                         f"would be ignored; set segment.ignore_index to a value outside it (e.g. -1, or 65535 for "
+                         f"16-bit masks)")
 # BEiT / MAE's ADE20K block choices for 12- and 24-block ViTs.
 _OUT_INDICES = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
 
@@ -58,6 +71,7 @@ class SegmentorConfig(ConfigDict):
     causal: bool = False  # backbone attention (NEPA pretrains causally; dense prediction is bidirectional)
     classes: Optional[list] = None  # class names, in label order
     palette: Optional[list] = None  # [[r, g, b], ...] display colours
+    ignore_index: int = IGNORE_INDEX  # the label of unlabelled pixels in the masks it was trained on
 
     def __post_init__(self):
         bb = NepaConfig.from_dict(dict(self.backbone))
@@ -67,6 +81,7 @@ class SegmentorConfig(ConfigDict):
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        check_ignore_index(self.ignore_index, self.num_classes)
         if self.out_indices is None:
             self.out_indices = default_out_indices(bb.depth)
         from .transformer import parse_blocks

@@ -1,8 +1,11 @@
 """Semantic segmentation objective (mmseg / BEiT / MAE ADE20K): pixel cross-entropy with ``ignore_index`` on the decode
-head's logits plus ``aux_weight`` (0.4) times the auxiliary FCN head's, both at the mask resolution.
+head's logits plus ``aux_weight`` (0.4) times the auxiliary FCN head's, both at the mask resolution. Each is the
+mean over the labelled pixels of the micro-batch; a micro-batch whose pixels are all ignored adds 0 (metric
+``all_ignored``: the share of such micro-batches), not NaN.
 
     objective = SegmentationObjective(segmentor, aux_weight=0.4, llrd=0.65, head_lr_scale=1.0)
-    loss, metrics = objective(images, masks)       # images (B, 3, H, W), masks (B, H, W) int64, 255 = ignored
+    loss, metrics = objective(images, masks)       # images (B, 3, H, W), masks (B, H, W) int64
+                                                   # (ignore_index, default 255: pixels that count for nothing)
     groups = objective.param_groups(lr=1e-4, weight_decay=0.05, warmup_steps=1500)
 
 Parameter groups: MAE/BEiT layer-wise lr decay over the backbone (``train.optim.llrd_groups``, standard mode: the
@@ -17,15 +20,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models.segmentation import IGNORE_INDEX, check_ignore_index
 from .base import Objective
 
 
+def masked_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int,
+                         labelled: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pixel cross-entropy averaged over the pixels whose label is not ``ignore_index`` (``labelled``: their count,
+    if known): ``F.cross_entropy``'s mean, but 0 (not 0 / 0 = NaN) for a batch whose pixels are all ignored, so that
+    such a batch adds nothing to the loss and its gradients are zeros."""
+    if labelled is None:
+        labelled = (masks != ignore_index).sum()
+    total = F.cross_entropy(logits.float(), masks, ignore_index=ignore_index, reduction="sum")
+    return total / labelled.clamp_min(1)
+
+
 class SegmentationObjective(Objective):
-    def __init__(self, model: nn.Module, aux_weight: float = 0.4, ignore_index: int = 255,
+    def __init__(self, model: nn.Module, aux_weight: float = 0.4, ignore_index: Optional[int] = None,
                  llrd: Optional[float] = 0.65, head_lr_scale: float = 1.0):
         super().__init__()
         if aux_weight < 0 or head_lr_scale <= 0:
             raise ValueError(f"need aux_weight >= 0 and head_lr_scale > 0, got {aux_weight} and {head_lr_scale}")
+        if ignore_index is None:  # the segmentor's (segment.ignore_index when the task built it)
+            ignore_index = getattr(model.config, "ignore_index", IGNORE_INDEX)
+        check_ignore_index(ignore_index, model.config.num_classes)
         self.model, self.aux_weight, self.ignore_index = model, aux_weight, ignore_index
         self.llrd, self.head_lr_scale = llrd, head_lr_scale
 
@@ -40,15 +58,17 @@ class SegmentationObjective(Objective):
             raise ValueError("UperNet's BatchNorm needs at least 2 images per process and micro-batch; raise "
                              "train.batch_size / train.micro_batch_size")
         logits, aux = self.model(images, return_aux=True)
-        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+        valid = masks != self.ignore_index
+        labelled = valid.sum()
+        loss = masked_cross_entropy(logits, masks, self.ignore_index, labelled)
         metrics = {"decode_loss": loss.detach()}
         if aux is not None and self.aux_weight > 0:
-            aux_loss = F.cross_entropy(aux.float(), masks, ignore_index=self.ignore_index)
+            aux_loss = masked_cross_entropy(aux, masks, self.ignore_index, labelled)
             metrics["aux_loss"] = aux_loss.detach()
             loss = loss + self.aux_weight * aux_loss
-        valid = masks != self.ignore_index
         hits = (logits.detach().argmax(1) == masks) & valid
-        metrics["pixel_acc"] = hits.sum() * 100.0 / valid.sum().clamp_min(1)  # no host sync
+        metrics["pixel_acc"] = hits.sum() * 100.0 / labelled.clamp_min(1)  # no host sync
+        metrics["all_ignored"] = (labelled == 0).float()  # the share of micro-batches with no labelled pixel
         return loss, metrics
 
     def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:

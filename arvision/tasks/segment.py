@@ -26,7 +26,7 @@ from torch import nn
 from ..data import build_segmentation_dataset, fixed_subset, seg_eval_transform, seg_train_transform
 from ..eval.segmentation import evaluate_segmentation, inference, overlay_image, save_png, write_json
 from ..models import create_model, model_config
-from ..models.segmentation import Segmentor
+from ..models.segmentation import IGNORE_INDEX, Segmentor
 from ..objectives.segmentation import SegmentationObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
@@ -46,7 +46,7 @@ def build_segmentor(cfg, num_classes: int, classes: Optional[Sequence[str]] = No
     ``model.backbone_init`` (arvision or official NEPA checkpoint) or random init."""
     m, s = cfg.model, cfg.segment
     fields = {**model_config(m.name).to_dict(), **dict(m.args or {})}
-    fields.update(num_classes=num_classes, causal=s.causal, aux_head=s.aux_weight > 0,
+    fields.update(num_classes=num_classes, causal=s.causal, aux_head=s.aux_weight > 0, ignore_index=s.ignore_index,
                   classes=list(classes) if classes else None, palette=[list(c) for c in palette] if palette else None)
     if m.head:
         fields["head"] = m.head
@@ -97,15 +97,15 @@ def load_segmentor(source, ema: bool = False) -> Segmentor:
 
 # ------------------------------------------------------------------------------------------------- data
 
-def train_transform(d):
+def train_transform(d, ignore_index: int = IGNORE_INDEX):
     return seg_train_transform(d.crop_size, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio, d.hflip,
-                               d.photometric)
+                               d.photometric, ignore_index=ignore_index)
 
 
-def dataset(d, split: str, transform, num_samples: Optional[int] = None):
+def dataset(d, split: str, transform, num_samples: Optional[int] = None, ignore_index: int = IGNORE_INDEX):
     """The ``data`` section's dataset for ``split`` (train / val / test)."""
     return build_segmentation_dataset(d.source, split, transform, img_size=d.img_size, num_samples=num_samples,
-                                      reduce_zero_label=d.reduce_zero_label)
+                                      reduce_zero_label=d.reduce_zero_label, ignore_index=ignore_index)
 
 
 def check_classes(model: Segmentor, data, where: str) -> None:
@@ -130,19 +130,20 @@ def run(cfg, out=None, resume=False) -> dict:
     if cfg.train.distributed == "fsdp":
         raise ValueError("segment train supports train.distributed=ddp only (sliding-window evaluation runs a "
                          "different number of forward passes on each process, which FSDP cannot gather for)")
+    d, e, s = cfg.data, cfg.eval, cfg.segment
+    # the data before the run directory: a bad path or ignore index is one line that leaves nothing behind
+    train_set = dataset(d, "train", train_transform(d, s.ignore_index), d.num_samples, s.ignore_index)
     env, run_dir = prepare_run(cfg, "segment", out, resume)
     seed_everything(cfg.train.seed)
-    d, e, s = cfg.data, cfg.eval, cfg.segment
     if d.source == "synthetic":
         log.info("data: the built-in SYNTHETIC segmentation set (11 classes). For real data pass --data DIR "
                  "(ADEChallengeData2016, or images/ + annotations/ + classes.json).")
-    train_set = dataset(d, "train", train_transform(d), d.num_samples)
     classes, palette = list(train_set.classes), list(getattr(train_set, "palette", None) or [])
     model = build_segmentor(cfg, len(classes), classes, palette or None)
     if env.enabled and env.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's SyncBN; same state-dict keys
     val_split = e.split
-    val_set = fixed_subset(dataset(d, val_split, seg_eval_transform()), e.max_samples)
+    val_set = fixed_subset(dataset(d, val_split, seg_eval_transform(), ignore_index=s.ignore_index), e.max_samples)
     log.info(f"data: {len(train_set)} training images, {len(val_set)} {val_split} images, {len(classes)} classes "
              f"from {d.source}")
     objective = SegmentationObjective(model, s.aux_weight, s.ignore_index, s.llrd, s.head_lr_scale)
@@ -211,14 +212,15 @@ def evaluate_checkpoint(checkpoint, source, split: str = "val", mode: str = "sli
 
     env = init_distributed(device or "auto")
     model = load_segmentor(checkpoint, ema).to(env.device)
+    ignore_index = model.config.ignore_index  # the label of unlabelled pixels in the masks it was trained on
     ds = build_segmentation_dataset(source, split, seg_eval_transform(), img_size=img_size,
-                                    reduce_zero_label=reduce_zero_label)
+                                    reduce_zero_label=reduce_zero_label, ignore_index=ignore_index)
     check_classes(model, ds, f"{source} ({split})")
     ds = fixed_subset(ds, max_samples)
     crop = crop or model.config.backbone["img_size"]
     res = evaluate_segmentation(model, ds, model.config.num_classes, mode, crop,
                                 stride or max(1, math.ceil(crop * 2 / 3)), flip, ratios, test_scale, env.device,
-                                torch.bfloat16 if bf16 else None, batch_size, num_workers,
+                                torch.bfloat16 if bf16 else None, batch_size, num_workers, ignore_index,
                                 classes=getattr(ds, "classes", None) or model.config.classes,
                                 rank=env.rank, world_size=env.world_size)
     res.update(checkpoint=str(checkpoint), data=str(source), split=split, mode=mode, crop=crop, flip=flip,
