@@ -1,5 +1,6 @@
 import io
 import logging
+import os
 import sys
 
 import numpy as np
@@ -287,3 +288,140 @@ def test_synthetic_digits_are_deterministic_balanced_and_drawn():
     far = np.abs(px[:, None] - px[None, ::7]).sum(-1).max()
     assert far > 150
     assert build_dataset("synthetic-digits", "val", num_samples=5)[0][1] in range(10)
+
+
+# ---------------------------------------------------------------- image modes, hidden names, links (issue 15 items 2-4)
+
+
+def _mode_files(folder) -> dict[str, tuple[int, int, int]]:
+    """One 8 x 8 image per Pillow mode a user meets, each with the 8-bit RGB it must read as."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(folder / "i16.png")  # I;16: half of 65535
+    Image.fromarray(np.full((8, 8), 32768, ">u2")).save(folder / "i16b.tif")  # I;16B
+    (folder / "i32.pgm").write_bytes(b"P5 8 8 65535\n" + np.full(64, 32768, ">u2").tobytes())  # opens as mode I
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(folder / "f.tif")  # F, [0, 1]
+    Image.fromarray(np.dstack([np.full((8, 8), 200, np.uint8), np.full((8, 8), 77, np.uint8)]), "LA").save(
+        folder / "la.png")
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.save(folder / "p_trns.png", transparency=0)
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(folder / "cmyk.tif")
+    Image.new("RGBA", (8, 8), (30, 60, 90, 0)).save(folder / "rgba.png")  # alpha dropped, as torchvision / pytorch-fid
+    Image.new("L", (8, 8), 77).save(folder / "l.png")
+    Image.new("1", (8, 8), 1).save(folder / "bw.png")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(folder / "rgb.png")
+    return {"i16.png": (128,) * 3, "i16b.tif": (128,) * 3, "i32.pgm": (128,) * 3, "f.tif": (128,) * 3,
+            "la.png": (200,) * 3, "p_trns.png": (10, 200, 30), "cmyk.tif": (0, 255, 255), "rgba.png": (30, 60, 90),
+            "l.png": (77,) * 3, "bw.png": (255,) * 3, "rgb.png": (1, 2, 3)}
+
+
+def test_every_image_mode_reads_as_8bit_rgb_by_its_value_range(tmp_path):
+    """A 16-bit PNG of value 32768 reads as 128 (not 255) in every reader: training folders, FID folders, dataset
+    splits for `eval fid` / the token cache, segmentation images, the visualiser."""
+    from arvision.data.segmentation import SegmentationFolder
+    from arvision.eval.generative import open_images
+    from arvision.eval.visualize import load_images
+
+    expected = _mode_files(tmp_path / "data" / "train" / "modes")
+    _mode_files(tmp_path / "data" / "val" / "modes")
+    ds = ImageFolderDataset(tmp_path / "data" / "train")
+    assert sorted(os.path.basename(p) for p, _ in ds.samples) == sorted(expected)
+    for i, (path, _) in enumerate(ds.samples):
+        img = ds[i][0]
+        assert img.mode == "RGB" and tuple(np.asarray(img)[0, 0]) == expected[os.path.basename(path)], path
+    folder = open_images(tmp_path / "data" / "train" / "modes")  # an `eval fid` image folder
+    split = open_images(tmp_path / "data", "val")  # a dataset split (as `eval fid` and the token cache read it)
+    for reader in (folder, split):
+        got = sorted(tuple(reader[i][:, 0, 0].tolist()) for i in range(len(reader)))
+        assert got == sorted(expected.values())
+    seg = tmp_path / "seg"
+    _mode_files(seg / "images")
+    (seg / "masks").mkdir()
+    for name in expected:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(seg / "masks" / (os.path.splitext(name)[0] + ".png"))
+    seg_ds = SegmentationFolder(seg / "images", seg / "masks", ["a", "b"])
+    for i, (path, _) in enumerate(seg_ds.samples):
+        assert tuple(seg_ds[i][0][:, 0, 0].tolist()) == expected[os.path.basename(path)], path
+    x = load_images([tmp_path / "data" / "train" / "modes" / "i16.png"], 8)  # normalised with mean = std = 0.5
+    assert x[0, :, 0, 0].tolist() == pytest.approx([(128 / 255 - 0.5) / 0.5] * 3, abs=1e-6)
+
+
+def _class_tree(root, classes, n, colour=(250, 20, 20)):
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            _png(root / c / f"{i}.png", colour)
+
+
+def _seg_tree(seg, n):
+    """images/a/{0..n-1}.png with all-zero masks (ignored under reduce_zero_label)."""
+    _class_tree(seg / "images", ["a"], n)
+    (seg / "masks" / "a").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(seg / "masks" / "a" / f"{i}.png")
+
+
+def test_hidden_names_are_not_data_and_class_lists_must_match(tmp_path):
+    """An empty `train/.ipynb_checkpoints` is not class 0, `.ipynb_checkpoints/*-checkpoint.png` and `.x.png` are not
+    images (classes, FID folders, segmentation images); splits whose class folders differ are a one-line error."""
+    from arvision.data.segmentation import SegmentationFolder
+    from arvision.eval.generative import open_images
+
+    root = tmp_path / "data"
+    _class_tree(root / "train", ["airplane", "ship"], 3)
+    _class_tree(root / "val", ["airplane", "ship"], 1)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "val" / ".ipynb_checkpoints" / "x").mkdir(parents=True)
+    (root / "train" / "ship" / ".ipynb_checkpoints").mkdir()
+    _png(root / "train" / "ship" / ".ipynb_checkpoints" / "0-checkpoint.png", (1, 2, 3))
+    _png(root / "train" / "airplane" / ".hidden.png", (1, 2, 3))
+    train, val = build_dataset(root, "train"), build_dataset(root, "val")
+    assert train.classes == val.classes == ["airplane", "ship"]
+    assert len(train) == 6 and not any("/." in p for p, _ in train.samples)
+    assert len(open_images(root / "train")) == 6  # an `eval fid` folder: 6 images, not 8
+    seg = tmp_path / "seg"
+    _seg_tree(seg, 2)
+    _png(seg / "images" / "a" / ".0.png", (1, 2, 3))  # no mask: skipped, not an error
+    (seg / "images" / ".ipynb_checkpoints").mkdir()
+    _png(seg / "images" / ".ipynb_checkpoints" / "0-checkpoint.png", (1, 2, 3))
+    assert len(SegmentationFolder(seg / "images", seg / "masks", ["a", "b", "c"], reduce_zero_label=True)) == 2
+    # class lists that differ between splits would shift the labels of one of them: refused, naming the classes
+    _class_tree(root / "train", ["cat"], 1)
+    for split in ("train", "val"):
+        with pytest.raises(ValueError) as err:
+            build_dataset(root, split)
+        msg = str(err.value)
+        assert "\n" not in msg and "cat" in msg and "train" in msg and "val" in msg and "airplane" not in msg
+
+
+def test_links_list_each_real_file_once_and_never_leave_the_root(tmp_path, caplog):
+    """`train/cat/loop -> .` and `train/dog/up -> ../..` must not multiply the data or pull val images into train:
+    each real file is listed once, links that loop or leave the root are skipped and counted in the log; an empty
+    class folder is a warning."""
+    from arvision.data.segmentation import SegmentationFolder
+    from arvision.eval.generative import open_images
+
+    root = tmp_path / "data"
+    _class_tree(root / "train", ["cat", "dog"], 4)
+    _class_tree(root / "val", ["cat", "dog"], 5, colour=(20, 20, 250))
+    (root / "train" / "empty").mkdir()
+    (root / "val" / "empty").mkdir()
+    os.symlink(".", root / "train" / "cat" / "loop")
+    os.symlink("../..", root / "train" / "dog" / "up")
+    os.symlink(root / "val", root / "train" / "dog" / "val_link")  # leaves the root
+    os.symlink("../cat/0.png", root / "train" / "dog" / "alias.png")  # a second name of a listed file
+    with caplog.at_level(logging.WARNING, logger="arvision.data"):
+        ds = build_dataset(root, "train")
+    real = sorted(str(p) for p in (root / "train").glob("*/[0-9].png"))
+    assert sorted(p for p, _ in ds.samples) == real and len(ds) == 8 and ds.classes == ["cat", "dog", "empty"]
+    log = " ".join(r.getMessage() for r in caplog.records)
+    assert "4 symbolic links" in log and "empty" in log
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="arvision.data"):
+        assert len(open_images(root / "train")) == 8  # an `eval fid` folder
+    assert "4 symbolic links" in " ".join(r.getMessage() for r in caplog.records)
+    seg = tmp_path / "seg"
+    _seg_tree(seg, 2)
+    os.symlink(".", seg / "images" / "a" / "loop")
+    os.symlink("..", seg / "images" / "a" / "up")
+    assert len(SegmentationFolder(seg / "images", seg / "masks", ["a", "b", "c"], reduce_zero_label=True)) == 2

@@ -152,7 +152,8 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_eval_classify)
 
     q = esub.add_parser("fid", help="FID / sFID / IS / precision-recall of samples against a reference (docs/metrics.md)")
-    q.add_argument("samples", help="image folder (recursive png/jpg), ADM-format .npz (arr_0) or dataset folder")
+    q.add_argument("samples", help="image folder (recursive; hidden names skipped), ADM-format .npz (arr_0) or "
+                   "dataset folder")
     q.add_argument("ref", help="dataset or image folder, ADM reference batch .npz, or statistics .npz (mu, sigma)")
     q.add_argument("--extractor", default="fid-helper", help="fid-helper[:default_1.pt] (offline TF FID Inception), "
                    "inception[:WEIGHTS] (torch-fidelity), or an arvision classifier checkpoint (reported as FD-<name>)")

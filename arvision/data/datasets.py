@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from .images import IMG_EXTENSIONS, class_folders, list_files, open_rgb, to_rgb
 from .synthetic import SyntheticDigits, SyntheticShapes
 
 logger = logging.getLogger("arvision.data")
@@ -89,29 +89,36 @@ class SkipCorruptDataset(Dataset):
 
 
 class ImageFolderDataset(SkipCorruptDataset):
-    """`root/<class>/<image>` tree; class names sorted to indices, extensions as torchvision's IMG_EXTENSIONS."""
+    """`root/<class>/<image>` tree; class names sorted to indices, extensions as torchvision's IMG_EXTENSIONS, in
+    torchvision's order. Unlike torchvision's ImageFolder: hidden names (`.ipynb_checkpoints`) are neither classes
+    nor images, symbolic links are not followed (each real file once, nothing from outside `root`; see
+    arvision.data.images), every mode reads as 8-bit RGB by its value range, and an empty class folder is a warning
+    (it stays a class, so that the indices match the other splits')."""
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise FileNotFoundError(f"data path {self.root} does not exist or is not a folder")
-        try:
-            self.classes, self.class_to_idx = find_classes(self.root)
-        except FileNotFoundError:
-            self.classes, self.class_to_idx = [], {}
-        self.samples: list[tuple[str, int]] = (
-            make_dataset(self.root, self.class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-            if self.classes else [])
+        self.classes = class_folders(self.root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[str, int]] = []
+        for path in list_files(self.root, IMG_EXTENSIONS) if self.classes else []:
+            parts = path.relative_to(self.root).parts
+            if len(parts) > 1 and parts[0] in self.class_to_idx:  # not a file beside the class folders
+                self.samples.append((str(path), self.class_to_idx[parts[0]]))
         if not self.samples:
             raise FileNotFoundError(f"no images found under {self.root}: expected class subfolders holding image files "
                                     f"({', '.join(IMG_EXTENSIONS)})")
         self.targets = [label for _, label in self.samples]
+        empty = sorted(set(self.classes) - {self.classes[t] for t in set(self.targets)})
+        if empty:
+            logger.warning("class folder%s %s under %s hold%s no images (kept as classes, with no samples)",
+                           "s" if len(empty) > 1 else "", ", ".join(empty), self.root, "" if len(empty) > 1 else "s")
         self._init_skipping(len(self.samples))
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB"), label
+        return open_rgb(path), label
 
     def _describe(self, index: int) -> str:
         return self.samples[index][0]
@@ -137,14 +144,14 @@ def _hf_load(path: str | os.PathLike) -> dict[str, Any]:
 
 def _to_pil(value: Any) -> Image.Image:
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     if isinstance(value, dict):  # an undecoded datasets.Image cell: {"bytes": ..., "path": ...}
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         value = io.BytesIO(value)
     if value is None:
         raise ValueError("empty image cell")
-    return Image.open(value).convert("RGB")
+    return open_rgb(value)
 
 
 class HFDiskDataset(SkipCorruptDataset):
@@ -253,7 +260,24 @@ def build_dataset(source: str | os.PathLike, split: str = "train", transform: Ca
         return cls(num_samples=n, img_size=img_size, split=name, transform=transform)
     if is_hf_disk(source):
         return HFDiskDataset(source, name, transform=transform)
+    if (Path(source) / name).is_dir():
+        check_split_classes(source, name, class_folders(Path(source) / name))
     return ImageFolderDataset(Path(source) / name, transform=transform)
+
+
+def check_split_classes(source: str | os.PathLike, split: str, classes: list[str]) -> None:
+    """Raise (one line, naming the classes that differ) when another split folder of ``source`` has other class
+    folders than ``classes`` (those of ``split``): labels are indices into the sorted class list, so the same index
+    would name different classes in the two splits. A split folder without class folders (flat, unlabelled test
+    images) is not compared."""
+    for other in available_splits(source):
+        others = class_folders(Path(source) / other) if other != split else classes
+        if others and others != classes:
+            mine, theirs = sorted(set(classes) - set(others)), sorted(set(others) - set(classes))
+            only = "; ".join(f"only in {s}/: {', '.join(names)}" for s, names in ((split, mine), (other, theirs))
+                             if names)
+            raise ValueError(f"the class folders of {split}/ and {other}/ in {source} differ ({only}); every split "
+                             f"needs the same class folders (an empty one is fine), or labels name different classes")
 
 
 def fixed_subset_indices(total: int, n: int, seed: int = 0) -> list[int]:

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..models.segmentation import IGNORE_INDEX, check_ignore_index
 from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE
 from .datasets import SYNTHETIC, DataError, SkipCorruptDataset
+from .images import IMG_EXTENSIONS, is_hidden, list_files, open_rgb
 from .synthetic import SHAPES, SPLITS, render_scene
 
 CLASS_FILES = ("classes.json", "classes.csv", "classes.txt")
@@ -86,7 +86,7 @@ class SegmentationFolder(SkipCorruptDataset):
         for d, what in ((self.image_dir, "image"), (self.mask_dir, "mask")):
             if not d.is_dir():
                 raise FileNotFoundError(f"{what} folder {d} does not exist")
-        images = sorted(p for p in self.image_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        images = list_files(self.image_dir, IMG_EXTENSIONS)
         if not images:
             raise FileNotFoundError(f"no images found under {self.image_dir} ({', '.join(IMG_EXTENSIONS)})")
         self.samples: list[tuple[str, str]] = []
@@ -134,8 +134,7 @@ class SegmentationFolder(SkipCorruptDataset):
 
     def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         img_path, mask_path = self.samples[index]
-        with open(img_path, "rb") as f:
-            image = Image.open(f).convert("RGB")
+        image = open_rgb(img_path)
         with open(mask_path, "rb") as f:
             mask_img = Image.open(f)
             mask_img.load()
@@ -178,7 +177,8 @@ def _split_dir(root: Path, split: str) -> str:
     for name in _SPLIT_DIRS[split]:
         if (root / "images" / name).is_dir():
             return name
-    found = sorted(p.name for p in (root / "images").iterdir() if p.is_dir()) if (root / "images").is_dir() else []
+    found = sorted(p.name for p in (root / "images").iterdir() if p.is_dir() and not is_hidden(p.name)) \
+        if (root / "images").is_dir() else []
     raise FileNotFoundError(f"no {' or '.join(f'images/{n}' for n in _SPLIT_DIRS[split])} folder in {root} "
                             f"(found: {', '.join(found) or 'no images/ folder'}); a segmentation folder needs "
                             f"images/<split>/ and annotations/<split>/")

@@ -24,6 +24,7 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
 from ..models.segmentation import IGNORE_INDEX
+from .images import to_rgb
 from .transforms import NEPA_MEAN, NEPA_STD
 
 
@@ -190,7 +191,7 @@ class PadTo(v2.Transform):
 def to_tv_tensors(image: Any, mask: Any) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """(PIL / HWC uint8 array / CHW tensor image, PIL / HW array / HW tensor mask) as (uint8 Image, int64 Mask)."""
     if isinstance(image, Image.Image):
-        image = F.pil_to_tensor(image.convert("RGB"))
+        image = F.pil_to_tensor(to_rgb(image))
     elif isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     if isinstance(mask, Image.Image):
@@ -266,7 +267,7 @@ class GenerationTransform:
         self.img_size, self.flip, self.random_flip = img_size, flip, random_flip
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        arr = torch.from_numpy(np.array(center_crop_arr(image.convert("RGB"), self.img_size))).permute(2, 0, 1)
+        arr = torch.from_numpy(np.array(center_crop_arr(to_rgb(image), self.img_size))).permute(2, 0, 1)
         if self.flip ^ (self.random_flip > 0 and bool(torch.rand(()) < self.random_flip)):
             arr = arr.flip(-1)
         return arr.contiguous()

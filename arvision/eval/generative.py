@@ -7,7 +7,8 @@
     from arvision.eval.generative import evaluate_generative
     res = evaluate_generative("samples/", "ref_stats.npz", extractor="fid-helper")   # {"FID": ..., "sFID": ...}
 
-SAMPLES: a folder of images (searched recursively: png, jpg, jpeg), an ADM-format .npz (``arr_0``: uint8 N x H x W x 3),
+SAMPLES: a folder of images (searched recursively, torchvision's image extensions; names starting with "." skipped,
+links not followed: see arvision.data.images), an ADM-format .npz (``arr_0``: uint8 N x H x W x 3),
 or a dataset with split subfolders (``--split``). REF: the same kinds, or a statistics .npz (``mu``, ``sigma`` and
 optionally ``mu_s``, ``sigma_s``: arvision's ``--save-ref-stats`` output, MAR's ``adm_in256_stats.npz``, or ADM's
 reference batch, whose ``arr_0`` images are then used only for precision / recall, as ADM's evaluator does).
@@ -31,12 +32,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data.datasets import fixed_subset
+from ..data.images import IMG_EXTENSIONS, list_files, open_rgb, to_rgb
 from ..metrics import feature_statistics, frechet_distance, inception_score, load_npz, precision_recall, save_stats
 from ..metrics.extractors import FeatureExtractor, build_extractor
 from ..metrics.frechet import stats_extractor_tag
 
 PathLike = Union[str, os.PathLike]
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
@@ -58,20 +59,20 @@ def _to_chw(arr: np.ndarray, size: Optional[int]) -> torch.Tensor:
 
 
 class ImageFiles(Dataset):
-    """Every png / jpg under a folder (recursively, sorted), as uint8 (3, H, W) tensors."""
+    """Every image under a folder (recursively, sorted; arvision.data.images.list_files), as uint8 (3, H, W)
+    tensors in 8-bit RGB (open_rgb)."""
 
     def __init__(self, root: PathLike, image_size: Optional[int] = None):
         self.root, self.image_size = Path(root), image_size
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = list_files(self.root, IMG_EXTENSIONS)
         if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {self.root}")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as img:
-            return _to_chw(np.asarray(img.convert("RGB")), self.image_size)
+        return _to_chw(np.asarray(open_rgb(self.files[i])), self.image_size)
 
 
 class NpzImages(Dataset):
@@ -99,7 +100,7 @@ class _DatasetImages(Dataset):
     def __init__(self, source: PathLike, split: str, image_size: Optional[int]):
         from ..data import build_dataset
 
-        self.ds = build_dataset(source, split, transform=lambda im: _to_chw(np.asarray(im.convert("RGB")), image_size))
+        self.ds = build_dataset(source, split, transform=lambda im: _to_chw(np.asarray(to_rgb(im)), image_size))
 
     def __len__(self) -> int:
         return len(self.ds)

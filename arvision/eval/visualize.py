@@ -69,6 +69,8 @@ def load_images(paths: Sequence[Union[str, Path]], img_size: int) -> torch.Tenso
     """(B, 3, S, S) images: square bilinear resize (as the HF processor), normalised with mean = std = 0.5."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..data.images import open_rgb
+
     if not paths:
         raise ValueError("no image paths given")
     out = []
@@ -76,8 +78,7 @@ def load_images(paths: Sequence[Union[str, Path]], img_size: int) -> torch.Tenso
         if not p.is_file():
             raise FileNotFoundError(f"image file {p} does not exist")
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB").resize((img_size, img_size), Image.BILINEAR)
+            im = open_rgb(p).resize((img_size, img_size), Image.BILINEAR)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {p} ({e}); give a PNG/JPEG file") from e
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)

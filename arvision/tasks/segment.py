@@ -235,6 +235,7 @@ def predict(checkpoint, images: Sequence[str], out_dir, classes_file=None, mode:
     ``<stem>_labels.png`` (class indices). Class names / colours: ``classes_file``, else the checkpoint's."""
     from PIL import Image
 
+    from ..data.images import open_rgb
     from ..data.segmentation import _default_palette, read_class_list
 
     model = load_segmentor(checkpoint, ema).to(device)
@@ -251,8 +252,7 @@ def predict(checkpoint, images: Sequence[str], out_dir, classes_file=None, mode:
     tf = seg_eval_transform()
     written = []
     for path in images:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = open_rgb(path)
         x, _ = tf(image, np.zeros((image.height, image.width), np.int64))
         probs = inference(model, x[None].to(device), mode, crop, stride or max(1, math.ceil(crop * 2 / 3)), flip,
                           ratios, test_scale)
