@@ -396,8 +396,8 @@ def test_hidden_names_are_not_data_and_class_lists_must_match(tmp_path):
 
 def test_links_list_each_real_file_once_and_never_leave_the_root(tmp_path, caplog):
     """`train/cat/loop -> .` and `train/dog/up -> ../..` must not multiply the data or pull val images into train:
-    each real file is listed once, links that loop or leave the root are skipped and counted in the log; an empty
-    class folder is a warning."""
+    each real file is listed once, links that loop, name a listed file again or lead into another split of the
+    dataset root are skipped and counted in the log; an empty class folder is a warning."""
     from arvision.data.segmentation import SegmentationFolder
     from arvision.eval.generative import open_images
 
@@ -408,20 +408,69 @@ def test_links_list_each_real_file_once_and_never_leave_the_root(tmp_path, caplo
     (root / "val" / "empty").mkdir()
     os.symlink(".", root / "train" / "cat" / "loop")
     os.symlink("../..", root / "train" / "dog" / "up")
-    os.symlink(root / "val", root / "train" / "dog" / "val_link")  # leaves the root
+    os.symlink(root / "val", root / "train" / "dog" / "val_link")  # into another split of the dataset root
     os.symlink("../cat/0.png", root / "train" / "dog" / "alias.png")  # a second name of a listed file
+    os.symlink("../val", root / "train" / "val_class")  # another split as a class folder
     with caplog.at_level(logging.WARNING, logger="arvision.data"):
         ds = build_dataset(root, "train")
     real = sorted(str(p) for p in (root / "train").glob("*/[0-9].png"))
     assert sorted(p for p, _ in ds.samples) == real and len(ds) == 8 and ds.classes == ["cat", "dog", "empty"]
     log = " ".join(r.getMessage() for r in caplog.records)
-    assert "4 symbolic links" in log and "empty" in log
+    assert "5 symbolic links" in log and "2 looping" in log and "1 naming" in log and "2 leading into another split" \
+        in log and "empty" in log
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="arvision.data"):
-        assert len(open_images(root / "train")) == 8  # an `eval fid` folder
-    assert "4 symbolic links" in " ".join(r.getMessage() for r in caplog.records)
+        assert len(open_images(root, "train")) == 8  # a dataset split as `eval fid` and the token cache read it
+    assert "5 symbolic links" in " ".join(r.getMessage() for r in caplog.records)
+    # an `eval fid` folder given by itself has no other split: a link leaving it is a linked subset, read once
+    assert len(open_images(root / "train")) == 8 + 10
     seg = tmp_path / "seg"
     _seg_tree(seg, 2)
     os.symlink(".", seg / "images" / "a" / "loop")
     os.symlink("..", seg / "images" / "a" / "up")
-    assert len(SegmentationFolder(seg / "images", seg / "masks", ["a", "b", "c"], reduce_zero_label=True)) == 2
+    os.symlink(seg / "masks", seg / "images" / "a" / "masks")  # into the segmentation root, outside the images
+    assert len(SegmentationFolder(seg / "images", seg / "masks", ["a", "b", "c"], reduce_zero_label=True,
+                                  dataset_root=seg)) == 2
+
+
+def test_links_to_linked_subsets_annex_and_hub_snapshots_are_followed(tmp_path, caplog):
+    """Data built from links lists every real file once under its linked name: a class folder linked to a folder
+    outside the dataset (an ImageNet subset), files linked into a hidden `.git/annex/objects` inside the dataset root
+    or outside it (git-annex / DataLad) and into `../blobs` (a Hugging Face hub snapshot); a dangling link and a link
+    from the linked folder back above the dataset are skipped and counted."""
+    from arvision.data.segmentation import SegmentationFolder
+    from arvision.eval.generative import open_images
+
+    root = tmp_path / "data"
+    _class_tree(root / "train", ["cat"], 2)
+    _class_tree(root / "val", ["cat", "dog"], 1)
+    _class_tree(tmp_path / "imagenet" / "train", ["n02085620"], 3, colour=(20, 250, 20))  # outside the root
+    os.symlink(tmp_path / "imagenet" / "train" / "n02085620", root / "train" / "dog")
+    os.symlink(root, tmp_path / "imagenet" / "train" / "n02085620" / "back")  # a loop through the linked folder
+    annex_in = root / ".git" / "annex" / "objects" / "Xk" / "MD5E-s1--a1.png"
+    annex_out = tmp_path / "store" / ".git" / "annex" / "objects" / "pQ" / "SHA256-s1--b2"
+    blob = tmp_path / "hub" / "blobs" / "c3d4"
+    for path, colour in ((annex_in, (1, 2, 3)), (annex_out, (4, 5, 6)), (blob, (7, 8, 9))):
+        path.parent.mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(path, format="PNG")
+    os.symlink(os.path.relpath(annex_in, root / "train" / "cat"), root / "train" / "cat" / "annexed.png")
+    os.symlink(annex_out, root / "train" / "cat" / "stored.png")
+    os.symlink(blob, root / "train" / "cat" / "snapshot.png")
+    os.symlink(tmp_path / "gone.png", root / "train" / "cat" / "dangling.png")
+    with caplog.at_level(logging.WARNING, logger="arvision.data"):
+        ds = build_dataset(root, "train")
+    assert ds.classes == ["cat", "dog"]
+    names = sorted((os.path.relpath(p, root / "train"), label) for p, label in ds.samples)
+    assert names == [("cat/0.png", 0), ("cat/1.png", 0), ("cat/annexed.png", 0), ("cat/snapshot.png", 0),
+                     ("cat/stored.png", 0), ("dog/0.png", 1), ("dog/1.png", 1), ("dog/2.png", 1)]
+    colours = {os.path.basename(p): tuple(np.asarray(ds[i][0])[0, 0]) for i, (p, _) in enumerate(ds.samples)}
+    assert colours["annexed.png"] == (1, 2, 3) and colours["stored.png"] == (4, 5, 6) and colours["snapshot.png"] \
+        == (7, 8, 9)
+    log = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 symbolic links" in log and "1 dangling" in log and "1 looping" in log
+    assert len(open_images(root, "train")) == 8 and len(open_images(root / "train")) == 8  # `eval fid` folders
+    seg = tmp_path / "seg"
+    _seg_tree(seg, 2)
+    os.symlink(blob, seg / "images" / "a" / "2.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(seg / "masks" / "a" / "2.png")
+    assert len(SegmentationFolder(seg / "images", seg / "masks", ["a", "b", "c"], reduce_zero_label=True)) == 3

@@ -91,18 +91,20 @@ class SkipCorruptDataset(Dataset):
 class ImageFolderDataset(SkipCorruptDataset):
     """`root/<class>/<image>` tree; class names sorted to indices, extensions as torchvision's IMG_EXTENSIONS, in
     torchvision's order. Unlike torchvision's ImageFolder: hidden names (`.ipynb_checkpoints`) are neither classes
-    nor images, symbolic links are not followed (each real file once, nothing from outside `root`; see
+    nor images, symbolic links are followed but each real file is listed once, loops are not walked and links into
+    `dataset_root` (the folder holding `root` and the other splits) outside `root` are skipped (see
     arvision.data.images), every mode reads as 8-bit RGB by its value range, and an empty class folder is a warning
     (it stays a class, so that the indices match the other splits')."""
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
+                 dataset_root: str | os.PathLike | None = None):
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise FileNotFoundError(f"data path {self.root} does not exist or is not a folder")
-        self.classes = class_folders(self.root)
+        self.classes = class_folders(self.root, dataset_root)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = []
-        for path in list_files(self.root, IMG_EXTENSIONS) if self.classes else []:
+        for path in list_files(self.root, IMG_EXTENSIONS, dataset_root) if self.classes else []:
             parts = path.relative_to(self.root).parts
             if len(parts) > 1 and parts[0] in self.class_to_idx:  # not a file beside the class folders
                 self.samples.append((str(path), self.class_to_idx[parts[0]]))
@@ -261,8 +263,8 @@ def build_dataset(source: str | os.PathLike, split: str = "train", transform: Ca
     if is_hf_disk(source):
         return HFDiskDataset(source, name, transform=transform)
     if (Path(source) / name).is_dir():
-        check_split_classes(source, name, class_folders(Path(source) / name))
-    return ImageFolderDataset(Path(source) / name, transform=transform)
+        check_split_classes(source, name, class_folders(Path(source) / name, source))
+    return ImageFolderDataset(Path(source) / name, transform=transform, dataset_root=source)
 
 
 def check_split_classes(source: str | os.PathLike, split: str, classes: list[str]) -> None:
@@ -271,7 +273,7 @@ def check_split_classes(source: str | os.PathLike, split: str, classes: list[str
     would name different classes in the two splits. A split folder without class folders (flat, unlabelled test
     images) is not compared."""
     for other in available_splits(source):
-        others = class_folders(Path(source) / other) if other != split else classes
+        others = class_folders(Path(source) / other, source) if other != split else classes
         if others and others != classes:
             mine, theirs = sorted(set(classes) - set(others)), sorted(set(others) - set(classes))
             only = "; ".join(f"only in {s}/: {', '.join(names)}" for s, names in ((split, mine), (other, theirs))

@@ -68,12 +68,15 @@ class SegmentationFolder(SkipCorruptDataset):
 
     Pairs are matched by relative path without extension; an image with no mask is an error (masks with no image
     are ignored). `reduce_zero_label`: mask value 0 -> ignore, v -> v - 1 (ADE20K). RGB masks are read through
-    `palette` (colour -> class index).
+    `palette` (colour -> class index). Symbolic links among the images are followed (each real file once; see
+    arvision.data.images) except into `dataset_root` (the folder holding images/ and annotations/) outside `image_dir`:
+    another split's images are never listed.
     """
 
     def __init__(self, image_dir: str | os.PathLike, mask_dir: str | os.PathLike, classes: Sequence[str],
                  palette: Sequence[Sequence[int]] | None = None, transform: Callable | None = None,
-                 reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX, mask_suffix: str = ".png"):
+                 reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX, mask_suffix: str = ".png",
+                 dataset_root: str | os.PathLike | None = None):
         self.image_dir, self.mask_dir, self.transform = Path(image_dir), Path(mask_dir), transform
         self.classes = list(classes)
         self.palette = [tuple(int(v) for v in c) for c in palette] if palette else _default_palette(len(self.classes))
@@ -86,7 +89,7 @@ class SegmentationFolder(SkipCorruptDataset):
         for d, what in ((self.image_dir, "image"), (self.mask_dir, "mask")):
             if not d.is_dir():
                 raise FileNotFoundError(f"{what} folder {d} does not exist")
-        images = list_files(self.image_dir, IMG_EXTENSIONS)
+        images = list_files(self.image_dir, IMG_EXTENSIONS, dataset_root)  # no link into another split
         if not images:
             raise FileNotFoundError(f"no images found under {self.image_dir} ({', '.join(IMG_EXTENSIONS)})")
         self.samples: list[tuple[str, str]] = []
@@ -167,7 +170,8 @@ class ADE20KDataset(SegmentationFolder):
         self.root = Path(root)
         name = _split_dir(self.root, split)
         super().__init__(self.root / "images" / name, self.root / "annotations" / name, ADE20K_CLASSES,
-                         ADE20K_PALETTE, transform, reduce_zero_label=True, ignore_index=ignore_index)
+                         ADE20K_PALETTE, transform, reduce_zero_label=True, ignore_index=ignore_index,
+                         dataset_root=self.root)
         self.split = name
 
 
@@ -298,4 +302,4 @@ def build_segmentation_dataset(source: str | os.PathLike, split: str = "train", 
     names, colours = read_class_list(class_file)
     name = _split_dir(root, split)
     return SegmentationFolder(root / "images" / name, root / "annotations" / name, names, colours, transform,
-                              reduce_zero_label=bool(reduce_zero_label), ignore_index=ignore_index)
+                              reduce_zero_label=bool(reduce_zero_label), ignore_index=ignore_index, dataset_root=root)

@@ -8,7 +8,7 @@
     res = evaluate_generative("samples/", "ref_stats.npz", extractor="fid-helper")   # {"FID": ..., "sFID": ...}
 
 SAMPLES: a folder of images (searched recursively, torchvision's image extensions; names starting with "." skipped,
-links not followed: see arvision.data.images), an ADM-format .npz (``arr_0``: uint8 N x H x W x 3),
+links followed, each real file once: see arvision.data.images), an ADM-format .npz (``arr_0``: uint8 N x H x W x 3),
 or a dataset with split subfolders (``--split``). REF: the same kinds, or a statistics .npz (``mu``, ``sigma`` and
 optionally ``mu_s``, ``sigma_s``: arvision's ``--save-ref-stats`` output, MAR's ``adm_in256_stats.npz``, or ADM's
 reference batch, whose ``arr_0`` images are then used only for precision / recall, as ADM's evaluator does).
