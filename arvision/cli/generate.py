@@ -27,7 +27,8 @@ def cmd_sample(args) -> None:
     labels = class_labels(classes, args.num_per_class, args.seed)
     cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
-                         cfg_scale=args.cfg, use_cache=not args.no_cache, precision=args.precision)
+                         diffusion_variance=args.diffusion_variance, cfg_scale=args.cfg, use_cache=not args.no_cache,
+                         precision=args.precision)
     images = generate_images(model, tokenizer, labels, cfg, args.batch_size, args.seed, scale)
     out = Path(args.out)
     files = {"npz": str(save_npz(images, labels, out / "samples.npz")),
@@ -79,6 +80,8 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--diffusion-steps", type=int, default=100)
     p.add_argument("--diffusion-temperature", type=float, default=0.95)
+    p.add_argument("--diffusion-variance", choices=["large", "small"], default="large",
+                   help="reverse-step variance of the diffusion sampler: beta (large) or the posterior's (small)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none, the default; "
                    "for comparisons only)")
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (for checking)")

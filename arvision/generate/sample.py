@@ -25,6 +25,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
     diffusion_steps: int = 100
     diffusion_temperature: float = 0.95  # MAR's no-CFG value
+    diffusion_variance: str = "large"  # reverse-step variance: large (beta) | small (posterior beta tilde)
     cfg_scale: float = 1.0  # 1 = no guidance (the default: Heptapod uses none)
     use_cache: bool = True
     precision: str = "fp32"  # "bf16": autocast the networks (about 2x on a CPU with AVX512-BF16; logits stay fp32)
@@ -115,7 +116,8 @@ def _sample(model, labels, cfg: SamplingConfig, generator, guided: bool) -> torc
             nxt = torch.cat([nxt, nxt]) if guided else nxt
         else:
             nxt = diffusion.sample(model.diffloss, z, mcfg.latent_channels, cfg.diffusion_steps,
-                                   cfg.diffusion_temperature, generator, cfg.cfg_scale).to(dtype)
+                                   cfg.diffusion_temperature, generator, cfg.cfg_scale,
+                                   cfg.diffusion_variance).to(dtype)
             nxt = torch.cat([nxt, nxt]) if guided else nxt
         tokens[:, t] = nxt
         if cache is not None and t < N - 1:

@@ -124,6 +124,8 @@ class Heptapod(nn.Module):
         for p in (self.prefix_pos, self.pos_embed, getattr(self, "mask_token", None), getattr(self, "query_pos", None)):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
+        if isinstance(getattr(self, "logits", None), nn.Linear):  # uniform predictions at step 0 (LlamaGen)
+            nn.init.zeros_(self.logits.weight)
 
     # ----------------------------------------------------------------------------------------- backbone
     def check_inputs(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:

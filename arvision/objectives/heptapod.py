@@ -63,11 +63,15 @@ def supervision_mask(timesteps: torch.Tensor, grid_size: int, target_set: str, w
     return remaining & near
 
 
-def subsample(mask: torch.Tensor, keep: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Keep at most ``keep`` random True entries per row of ``mask``."""
+def subsample(mask: torch.Tensor, keep: int, always: Optional[torch.Tensor] = None,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Keep at most ``keep`` random True entries per row of ``mask``; entries of ``always`` (a subset of ``mask``,
+    e.g. the next position j = t, the only prediction sampling uses) are always among them."""
     if keep <= 0 or keep >= mask.shape[1]:
         return mask
     scores = torch.rand(mask.shape, device=mask.device, generator=generator).masked_fill(~mask, 2.0)
+    if always is not None:
+        scores = scores.masked_fill(always & mask, -1.0)
     ranks = scores.argsort(dim=1).argsort(dim=1)
     return mask & (ranks < keep)
 
@@ -129,11 +133,12 @@ class HeptapodObjective(Objective):
                 ctx_mask = torch.arange(N, device=t.device)[None, :] <= t.flatten()[:, None]
                 z = model.forward_head(states.repeat_interleave(K, dim=0), ctx_mask)
             t_flat = t.flatten()
+            next_pos = torch.arange(N, device=t.device)[None, :] == t_flat[:, None]
             sup = subsample(supervision_mask(t_flat, model.config.grid_size, cfg.target_set, cfg.target_window),
-                            cfg.targets_per_timestep)
+                            cfg.targets_per_timestep, always=next_pos)
             pred = z[sup]
             target = tokens.repeat_interleave(K, dim=0)[sup]
-            is_next = (torch.arange(N, device=t.device)[None, :] == t_flat[:, None])[sup]
+            is_next = next_pos[sup]
             if cfg.averaging == "pairs":
                 weights = torch.full((pred.shape[0],), 1.0 / pred.shape[0], device=z.device)
             else:
