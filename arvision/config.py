@@ -20,6 +20,8 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from .files import read_yaml_text
+
 CONFIG_PACKAGE = "arvision.configs"
 
 
@@ -95,7 +97,7 @@ def default_config(task: str) -> dict:
         text = resources.files(CONFIG_PACKAGE).joinpath(f"{task}.yaml").read_text()
     except FileNotFoundError:
         raise ValueError(f"no default config for task {task!r}") from None
-    return yaml.safe_load(text)
+    return read_yaml_text(text, f"{task}.yaml")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -176,12 +178,12 @@ def parse_overrides(items: Iterable[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.epochs=10)")
         key, text = item.split("=", 1)
-        out[key.strip()] = _parse_value(text)
+        out[key.strip()] = _parse_value(key.strip(), text)
     return out
 
 
-def _parse_value(text: str) -> Any:
-    value = yaml.safe_load(text) if text.strip() else None
+def _parse_value(key: str, text: str) -> Any:
+    value = read_yaml_text(text, f"override {key}={text}") if text.strip() else None
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
         try:
             return float(value)
@@ -201,10 +203,13 @@ def load_config(task: str, config_file: Optional[str] = None, overrides: Iterabl
             if not packaged.is_file():
                 raise FileNotFoundError(f"config file {config_file} not found (give a YAML path or a packaged "
                                         f"recipe name, see `arvision recipes`)")
-            text = packaged.read_text()
+            text, source = packaged.read_text(), f"recipe {config_file}"
         else:
-            text = path.read_text()
-        recipe = yaml.safe_load(text) or {}
+            text, source = path.read_text(), path
+        recipe = read_yaml_text(text, source) or {}
+        if not isinstance(recipe, dict):
+            raise ValueError(f"{source} holds a {type(recipe).__name__}, not a map of config keys (e.g. train: "
+                             "{epochs: 10})")
         recipe.pop("task", None)
         merge(cfg, recipe, flat)
     for key, value in parse_overrides(overrides).items():

@@ -390,3 +390,35 @@ def test_confusion_matrix_accumulates_and_validates():
         ConfusionMatrix(6).update(pred, target)
     with pytest.raises(ValueError, match="differs from target shape"):
         ConfusionMatrix(6).update(pred[:, :4], target)
+
+
+def test_sample_accuracy_known_labels():
+    """A perfect judge gives 100%, a constant one 1 / classes; labels outside the judge's classes are an error."""
+    from arvision.metrics import sample_accuracy
+
+    labels = torch.arange(10).repeat(20)
+    perfect = torch.nn.functional.one_hot(labels, 10).float()
+    assert sample_accuracy(perfect, labels) == 1.0
+    constant = torch.zeros(200, 10)
+    constant[:, 3] = 1
+    assert sample_accuracy(constant, labels) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="outside the classifier"):
+        sample_accuracy(perfect[:, :5], labels)
+
+
+def test_eval_fid_reports_sample_accuracy_for_labelled_samples(tmp_path):
+    """`eval fid` with a classifier extractor reports the fraction of samples classified as their arr_1 label,
+    also on a subset (--num-samples), and nothing when the samples carry no labels."""
+    images, labels = _class_images(12, seed=0)
+    wrong = labels.copy()
+    wrong[:30] = (wrong[:30] + 1) % 10  # 30 of 120 samples "generated" for another class
+    np.savez(tmp_path / "samples.npz", arr_0=images, arr_1=wrong)
+    np.savez(tmp_path / "unlabelled.npz", arr_0=images)
+    np.savez(tmp_path / "ref.npz", arr_0=_class_images(12, seed=2)[0])
+    kw = dict(extractor=_ColourClassifier(), num_workers=0, progress=False, batch_size=16)
+    res = evaluate_generative(tmp_path / "samples.npz", tmp_path / "ref.npz", **kw)
+    assert res["sample_accuracy"] == pytest.approx(0.75)
+    sub = evaluate_generative(tmp_path / "samples.npz", tmp_path / "ref.npz", num_samples=60, **kw)
+    idx = sorted(torch.randperm(120, generator=torch.Generator().manual_seed(0))[:60].tolist())
+    assert sub["sample_accuracy"] == pytest.approx(float(np.mean(wrong[idx] == labels[idx])))
+    assert "sample_accuracy" not in evaluate_generative(tmp_path / "unlabelled.npz", tmp_path / "ref.npz", **kw)

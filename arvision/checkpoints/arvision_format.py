@@ -16,6 +16,7 @@ ignored here. Every write goes to a temporary sibling directory, is fsynced and 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from ..files import is_disk_full, read_json, read_safetensors, read_torch_file
 from ..models.registry import family_of, get_family, list_families
 
 FORMAT = "arvision"
@@ -61,7 +63,14 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            if is_disk_full(e, tmp):
+                raise OSError(errno.ENOSPC, f"no space left on device while writing {target} (the partial copy is "
+                              f"removed, nothing else changed): free space under {target.parent} and run again; a "
+                              "training run continues from its last checkpoint with --resume") from None
+            raise
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync(f)
@@ -131,22 +140,25 @@ def read_weights_file(path: Path) -> StateDict:
     """A state dict on the CPU from ``.safetensors``, a torch ``.bin``/``.pt`` (``weights_only``: no pickled code
     runs), or a sharded Hugging Face ``*.index.json``."""
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        index = read_json(path)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{path} has no 'weight_map'; a sharded checkpoint index maps each tensor to its file")
+        shards = sorted(set(index["weight_map"].values()))
         sd: StateDict = {}
         for shard in shards:
             sd.update(read_weights_file(path.parent / shard))
         return sd
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)
     if path.suffix in (".bin", ".pt", ".pth"):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_torch_file(path)
     raise ValueError(f"unsupported weights file {path}; expected .safetensors, .bin or a sharded *.index.json")
 
 
 def read_meta(path: Path) -> tuple[str, Any, Optional[str]]:
     """(family, config dataclass, preset) of an ``arvision.json``."""
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
         raise ValueError(f"{path} is not an arvision checkpoint description (format {meta.get('format')!r})")
     version = meta["format_version"]
     if version > FORMAT_VERSION:

@@ -11,13 +11,13 @@ such a directory, and writes one. Only the ``nepa_vit`` family has an official c
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 
+from ..files import read_json
 from ..models.registry import family_of
 from ..models.vit import NepaConfig, NepaViT
 from .arvision_format import (
@@ -212,7 +212,7 @@ def official_weights(directory: Path, ema: bool) -> Path:
 def read_official(directory: Path, weights: Optional[Path] = None, ema: bool = False) -> tuple[StateDict, NepaConfig]:
     """(arvision-keyed state dict, NepaConfig) of an official directory; ``weights`` picks a file other than the
     default one."""
-    config = official_config_to_arvision(json.loads((directory / OFFICIAL_CONFIG).read_text()))
+    config = official_config_to_arvision(read_json(directory / OFFICIAL_CONFIG))
     sd = official_to_arvision_state_dict(read_weights_file(weights or official_weights(directory, ema)), config)
     if "mask_token" in sd:
         config.use_mask_token = True

@@ -43,9 +43,36 @@ def main(argv=None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError, KeyError) as e:
-        if "--traceback" in sys.argv or os.environ.get("ARVISION_TRACEBACK"):
+    except KeyboardInterrupt as e:  # Ctrl-C: a training run has saved its last step (like SIGTERM); no traceback
+        if _traceback_wanted():
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"arvision: error: {msg}", file=sys.stderr)
+        print(f"arvision: {error_line(e) if e.args else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    except KNOWN_ERRORS as e:
+        if _traceback_wanted():
+            raise
+        print(f"arvision: error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+# Bad input, missing or unreadable files, missing optional packages: one line, no traceback (--traceback or
+# ARVISION_TRACEBACK=1 shows it). Readers raise these with the file's name and what to do (arvision.files).
+KNOWN_ERRORS = (ValueError, OSError, ImportError, KeyError)
+
+
+def _traceback_wanted() -> bool:
+    return "--traceback" in sys.argv or bool(os.environ.get("ARVISION_TRACEBACK"))
+
+
+def error_line(error: BaseException) -> str:
+    """The message of ``error`` on one line. An exception re-raised by a DataLoader worker carries the worker's whole
+    traceback in its message ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): its last
+    exception line is the original message."""
+    msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    msg = str(msg)
+    if "Original Traceback (most recent call last)" in msg:
+        tail = msg.rsplit(f"{type(error).__name__}: ", 1)
+        if len(tail) == 2:
+            msg = tail[1]
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -28,8 +28,8 @@ def _run_eval_settings(checkpoint: str) -> dict:
     """crop, stride, test_scale (and img_size for synthetic data) of the training run holding ``checkpoint``."""
     for parent in Path(checkpoint).resolve().parents:
         if (parent / "config.yaml").is_file():
-            import yaml
-            cfg = yaml.safe_load((parent / "config.yaml").read_text()) or {}
+            from ..files import read_yaml
+            cfg = read_yaml(parent / "config.yaml") or {}
             d, e = cfg.get("data") or {}, cfg.get("eval") or {}
             return {"crop": e.get("crop_size") or d.get("crop_size"), "stride": e.get("stride"),
                     "test_scale": e.get("test_scale"), "img_size": d.get("img_size")}

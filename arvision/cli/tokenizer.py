@@ -21,8 +21,8 @@ def _img_size(args) -> int:
         return args.img_size
     for parent in Path(args.tokenizer).resolve().parents:
         if (parent / "config.yaml").is_file():
-            import yaml
-            size = (yaml.safe_load((parent / "config.yaml").read_text()).get("data") or {}).get("img_size")
+            from ..files import read_yaml
+            size = ((read_yaml(parent / "config.yaml") or {}).get("data") or {}).get("img_size")
             if size:
                 return int(size)
             break

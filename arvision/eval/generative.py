@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from ..data.datasets import fixed_subset
 from ..data.images import IMG_EXTENSIONS, list_files, open_rgb, to_rgb
-from ..metrics import feature_statistics, frechet_distance, inception_score, load_npz, precision_recall, save_stats
+from ..metrics import (feature_statistics, frechet_distance, inception_score, load_npz, precision_recall,
+                       sample_accuracy, save_stats)
 from ..metrics.extractors import FeatureExtractor, build_extractor
 from ..metrics.frechet import stats_extractor_tag
 
@@ -235,6 +236,9 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
         res[name("sFID")] = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"])
     if "logits" in feats:
         res[name("IS")], res[name("IS") + "_std"] = inception_score(logits=feats["logits"], splits=10)
+    labels = sample_labels(samples, sample_ds)
+    if labels is not None and "logits" in feats and not ext.standard:  # a judge of the generator's own classes
+        res["sample_accuracy"] = sample_accuracy(feats["logits"], labels)
     if ref_feats is not None and precision_recall_k is not None:
         pr = precision_recall(ref_feats["pool"], feats["pool"], k=precision_recall_k)
         res[name("precision")], res[name("recall")] = pr["precision"], pr["recall"]
@@ -245,6 +249,18 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
         save_stats(save_ref_stats, ref_stats, extractor=ext.stats_tag,
                    num_images=ref_used if isinstance(ref_used, int) else None)
     return res
+
+
+def sample_labels(samples: PathLike, sample_ds: Dataset) -> Optional[torch.Tensor]:
+    """The conditioning labels of the evaluated samples (``arr_1`` of an ADM .npz, in the order of ``sample_ds``),
+    or None when the samples carry none."""
+    if not str(samples).endswith(".npz"):
+        return None
+    arrays = load_npz(samples, keys=("arr_0", "arr_1"))
+    if "arr_1" not in arrays or len(arrays["arr_1"]) != len(arrays["arr_0"]):
+        return None
+    labels = torch.from_numpy(np.asarray(arrays["arr_1"]).astype(np.int64))
+    return labels[torch.as_tensor(sample_ds.indices)] if isinstance(sample_ds, Subset) else labels
 
 
 def write_json(path: PathLike, obj: dict) -> Path:

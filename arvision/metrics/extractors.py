@@ -197,8 +197,9 @@ class TorchFidelityInception(FeatureExtractor):
 
 
 class ClassifierExtractor(FeatureExtractor):
-    """An arvision classifier checkpoint (e.g. a CIFAR-10 fine-tuned NEPA model): pool = pre-logit features
-    ``forward_head(forward_features(x), pre_logits=True)``, logits = its head (when it has one). Images are resized
+    """An arvision classifier checkpoint (a CIFAR-10 fine-tuned NEPA model, a ``timm_classifier``): pool = pre-logit
+    features ``forward_head(forward_features(x), pre_logits=True)``, logits = ``forward_head(...)`` (when it has a
+    head). Images are resized
     (bicubic, antialiased) to the model's img_size when they differ and normalised as arvision's eval transform.
     Metric names: FD-<name>, IS-<name>, ... never FID."""
 
@@ -222,10 +223,10 @@ class ClassifierExtractor(FeatureExtractor):
         x = images.float() / 255
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        pool = self.model.forward_head(self.model.forward_features((x - self.mean) / self.std), pre_logits=True)
-        out = {"pool": pool.float()}
+        tokens = self.model.forward_features((x - self.mean) / self.std)
+        out = {"pool": self.model.forward_head(tokens, pre_logits=True).float()}
         if "logits" in self.provides:
-            out["logits"] = self.model.head(pool).float()
+            out["logits"] = self.model.forward_head(tokens).float()
         return out
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..files import read_torch_file
 from ..models.registry import ConfigDict
 from ..models.tokenizers import DeadCodeRestart, KLTokenizer, VQTokenizer, perplexity
 from .base import Objective
@@ -114,10 +115,10 @@ class LPIPS(nn.Module):
             raise FileNotFoundError("the perceptual loss needs " + " and ".join(missing) +
                                     "; copy them there or set loss.lpips_vgg_path / loss.lpips_lin_path, "
                                     "or set loss.perceptual_weight=0")
-        sd = torch.load(vgg, map_location="cpu", weights_only=True)
+        sd = read_torch_file(vgg)
         self.features.load_state_dict({k[len("features."):]: v for k, v in sd.items()
                                        if k.startswith("features.") and int(k.split(".")[1]) < self.cuts[-1]})
-        lin_sd = torch.load(lin, map_location="cpu", weights_only=True)
+        lin_sd = read_torch_file(lin)
         self.lins.load_state_dict({f"{i}.weight": lin_sd[f"lin{i}.model.1.weight"] for i in range(len(self.chans))})
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Shared set-up for task recipes: run directory, seeding, logging, model construction."""
 from __future__ import annotations
 
+import copy
 import random
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from ..config import save_config
 from ..models import create_model
 from ..train.checkpoint import latest_checkpoint
 from ..train.distributed import DistEnv, init_distributed
-from ..train.logging import log, setup_logging
+from ..train.logging import log, open_log_file, setup_logging
+from ..train.run_directory import defer_run_directory
 
 
 def seed_everything(seed: int) -> None:
@@ -32,15 +34,19 @@ def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistE
             dist.broadcast_object_list(stamp, src=0)
         out = f"runs/{task}-{stamp[0]}"
     run_dir = Path(out)
+    if resume and latest_checkpoint(run_dir) is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
     if env.is_main:
         if latest_checkpoint(run_dir) is not None and not resume:
             raise FileExistsError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it "
                                   f"or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        # Nothing is written until training starts (Trainer.fit): a task that fails on its data, model or settings
+        # before then leaves no run directory behind.
+        resolved = copy.deepcopy(cfg)
+        defer_run_directory(run_dir, lambda d: (save_config(resolved, d / "config.yaml"), open_log_file(d)))
     if env.enabled:
         dist.barrier()
-    setup_logging(env.is_main, run_dir)
+    setup_logging(env.is_main, run_dir, hold_file=True)
     if env.device.type == "cuda":  # TF32 matmuls for any fp32 work left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

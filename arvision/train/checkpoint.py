@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..files import FileFormatError, read_torch_file
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -56,4 +58,7 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, ema_state_dict
 
 
 def load_state(ckpt_dir: Path) -> dict:
-    return torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        return read_torch_file(Path(ckpt_dir) / "state.pt")
+    except FileFormatError as e:
+        raise FileFormatError(f"{e}; or delete {ckpt_dir} to resume from the checkpoint before it") from None

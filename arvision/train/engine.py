@@ -39,15 +39,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..files import read_safetensors
 from ..objectives.base import Objective
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, clip_grad_norm, control_group, wrap_model
 from .logging import MetricWriter, log, plot_loss_curve
+from .run_directory import create_run_directory
 from .optim import SCHEDULES, build_adamw, set_lr
 from .sampler import ResumableSampler, SeededDataset
 
@@ -182,7 +183,7 @@ class Trainer:
         state = load_state(ckpt)
         if state["total_steps"] != self.total_steps:
             log.warning(f"resuming a run planned for {state['total_steps']} steps with a config of {self.total_steps}")
-        model_sd = {f"{self.model_prefix}{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
+        model_sd = {f"{self.model_prefix}{k}": v for k, v in read_safetensors(ckpt / "model.safetensors").items()}
         model_sd.update(state["objective"])
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -194,7 +195,7 @@ class Trainer:
             self.objective.load_state_dict(model_sd)
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.module.load_state_dict(load_file(ckpt / "ema.safetensors"))
+            self.ema.module.load_state_dict(read_safetensors(ckpt / "ema.safetensors"))
         rngs = state["rng"]
         if len(rngs) != self.env.world_size:
             log.warning(f"resuming a {len(rngs)}-process run on {self.env.world_size} processes: random draws differ")
@@ -205,6 +206,8 @@ class Trainer:
     # ------------------------------------------------------------- loop
     def fit(self) -> dict:
         cfg, env = self.cfg, self.env
+        if env.is_main:
+            create_run_directory(self.run_dir)  # deferred by the task until its inputs were checked
         model = torch.compile(self.model) if cfg.compile else self.model
         ddp = isinstance(model, nn.parallel.DistributedDataParallel) or isinstance(
             getattr(model, "_orig_mod", None), nn.parallel.DistributedDataParallel)
@@ -213,8 +216,10 @@ class Trainer:
                  f"global batch {cfg.batch_size} = {self.micro} x {env.world_size} processes x {self.accum} "
                  f"accumulation, lr {self.lr:.3g}, warmup {self.warmup}")
         # Every rank handles SIGTERM (a scheduler may signal one process or all); they agree at a step boundary.
+        # Ctrl-C (SIGINT) stops the same way; a second Ctrl-C interrupts at once.
         main_thread = threading.current_thread() is threading.main_thread()
-        prev_handler = signal.signal(signal.SIGTERM, self._request_stop) if main_thread else None
+        prev_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if main_thread else {}
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not env.is_main, dynamic_ncols=True,
                    desc="train", mininterval=1.0)
         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
@@ -269,11 +274,11 @@ class Trainer:
             log.warning(f"interrupted; saving the last completed step {self.step}")
             # RNG as it was when step `self.step` began: captured at the step start, or now if it just finished.
             self.save(rng_at_start if self.step == step_at_start else rng_state())
-            raise
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; resume with --resume") from None
         finally:
             bar.close()
-            if main_thread:
-                signal.signal(signal.SIGTERM, prev_handler if prev_handler is not None else signal.SIG_DFL)
+            for s, prev in prev_handlers.items():
+                signal.signal(s, prev if prev is not None else signal.SIG_DFL)
         self.save(rng_state())
         if env.is_main:
             plot_loss_curve(self.writer.path, self.run_dir / "loss_curve.png")
@@ -318,7 +323,10 @@ class Trainer:
             barrier()
 
     def _request_stop(self, signum, frame) -> None:
-        log.warning("SIGTERM: saving a checkpoint after this step")
+        if signum == signal.SIGINT and self._stop:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now (the handler above saves the last completed step)
+        log.warning(f"{signal.Signals(signum).name}: saving a checkpoint after this step"
+                    + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""))
         self._stop = True
 
 

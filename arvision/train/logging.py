@@ -10,18 +10,55 @@ from typing import Optional
 log = logging.getLogger("arvision")
 
 
-def setup_logging(is_main: bool, run_dir: Optional[Path] = None) -> None:
-    if log.handlers:
+class _Held(logging.Handler):
+    """The lines logged before the run directory exists, written to its log.txt when it is created."""
+
+    def __init__(self, limit: int = 100_000):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.limit = limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.limit:
+            self.records.append(record)
+
+
+def _log_file(run_dir: Path) -> logging.Handler:
+    fh = logging.FileHandler(Path(run_dir) / "log.txt")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    return fh
+
+
+def setup_logging(is_main: bool, run_dir: Optional[Path] = None, hold_file: bool = False) -> None:
+    """Log to the current stderr and (main process) RUN/log.txt; with ``hold_file`` the file lines are held until
+    ``open_log_file`` (the run directory does not exist yet). Handlers set up by an earlier run in this process are
+    replaced, so each run's log.txt holds its own lines; handlers a user installed are left alone."""
+    if any(not getattr(h, "_arvision", False) for h in log.handlers):
         return
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    handlers = [handler]
     if run_dir is not None and is_main:
-        fh = logging.FileHandler(Path(run_dir) / "log.txt")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(fh)
+        handlers.append(_Held() if hold_file else _log_file(run_dir))
+    for h in handlers:
+        h._arvision = True
+        log.addHandler(h)
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     logging.getLogger("arvision.data").setLevel(logging.WARNING)
+
+
+def open_log_file(run_dir: Path) -> None:
+    """Start RUN/log.txt with the lines held so far (``setup_logging(hold_file=True)``)."""
+    for held in [h for h in log.handlers if isinstance(h, _Held)]:
+        fh = _log_file(run_dir)
+        fh._arvision = True
+        for record in held.records:
+            fh.handle(record)
+        log.removeHandler(held)
+        log.addHandler(fh)
 
 
 class MetricWriter:

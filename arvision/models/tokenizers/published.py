@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from ...files import read_safetensors, read_torch_file
 from .base import Tokenizer
 from .kl import KLConfig, KLTokenizer, mar_kl16
 from .vq import VQConfig, VQTokenizer
@@ -85,13 +86,8 @@ def read_published(path: PathLike) -> dict:
         raise FileNotFoundError(f"tokenizer file {path} not found; pass LlamaGen's vq_ds16_c2i.pt, MAR's kl16.ckpt "
                                 "or an arvision tokenizer directory")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise ValueError(f"cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}") from e
+        return read_safetensors(path)
+    obj = read_torch_file(path, safe_globals=[argparse.Namespace])
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):

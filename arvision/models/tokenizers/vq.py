@@ -117,6 +117,14 @@ def vq_f4_32px():
 
 
 @register_model(family="vq_tokenizer")
+def vq_f4_32px_lite():
+    """A quarter-width /4 VQ for 32 px data (~1.0M parameters, ~2.5x the img/s of vq_f4_32px on a CPU): the
+    generation quick start's tokenizer for the built-in digits."""
+    return dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32, codebook_size=512,
+                codebook_embed_dim=8, usage_window=16384)
+
+
+@register_model(family="vq_tokenizer")
 def vq_f8_64px():
     """Small /8 VQ (e.g. 64 px -> 8 x 8)."""
     return dict(ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=64, codebook_size=1024,

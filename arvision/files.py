@@ -1,0 +1,119 @@
+"""Reading the files arvision is given (weights, training state, recipes) and writing checkpoints, with one-line
+errors that name the file and say what to do. Every layer reads through these, so no loader shows a library's
+traceback, and none unpickles code: ``torch.load`` runs only with ``weights_only=True``, YAML only with safe_load.
+
+    sd = read_safetensors(path)                       # FileFormatError: truncated / damaged
+    obj = read_torch_file(path)                       # FileFormatError: refused pickle (names the global), damaged
+    meta = read_json(path)                            # FileFormatError: damaged JSON
+    cfg = read_yaml_text(text, source=path)           # FileFormatError: !!python tags, syntax errors (with the line)
+    if is_disk_full(error, directory): ...            # an exception from a write that ran out of space
+
+``FileFormatError`` is a ``ValueError``, so the command line prints it as ``arvision: error: <message>``.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+class FileFormatError(ValueError):
+    """A file that exists but cannot be read as what it should be: truncated, damaged, of another format, or holding
+    something arvision refuses to load (pickled code, Python-object YAML tags)."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:160] if lines else type(error).__name__
+
+
+def read_safetensors(path: PathLike, device: str = "cpu") -> dict:
+    """The tensors of a ``.safetensors`` file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: the file itself is bad
+        raise FileFormatError(f"{path} is truncated or damaged ({_first_line(e)}); copy or download it again, or "
+                              "save it again from its source") from None
+
+
+def read_torch_file(path: PathLike, safe_globals: Iterable[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU. A file that would unpickle anything beyond tensors and
+    plain containers (plus ``safe_globals``) is refused, naming what it holds; it is never loaded otherwise."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        if refused or "Weights only load failed" in str(e):
+            what = f"a pickled Python object ({refused.group(1)})" if refused else "pickled Python objects"
+            raise FileFormatError(
+                f"{path} holds {what} that torch.load(weights_only=True) refuses, because unpickling it could run "
+                "code; arvision loads tensors only: re-save just the state dict (torch.save(model.state_dict()) or "
+                "safetensors) where the file came from") from None
+        raise FileFormatError(f"{path} is truncated or damaged ({_first_line(e)}); copy it again or re-create "
+                              "it") from None
+    except Exception as e:  # noqa: BLE001 - zip / EOF / key errors of a bad file
+        raise FileFormatError(f"{path} is truncated, damaged or not a torch file ({_first_line(e)}); copy it again "
+                              "or re-create it") from None
+
+
+def read_yaml_text(text: str, source: PathLike) -> Any:
+    """``yaml.safe_load`` of a recipe or run config; ``source`` names it in errors."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or _first_line(e)
+        if "!!python" in str(e) or "tag:yaml.org,2002:python" in str(e):
+            raise FileFormatError(f"{source}{where} uses a Python tag (!!python/...), which arvision never "
+                                  "constructs; write plain YAML values (numbers, strings, lists, maps)") from None
+        raise FileFormatError(f"{source}{where} is not valid YAML: {problem}") from None
+
+
+def read_yaml(path: PathLike) -> Any:
+    return read_yaml_text(Path(path).read_text(), path)
+
+
+def read_json(path: PathLike) -> Any:
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FileFormatError(f"{path} is not valid JSON ({_first_line(e)}): the file is damaged or hand-edited; "
+                              "restore it from its source") from None
+
+
+def is_disk_full(error: BaseException, directory: PathLike) -> bool:
+    """Whether ``error``, raised by a write under ``directory``, means the device ran out of space (or quota). torch
+    and safetensors lose the errno ('unexpected pos', 'os error 28'), so the device's free space decides for them."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "os error 28" in str(error) or "No space left" in str(error):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)) and type(error).__name__ != "SafetensorError":
+        return False
+    try:
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
