@@ -67,7 +67,7 @@ def atomic_directory(directory: PathLike) -> Iterator[Path]:
             yield tmp
         except Exception as e:
             if is_disk_full(e, tmp):
-                raise OSError(errno.ENOSPC, f"no space left on device while writing {target} (the partial copy is "
+                raise OSError(errno.ENOSPC, f"No space left on device while writing {target} (the partial copy is "
                               f"removed, nothing else changed): free space under {target.parent} and run again; a "
                               "training run continues from its last checkpoint with --resume") from None
             raise
