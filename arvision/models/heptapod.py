@@ -110,6 +110,13 @@ class Heptapod(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one: each block of the backbone and of the 2D head, and each residual
+        block of the diffusion MLP."""
+        head = self.head.shard_units() if hasattr(self, "head") else []
+        diffloss = list(self.diffloss.blocks) if hasattr(self, "diffloss") else []
+        return [*self.backbone.shard_units(), *head, *diffloss]
+
     def init_weights(self):
         def _init(m):
             if isinstance(m, nn.Linear):

@@ -123,6 +123,11 @@ class Segmentor(nn.Module):
         self.init_heads()
         self.freeze_unused()
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one: each backbone block and each head (the pyramid neck, which returns
+        views of its input, stays with the root)."""
+        return [*self.backbone.shard_units(), *(m for m in (self.decode_head, self.auxiliary_head) if m is not None)]
+
     def freeze_unused(self) -> None:
         """UperNet reads un-normed block outputs up to the last of ``out_indices``: the final norm and any later
         blocks take no part in the loss, so they are frozen (DDP rejects parameters that get no gradient)."""

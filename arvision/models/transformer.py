@@ -128,6 +128,10 @@ class Transformer(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (each all-gathered only around its own forward): every block."""
+        return list(self.blocks)
+
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 

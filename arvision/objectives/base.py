@@ -15,7 +15,8 @@ An objective is an ``nn.Module`` that owns the model being trained and turns a b
 
 - ``model``: saved by ``arvision.checkpoints.save_model`` (loadable with ``load_model``). Everything else in the
   objective's ``state_dict`` (an EMA target, a loss's own parameters) is saved next to it in ``state.pt``.
-- ``shard_units()``: the sub-modules FSDP2 shards one by one before the root (default: ``model.blocks``).
+- ``shard_units()``: the sub-modules FSDP2 shards one by one before the root (default: ``model.shard_units()``,
+  which every registered family defines: each transformer block, a tokenizer's resolution stages).
 - ``param_groups(lr, weight_decay, warmup_steps)``: AdamW groups (keys ``params``, ``weight_decay``, ``lr_base``,
   ``lr_scale``, ``warmup_steps``, optional ``names``) holding every trainable parameter of the objective exactly
   once (the Trainer checks). Default: weight decay on matrices, none on biases / norms / LayerScale.
@@ -32,6 +33,9 @@ class Objective(nn.Module):
     model: nn.Module
 
     def shard_units(self) -> list[nn.Module]:
+        named = getattr(self.model, "shard_units", None)
+        if callable(named):
+            return list(named())
         blocks = getattr(self.model, "blocks", None)
         return list(blocks) if blocks is not None else []
 

@@ -47,9 +47,6 @@ class SegmentationObjective(Objective):
         self.model, self.aux_weight, self.ignore_index = model, aux_weight, ignore_index
         self.llrd, self.head_lr_scale = llrd, head_lr_scale
 
-    def shard_units(self) -> list[nn.Module]:
-        return list(self.model.backbone.blocks)
-
     def forward(self, images: torch.Tensor, masks: torch.Tensor):
         if masks.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(f"masks of shape {tuple(masks.shape)} do not match images of shape {tuple(images.shape)};"

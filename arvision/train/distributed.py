@@ -67,6 +67,10 @@ def wrap_model(module: nn.Module, env: DistEnv, strategy: str = "ddp", shard_uni
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()
+        if not shard_units:
+            from .logging import log
+            log.warning(f"FSDP2: {type(module).__name__} names no shard units, so the whole model is gathered at once "
+                        "in every forward (no memory saved over DDP); define its model's shard_units()")
         for unit in shard_units or []:
             fully_shard(unit, mp_policy=policy)
         fully_shard(module, mp_policy=policy)

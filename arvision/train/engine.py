@@ -47,6 +47,7 @@ from ..files import read_safetensors
 from ..objectives.base import Objective
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, clip_grad_norm, control_group, wrap_model
+from .ema import build_ema
 from .logging import MetricWriter, log, plot_loss_curve
 from .run_directory import create_run_directory
 from .optim import SCHEDULES, build_adamw, set_lr
@@ -91,12 +92,8 @@ class Trainer:
         groups = objective.param_groups(self.lr, cfg.weight_decay, self.warmup)
         check_param_groups(objective, groups)
         self.optimizer = build_adamw(groups, cfg.betas, cfg.eps, env.device.type)
-        self.ema = None
-        if cfg.ema_decay > 0:
-            if cfg.distributed == "fsdp":
-                raise ValueError("train.ema_decay > 0 is not supported with train.distributed=fsdp; set train.ema_decay=0")
-            from timm.utils import ModelEmaV3
-            self.ema = ModelEmaV3(objective.model, decay=cfg.ema_decay)
+        # under FSDP2 a sharded EMA: DTensors with the sharding of the parameters they average
+        self.ema = build_ema(objective.model, cfg.ema_decay, self.sharded) if cfg.ema_decay > 0 else None
         self.autocast = dict(device_type=env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         if cfg.precision not in ("bf16", "fp32"):
             raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
@@ -166,11 +163,11 @@ class Trainer:
         if self.env.enabled:  # every rank's RNG, so that per-rank draws (drop path, RoPE) resume exactly
             rngs = [None] * self.env.world_size
             torch.distributed.all_gather_object(rngs, rng)
+        ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP
         if self.env.is_main:
             weights, extras = self._split(model_sd)
             state = {"step": self.step, "optimizer": optim_sd, "rng": rngs, "objective": extras, "best": self.best,
                      "total_steps": self.total_steps}
-            ema = self.ema.module.state_dict() if self.ema is not None else None
             path = save_checkpoint(self.run_dir, self.step, self.objective.model, state, ema, self.cfg.keep_last,
                                    self.preset, model_state_dict=weights)
             log.info(f"checkpoint: {path}")
@@ -195,7 +192,7 @@ class Trainer:
             self.objective.load_state_dict(model_sd)
             self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema.module.load_state_dict(read_safetensors(ckpt / "ema.safetensors"))
+            self.ema.load_state_dict(read_safetensors(ckpt / "ema.safetensors"))
         rngs = state["rng"]
         if len(rngs) != self.env.world_size:
             log.warning(f"resuming a {len(rngs)}-process run on {self.env.world_size} processes: random draws differ")
@@ -307,7 +304,8 @@ class Trainer:
         if self.evaluate is None or not (last or (every and (epoch + 1) % every == 0)):
             return
         with self.gathered():  # every rank evaluates its shard of the data
-            results = self.evaluate(self.objective.model, self.ema.module if self.ema is not None else None)
+            results = self.evaluate(self.objective.model,
+                                    self.ema.module_for_eval() if self.ema is not None else None)
         if not results:
             return
         self.writer.write(self.step, results, prefix="eval")
@@ -316,10 +314,11 @@ class Trainer:
         if metric and metric in results and (self.best is None or results[metric] > self.best["value"]):
             self.best = {"metric": metric, "value": results[metric], "step": self.step}
             weights = self._model_state()  # collective under FSDP
+            ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP
             if self.env.is_main:
                 from ..checkpoints import save_model
                 save_model(self.objective.model, self.run_dir / "best", preset=self.preset, state_dict=weights,
-                           ema_state_dict=self.ema.module.state_dict() if self.ema is not None else None)
+                           ema_state_dict=ema)
             barrier()
 
     def _request_stop(self, signum, frame) -> None:

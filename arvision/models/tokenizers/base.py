@@ -51,6 +51,10 @@ class Tokenizer(nn.Module):
             raise ValueError(f"image size {img_size} is not a multiple of the tokenizer's stride {self.downsample}")
         return img_size // self.downsample
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one: the encoder's and the decoder's resolution stages."""
+        return [*self.encoder.shard_units(), *self.decoder.shard_units()]
+
     @property
     def scale_factor(self) -> float:
         return float(getattr(self.config, "scale_factor", 1.0))

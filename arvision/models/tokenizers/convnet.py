@@ -97,6 +97,10 @@ class Encoder(nn.Module):
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
 
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP2 units: each resolution level and the mid block."""
+        return [*getattr(self, self._levels), self.mid]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in getattr(self, self._levels):
@@ -129,6 +133,10 @@ class Decoder(nn.Module):
         self._layout = layout
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
+
+    def shard_units(self) -> list[nn.Module]:
+        """FSDP2 units: the mid block and each resolution level."""
+        return [self.mid, *(self.conv_blocks if self._layout == "llamagen" else self.up)]
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -165,8 +165,16 @@ class DeadCodeRestart(nn.Module):
         pick = (torch.rand(dead.shape[0], device=dead.device) * self.bank_count).long()
         seeds = self.bank[pick].to(quantizer.embedding.weight.dtype)
         weight = quantizer.embedding.weight
-        weight.copy_(torch.where(dead[:, None], seeds, weight))
-        if distributed:
-            dist.broadcast(weight, src=0)
+        if hasattr(weight, "full_tensor"):  # FSDP2: the codebook's rows are sharded over the processes
+            from torch.distributed.tensor import distribute_tensor
+
+            full = torch.where(dead[:, None], seeds, weight.full_tensor())
+            dist.broadcast(full, src=0)  # rank 0's re-seeded codebook, as under DDP
+            local = distribute_tensor(full, weight.device_mesh, weight.placements, src_data_rank=None)
+            weight.to_local().copy_(local.to_local())
+        else:
+            weight.copy_(torch.where(dead[:, None], seeds, weight))
+            if distributed:
+                dist.broadcast(weight, src=0)
         self.age.masked_fill_(dead, 0)
         return dead.sum()
