@@ -85,7 +85,8 @@ def test_one_ignore_index_from_the_config_reaches_every_part(tmp_path):
         (root / "images" / split).mkdir(parents=True)
         (root / "annotations" / split).mkdir(parents=True)
         for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(root / "images" / split / f"{i}.png")
+            image = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"{i}.png")
             mask = rng.integers(0, 3, (32, 32)).astype(np.uint8)
             mask[:4] = 7
             Image.fromarray(mask).save(root / "annotations" / split / f"{i}.png")
