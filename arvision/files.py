@@ -104,6 +104,26 @@ def read_json(path: PathLike) -> Any:
                               "restore it from its source") from None
 
 
+def output_names(paths: Iterable[PathLike]) -> list[str]:
+    """One distinct output name per input file: its stem, with as many parent folders as it takes to tell it from
+    the others (cat/0000.jpg and ship/0000.jpg -> cat_0000, ship_0000), then its position if still equal."""
+    parts = [Path(os.path.abspath(p)).with_suffix("").parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        names = ["_".join(p[-d:]).lstrip(os.sep) for p, d in zip(parts, depth)]
+        sources: dict[str, set] = {}
+        for n, p in zip(names, parts):
+            sources.setdefault(n, set()).add(p)
+        grow = [i for i, n in enumerate(names) if len(sources[n]) > 1 and depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    if len(set(names)) < len(names):
+        names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
+    return names
+
+
 def is_disk_full(error: BaseException, directory: PathLike) -> bool:
     """Whether ``error``, raised by a write under ``directory``, means the device ran out of space (or quota). torch
     and safetensors lose the errno ('unexpected pos', 'os error 28'), so the device's free space decides for them."""

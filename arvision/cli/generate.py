@@ -15,15 +15,16 @@ def cmd_sample(args) -> None:
     from ..generate.outputs import class_labels, generate_images, save_grid, save_npz
     from ..generate.sample import SamplingConfig
 
+    for flag, value in (("--num-per-class", args.num_per_class), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     model = load_model(args.checkpoint, family="heptapod", ema=args.ema)
-    tokenizer, scale = _tokenizer(args, model)
+    cache = _run_token_cache(args.checkpoint, required=not args.tokenizer)
+    classes = parse_classes(args.classes, model.config.num_classes, (cache.info.get("classes") if cache else None)
+                            or [])
+    tokenizer, scale = _tokenizer(args, cache)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = model.to(device).eval(), tokenizer.to(device).eval()
-    n_cls = model.config.num_classes
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(n_cls))
-    bad = [c for c in classes if not 0 <= c < n_cls]
-    if bad:
-        raise ValueError(f"class indices {bad} are out of range for a generator of {n_cls} classes")
     labels = class_labels(classes, args.num_per_class, args.seed)
     cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
@@ -39,24 +40,63 @@ def cmd_sample(args) -> None:
     print(f"wrote {labels.shape[0]} samples: {files['grid']}, {files['npz']}")
 
 
-def _tokenizer(args, model):
-    """The tokenizer given by --tokenizer, else the one recorded in the generator's run (its token cache)."""
+def parse_classes(text, num_classes: int, names: list) -> list[int]:
+    """``--classes``: a comma list of class indices or names (the names of the run's token cache); all by default."""
+    if not text:
+        return list(range(num_classes))
+    lookup = {str(n): i for i, n in enumerate(names)}
+    folded = {str(n).casefold(): i for i, n in enumerate(names)}
+    classes, unknown = [], []
+    for item in (c.strip() for c in text.split(",") if c.strip()):
+        if item.lstrip("-").isdigit():
+            index = int(item)
+        else:
+            index = lookup.get(item, folded.get(item.casefold()))
+        if index is None or not 0 <= index < num_classes:
+            unknown.append(item)
+        else:
+            classes.append(index)
+    if unknown or not classes:
+        shown = ", ".join(map(str, names[:30])) + (f" and {len(names) - 30} more" if len(names) > 30 else "")
+        valid = f"indices 0..{num_classes - 1}" + (f" or the names {shown}" if names else
+                                                   " (class names are not known here: the run's token cache was not "
+                                                   "found)")
+        raise ValueError(f"--classes {', '.join(map(repr, unknown or [text]))}: not a class of this generator; "
+                         f"valid: {valid}")
+    return classes
+
+
+def _run_token_cache(checkpoint, required: bool):
+    """The token cache the generator's run trained on (named in RUN/config.yaml), or None where there is none (a
+    named cache that is missing is an error when ``required``: the tokenizer comes from it)."""
+    from ..data.token_cache import TokenCache
+    from ..files import read_yaml
+
+    run_cfg = next((p / "config.yaml" for p in Path(checkpoint).resolve().parents if (p / "config.yaml").is_file()),
+                   None)
+    if run_cfg is None:
+        return None
+    source = ((read_yaml(run_cfg) or {}).get("data") or {}).get("source")
+    if not source:
+        return None
+    if not Path(source).exists():
+        if not required:
+            return None
+        hint = " (a path relative to the directory that run was started from)" if not Path(source).is_absolute() else ""
+        raise FileNotFoundError(f"the token cache {source} of the run {run_cfg.parent}{hint} is not found; pass "
+                                "--tokenizer PATH (the tokenizer it was encoded with)")
+    return TokenCache(source)
+
+
+def _tokenizer(args, cache):
+    """The tokenizer given by --tokenizer, else the one of the generator's token cache."""
     from ..models.tokenizers import load_tokenizer
 
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
         return tok, args.scale_factor if args.scale_factor is not None else tok.scale_factor
-    run_cfg = next((p / "config.yaml" for p in Path(args.checkpoint).resolve().parents if (p / "config.yaml").is_file()),
-                   None)
-    if run_cfg is not None:
-        import yaml
-
-        from ..data.token_cache import TokenCache
-
-        source = (yaml.safe_load(run_cfg.read_text()).get("data") or {}).get("source")
-        if source and Path(source).exists():
-            cache = TokenCache(source)
-            return cache.load_tokenizer(), cache.scale_factor
+    if cache is not None:
+        return cache.load_tokenizer(), cache.scale_factor
     raise ValueError(f"no tokenizer found for {args.checkpoint}: pass --tokenizer PATH (the one its token cache "
                      "was encoded with)")
 
@@ -74,7 +114,8 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer to decode with (default: the one of the run's token cache)")
     p.add_argument("--scale-factor", type=float, default=None, help="latent scale the cache applied (continuous)")
     p.add_argument("--num-per-class", type=int, default=8, help="samples per class (50 gives ImageNet's 50k)")
-    p.add_argument("--classes", help="comma list of class indices (default: all)")
+    p.add_argument("--classes", help="comma list of class indices or names (the run's token cache knows the "
+                   "names, e.g. cat,ship); default: all")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

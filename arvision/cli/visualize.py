@@ -19,13 +19,9 @@ def cmd_visualize(args) -> None:
 
 
 def _image_names(paths: list[str]) -> list[str]:
-    """File stems, or parent_stem (then the index) where stems collide, as in class folders."""
-    names = [Path(p).stem for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{Path(p).parent.name}_{Path(p).stem}" for p in paths]
-    if len(set(names)) < len(names):
-        names = [f"{i:03d}_{n}" for i, n in enumerate(names)]
-    return names
+    """File stems, with parent folders where stems collide, as in class folders (arvision.files.output_names)."""
+    from ..files import output_names
+    return output_names(paths)
 
 
 def register(sub) -> None:

@@ -119,6 +119,9 @@ def open_images(source: PathLike, split: str = "train", image_size: Optional[int
     path = Path(source)
     if path.suffix == ".npz":
         return NpzImages(path, image_size)
+    if path.is_file():
+        raise ValueError(f"{path} is a file but not an .npz; give an image folder, a dataset folder or an ADM-format "
+                         ".npz (arr_0: uint8 N x H x W x 3)")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; give an image folder, a dataset folder or an .npz")
     if is_hf_disk(path) or available_splits(path):
@@ -181,11 +184,22 @@ def _gather(x: torch.Tensor, total: int, world: int) -> torch.Tensor:
     return torch.stack(out, 1).reshape(per * world, *x.shape[1:])[:total]
 
 
-def _reference(ref: PathLike, ext: FeatureExtractor, need_features: bool, split: str, **kw):
+def _open_reference(ref: PathLike, split: str, image_size: Optional[int]):
+    """(arrays of a reference .npz, None) or (None, its images): REF checked before any network is loaded."""
+    if not str(ref).endswith(".npz"):
+        return None, open_images(ref, split, image_size)
+    arrays = load_npz(ref)
+    if not ("mu" in arrays and "sigma" in arrays) and "arr_0" not in arrays:
+        raise ValueError(f"{ref} has neither 'mu'/'sigma' statistics nor 'arr_0' images")
+    if "arr_0" in arrays:
+        NpzImages(ref, image_size, arrays)  # checks the images' dtype and shape
+    return arrays, None
+
+
+def _reference(ref: PathLike, ext: FeatureExtractor, need_features: bool, split: str, opened, **kw):
     """(stats dict with mu/sigma[/mu_s/sigma_s], pool/… features or None, description of what was used)."""
-    stats, arrays = {}, None
-    if str(ref).endswith(".npz"):
-        arrays = load_npz(ref)
+    stats, (arrays, images) = {}, opened
+    if arrays is not None:
         if "mu" in arrays and "sigma" in arrays:
             tag = stats_extractor_tag(arrays)
             if (tag is None and ext.standard) or tag == ext.stats_tag:
@@ -193,13 +207,11 @@ def _reference(ref: PathLike, ext: FeatureExtractor, need_features: bool, split:
             elif "arr_0" not in arrays:
                 raise ValueError(f"{ref} holds statistics of {tag or 'the TF Inception network'}, not of extractor "
                                  f"{ext.name!r}; give reference images (a folder or an .npz with arr_0) instead")
-        elif "arr_0" not in arrays:
-            raise ValueError(f"{ref} has neither 'mu'/'sigma' statistics nor 'arr_0' images")
     if stats and not need_features:
         return stats, None, "stats"
     if arrays is not None and "arr_0" not in arrays:  # stats only: no precision / recall possible
         return stats, None, "stats"
-    ds = NpzImages(ref, kw["image_size"], arrays) if arrays is not None else open_images(ref, split, kw["image_size"])
+    ds = NpzImages(ref, kw["image_size"], arrays) if arrays is not None else images
     ds = subset(ds, kw["num_ref"])
     feats = extract_features(ds, ext, kw["batch_size"], kw["num_workers"], kw["amp_dtype"], kw["progress"], "reference")
     if not stats:
@@ -221,11 +233,13 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and dist.is_available() and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
+    # both inputs are checked before the network is built (loading Inception takes a while)
+    sample_ds = subset(open_images(samples, split, image_size), num_samples)
+    ref_opened = _open_reference(ref, ref_split, image_size)
     ext = build_extractor(extractor, device)
     kw = dict(image_size=image_size, num_ref=num_ref, batch_size=batch_size, num_workers=num_workers,
               amp_dtype=amp_dtype, progress=progress)
-    sample_ds = subset(open_images(samples, split, image_size), num_samples)
-    ref_stats, ref_feats, ref_used = _reference(ref, ext, precision_recall_k is not None, ref_split, **kw)
+    ref_stats, ref_feats, ref_used = _reference(ref, ext, precision_recall_k is not None, ref_split, ref_opened, **kw)
     feats = extract_features(sample_ds, ext, batch_size, num_workers, amp_dtype, progress, "samples")
     name = ext.metric_name
     res: dict = {}

@@ -81,6 +81,12 @@ def load_npz(path: Union[str, os.PathLike], keys: tuple[str, ...] | None = None)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; give an .npz file (ADM reference batch / samples, or stats)")
+    expected = ("expected an ADM-format .npz (arr_0: uint8 N x H x W x 3 images, as `arvision sample` writes) or "
+                "reference statistics (mu, sigma)")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            kind = "a single .npy array" if f.read(6) == b"\x93NUMPY" else "not an .npz file (not a zip archive)"
+        raise ValueError(f"{path} is {kind}; {expected}")
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)
@@ -90,8 +96,10 @@ def load_npz(path: Union[str, os.PathLike], keys: tuple[str, ...] | None = None)
                 if out[k] is None:
                     out[k] = z[k]
             return out
-    except (zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        pickled = "allow_pickle" in str(e) or "bject array" in str(e)
+        reason = "it holds pickled Python objects, which are never loaded" if pickled else str(e).splitlines()[0]
+        raise ValueError(f"{path} is not a readable .npz file ({reason}); {expected}") from None
 
 
 def _mmap_member(path: Path, key: str) -> np.ndarray | None:

@@ -25,8 +25,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+PATH_KEYS = ("source", "init", "backbone_init", "judge", "reference")  # and every key ending in _path
+
+
+def absolute_paths(cfg) -> None:
+    """Make the config's relative file paths absolute (data.source, model.init, ..., *_path), so the saved config
+    still finds them from any directory (``arvision sample`` reads the token cache of a run's config)."""
+    from ..data import is_synthetic
+
+    for key, value in list(cfg.items()):
+        if isinstance(value, dict):
+            absolute_paths(value)
+        elif ((key in PATH_KEYS or str(key).endswith("_path")) and isinstance(value, str) and value
+              and not is_synthetic(value) and not os.path.isabs(value) and os.path.exists(value)):
+            cfg[key] = os.path.abspath(value)
+
+
 def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistEnv, Path]:
     """Initialise distributed, pick and check the run directory, save the resolved config, set up logs."""
+    absolute_paths(cfg)
     env = init_distributed()
     if out is None:
         stamp = [time.strftime("%Y%m%d-%H%M%S")]

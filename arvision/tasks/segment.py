@@ -237,7 +237,13 @@ def predict(checkpoint, images: Sequence[str], out_dir, classes_file=None, mode:
 
     from ..data.images import open_rgb
     from ..data.segmentation import _default_palette, read_class_list
+    from ..files import output_names
 
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no image file {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                                "give existing image files to --images")
+    stems = output_names(images)  # cat/0000.jpg and ship/0000.jpg must not write the same file
     model = load_segmentor(checkpoint, ema).to(device)
     K = model.config.num_classes
     names, colours = model.config.classes, model.config.palette
@@ -251,13 +257,12 @@ def predict(checkpoint, images: Sequence[str], out_dir, classes_file=None, mode:
     crop = crop or model.config.backbone["img_size"]
     tf = seg_eval_transform()
     written = []
-    for path in images:
+    for path, stem in zip(images, stems):
         image = open_rgb(path)
         x, _ = tf(image, np.zeros((image.height, image.width), np.int64))
         probs = inference(model, x[None].to(device), mode, crop, stride or max(1, math.ceil(crop * 2 / 3)), flip,
                           ratios, test_scale)
         pred = probs.argmax(1)[0].cpu().numpy()
-        stem = Path(path).stem
         overlay = overlay_image(image, pred, names, colours, alpha)
         written.append(save_png(overlay, Path(out_dir) / f"{stem}_overlay.png"))
         labels = Image.fromarray(pred.astype(np.uint8 if K <= 256 else np.uint16))
