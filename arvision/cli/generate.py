@@ -61,8 +61,9 @@ def parse_classes(text, num_classes: int, names: list) -> list[int]:
         valid = f"indices 0..{num_classes - 1}" + (f" or the names {shown}" if names else
                                                    " (class names are not known here: the run's token cache was not "
                                                    "found)")
-        raise ValueError(f"--classes {', '.join(map(repr, unknown or [text]))}: not a class of this generator; "
-                         f"valid: {valid}")
+        numeric = unknown and all(u.lstrip("-").isdigit() for u in unknown)
+        problem = "class indices out of range" if numeric else "not a class of this generator"
+        raise ValueError(f"--classes {', '.join(map(repr, unknown or [text]))}: {problem}; valid: {valid}")
     return classes
 
 
