@@ -192,10 +192,14 @@ def _parse_value(key: str, text: str) -> Any:
     return value
 
 
-def load_config(task: str, config_file: Optional[str] = None, overrides: Iterable[str] = ()) -> Config:
-    """Default config of ``task``, then the recipe file (if any), then ``key=value`` overrides."""
+def load_config(task: str, config_file: Optional[str] = None, overrides: Iterable[str] = (),
+                base: Optional[dict] = None) -> Config:
+    """Default config of ``task``, then ``base`` (a resumed run's saved config, if any), then the recipe file (if any),
+    then ``key=value`` overrides."""
     cfg = default_config(task)
     flat = _flatten(cfg)
+    if base:
+        merge(cfg, base, flat)
     if config_file:
         path = Path(config_file)
         if not path.exists():

@@ -286,8 +286,11 @@ def test_interrupted_cache_resumes_and_is_never_complete_early(tmp_path, monkeyp
     assert stats["resumed_from"] == 6 and full["resumed_from"] == 0
     a, b = tc.TokenCache(tmp_path / "ref", flip=False), tc.TokenCache(tmp_path / "c", flip=False)
     assert torch.equal(a.grids(0), b.grids(0)) and torch.equal(a.grids(1), b.grids(1))
-    # other settings restart the cache instead of mixing two encodings
-    stats = tc.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False)
+    # other settings never mix two encodings: an error naming them, or (overwrite) a fresh encode
+    with pytest.raises(ValueError, match=r"img_size \(cache 16, now 8\).*--overwrite"):
+        tc.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False)
+    stats = tc.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False,
+                                 overwrite=True)
     assert stats["resumed_from"] == 0 and tc.TokenCache(tmp_path / "c").info["grid_size"] == 2
 
 

@@ -63,7 +63,7 @@ def cmd_encode(args) -> None:
     stats = build_token_cache(tok, args.data, args.out, split=args.split, img_size=_img_size(args),
                               batch_size=args.batch_size, num_workers=args.num_workers, flip=not args.no_flip,
                               device=_device(args), amp=args.bf16, limit=args.limit,
-                              tokenizer_source=str(args.tokenizer))
+                              tokenizer_source=str(args.tokenizer), overwrite=args.overwrite)
     print(json.dumps({"cache": str(args.out), **stats}, indent=2))
 
 
@@ -132,6 +132,8 @@ def register(sub) -> None:
     q.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder")
     q.add_argument("--limit", type=int, help="encode a fixed random subset of N images (seed 0)")
     q.add_argument("--scale-factor", type=float, help="KL: latent scale stored in the cache (default: tokenizer's)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="encode again into a cache made with another tokenizer or other settings (else an error)")
     q.set_defaults(func=cmd_encode)
 
     q = tsub.add_parser("reconstruct", help="encode and decode images, write originals next to reconstructions")

@@ -19,10 +19,16 @@ random per access (``flip=True``), which is the flip augmentation. Arrays are nu
 
 Interruptions: rows are written in order, arrays flushed before ``encoded`` advances in the header, and every header
 is written atomically (temp file + rename). ``complete`` is set only after the last row is flushed, and TokenCache
-refuses an incomplete cache. Re-running the same encode resumes from ``encoded``; different settings restart it.
+refuses an incomplete cache. Re-running the same encode resumes from ``encoded``. The header records what made the
+cache: the tokenizer's config and a SHA-256 of its weights, the data source, split, subset, crop size and flip copies,
+and bf16 encoding; an encode with anything else into an existing cache is a one-line error (``overwrite=True``,
+``--overwrite``, re-encodes it). The arrays' disk space is checked and reserved (``posix_fallocate``) before any row is
+written: memory-mapped arrays are sparse, and a page written on a full disk would kill the process with SIGBUS.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -42,11 +48,14 @@ PathLike = Union[str, os.PathLike]
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_header(path: PathLike) -> dict:
@@ -220,22 +229,95 @@ class _Images(Dataset):
             return torch.zeros(3, size, size, dtype=torch.uint8), -1, False
 
 
-def _settings(tokenizer, source, split: str, img_size: int, num_images: int, flip: bool) -> dict:
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names, dtypes, shapes and bytes of every tensor, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _settings(tokenizer, source, split: str, img_size: int, num_images: int, flip: bool, amp: bool = False) -> dict:
+    """What a cache's tokens depend on: the tokenizer (config and weights), the data (source, split, count), the
+    crop (centre crop to ``img_size``), the flip copies and bf16 encoding."""
     cfg = tokenizer.config.to_dict()
-    return dict(family=tokenizer.family, tokenizer_config=cfg, source=str(Path(source).resolve()) if
-                Path(str(source)).exists() else str(source), split=split, img_size=img_size,
-                num_images=num_images, copies=2 if flip else 1)
+    return dict(family=tokenizer.family, tokenizer_config=cfg, tokenizer_sha256=weights_sha256(tokenizer),
+                source=str(Path(source).resolve()) if Path(str(source)).exists() else str(source), split=split,
+                crop="center", img_size=img_size, num_images=num_images, copies=2 if flip else 1, bf16=bool(amp))
+
+
+_SETTING_NAMES = {"tokenizer_sha256": "tokenizer weights", "tokenizer_config": "tokenizer config",
+                  "copies": "copies (flip)"}
+
+
+def _settings_differ(header: dict, settings: dict) -> list[str]:
+    """The settings of an existing cache's header that differ from ``settings`` ('name (cache X, now Y)')."""
+    wanted = json.loads(json.dumps(settings))
+    out = []
+    for key, value in wanted.items():
+        if header.get(key) != value:
+            old = "not recorded" if key not in header else header[key]
+            if key == "tokenizer_sha256" and isinstance(old, str):
+                old, value = old[:12], value[:12]
+            if key == "tokenizer_config":
+                out.append(_SETTING_NAMES[key])
+            else:
+                out.append(f"{_SETTING_NAMES.get(key, key)} (cache {old}, now {value})")
+    return out
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+
+
+def _check_space(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(_existing_parent(out)).free
+    if needed > free:
+        raise ValueError(f"not enough disk space for the token cache {out}: it needs {_gigabytes(needed)}, "
+                         f"{_gigabytes(free)} free on that file system; free space or choose another --out")
+
+
+def _reserve(paths: list[Path], out: Path) -> None:
+    """Allocate every block of the (sparse) array files now, so that writing a row later never finds the disk
+    full (a memory-mapped page written on a full disk is a SIGBUS, not an error)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise ValueError(f"no space left for the token cache {out}: reserving {path.name} failed ({e.strerror})"
+                                 f"; free space on that file system (the cache resumes where it stopped) or choose "
+                                 "another --out") from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
 
 
 @torch.no_grad()
 def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "train", img_size: int = 256,
                       batch_size: int = 64, num_workers: int = 2, flip: bool = True, device: str = "cpu",
                       amp: bool = False, limit: Optional[int] = None, progress: bool = True,
-                      tokenizer_source: Optional[str] = None) -> dict:
+                      tokenizer_source: Optional[str] = None, overwrite: bool = False) -> dict:
     """Encode ``split`` of ``source`` (image folder, HF save_to_disk folder or 'synthetic') into a cache at ``out``.
 
-    Resumes a partial cache made with the same settings, restarts one made with others, and returns at once for a
-    complete matching cache. Returns {"num_images", "skipped", "seconds", "images_per_second", "resumed_from"}."""
+    Resumes a partial cache made with the same settings and returns at once for a complete one; a cache made with
+    other settings (another tokenizer's weights or config, other data, crop size, flip copies or precision) is a
+    one-line ValueError naming them, unless ``overwrite`` (then it is encoded again). Disk space for the arrays is
+    checked before anything is written and reserved before the first row.
+    Returns {"num_images", "skipped", "seconds", "images_per_second", "resumed_from"}."""
     from tqdm import tqdm
 
     from ..checkpoints import save_model
@@ -249,10 +331,20 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
     # a few classes only
     order = list(range(n)) if n == len(dataset) else fixed_subset_indices(len(dataset), n)
     grid = tokenizer.grid_size(img_size)
-    settings = _settings(tokenizer, source, split, img_size, n, flip)
+    settings = _settings(tokenizer, source, split, img_size, n, flip, amp)
     settings["subset"] = None if n == len(dataset) else "random-seed0"
-    header = read_header(out) if (out / HEADER).is_file() else None
-    same = header is not None and {k: header.get(k) for k in settings} == json.loads(json.dumps(settings))
+    header = None
+    if (out / HEADER).is_file():
+        try:
+            header = read_header(out)
+        except ValueError as e:
+            if not overwrite:
+                raise ValueError(f"{e} (or pass --overwrite to replace it)") from None
+    differ = _settings_differ(header, settings) if header is not None else []
+    if differ and not overwrite:
+        raise ValueError(f"token cache {out} was made with other settings: {'; '.join(differ)}; pass --overwrite to "
+                         "encode it again with these, or choose another --out")
+    same = header is not None and not differ
     if same and header.get("complete"):
         return dict(num_images=n, skipped=header["skipped"], seconds=0.0, images_per_second=None, resumed_from=n)
     discrete = tokenizer.token_type == "discrete"
@@ -262,11 +354,14 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
         shape = (n, copies, N)
     else:
         dtype, shape = np.float32, (n, copies, N, 2 * tokenizer.latent_channels)
-    if not same:  # fresh start (nothing, or a cache of other settings / a damaged header)
+    arrays = [out / TOKENS, out / LABELS, out / VALID]
+    if not same:  # fresh start (nothing, or --overwrite of a cache of other settings / a damaged header)
         if out.exists():
             for name in (HEADER, TOKENS, LABELS, VALID):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+        weights = sum(t.numel() * t.element_size() for t in tokenizer.state_dict().values())
+        _check_space(out, int(np.prod(shape)) * np.dtype(dtype).itemsize + n * 9 + weights + (1 << 20))
         out.mkdir(parents=True, exist_ok=True)
         np.lib.format.open_memmap(out / TOKENS, mode="w+", dtype=dtype, shape=shape).flush()
         np.lib.format.open_memmap(out / LABELS, mode="w+", dtype=np.int64, shape=(n,)).flush()
@@ -279,6 +374,9 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
                       dtype=np.dtype(dtype).name, classes=classes, num_classes=len(classes) or None,
                       tokenizer=tokenizer_source, encoded=0, skipped=0, complete=False)
         _write_json_atomic(out / HEADER, header)
+    else:  # resuming: arrays written before their space was reserved may still be sparse
+        _check_space(out, sum(max(0, p.stat().st_size - p.stat().st_blocks * 512) for p in arrays))
+    _reserve(arrays, out)
     tokens = np.load(out / TOKENS, mmap_mode="r+")
     labels = np.load(out / LABELS, mmap_mode="r+")
     valid = np.load(out / VALID, mmap_mode="r+")

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.workers import ignore_stop_signals
 from ..metrics import ConfusionMatrix
 from ..models.segmentation import IGNORE_INDEX
 from .classify import EvalShard, unpack_weighted
@@ -116,7 +117,8 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, num_classes: int, 
     pairs at the annotation size). Each process evaluates its shard; the confusion matrices are all-reduced, so every
     process returns the dataset-level metrics. ``batch_size`` > 1 needs images of equal size. Restores the mode."""
     device = next(model.parameters()).device if device is None else torch.device(device)
-    loader = DataLoader(EvalShard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(EvalShard(dataset, rank, world_size), batch_size=batch_size, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals)  # a SIGTERM during training's evaluation is the Trainer's
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     was_training = model.training

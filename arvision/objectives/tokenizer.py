@@ -58,7 +58,7 @@ class TokenizerLossConfig(ConfigDict):
 
     def __post_init__(self):
         if self.recon not in ("l1", "l2"):
-            raise ValueError(f"loss.recon must be 'l1' or 'l2', got {self.recon!r}")
+            raise ValueError(f"objective.recon must be 'l1' or 'l2', got {self.recon!r}")
 
 
 def reconstruction_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -113,8 +113,8 @@ class LPIPS(nn.Module):
                            f"lpips/weights/v0.1/vgg.pth) at {lin_path or 'the lpips package'}")
         if missing:
             raise FileNotFoundError("the perceptual loss needs " + " and ".join(missing) +
-                                    "; copy them there or set loss.lpips_vgg_path / loss.lpips_lin_path, "
-                                    "or set loss.perceptual_weight=0")
+                                    "; copy them there or set objective.lpips_vgg_path / objective.lpips_lin_path, "
+                                    "or set objective.perceptual_weight=0")
         sd = read_torch_file(vgg)
         self.features.load_state_dict({k[len("features."):]: v for k, v in sd.items()
                                        if k.startswith("features.") and int(k.split(".")[1]) < self.cuts[-1]})
@@ -176,7 +176,8 @@ class TokenizerObjective(Objective):
         self.restart = None
         if cfg.restart_after > 0:
             if not self.is_vq:
-                raise ValueError("loss.restart_after (dead-code restarts) applies to VQ tokenizers only; set it to 0")
+                raise ValueError("objective.restart_after (dead-code restarts) applies to VQ tokenizers only; "
+                                 "set it to 0")
             self.restart = DeadCodeRestart(model.codebook_size, model.latent_channels, cfg.restart_after,
                                            cfg.restart_bank)
         # The LPIPS network is frozen and loaded from files: kept out of the state dict (not an nn.Module child).

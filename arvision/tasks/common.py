@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ def absolute_paths(cfg) -> None:
 
 
 def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistEnv, Path]:
-    """Initialise distributed, pick and check the run directory, save the resolved config, set up logs."""
+    """Initialise distributed, pick and check the run directory, save the resolved config, set up logs. On resume the
+    run's saved config is the reference: a change to a key that cannot change is a one-line error before anything is
+    written (``check_resume_config``); the changes that can are logged."""
     absolute_paths(cfg)
     env = init_distributed()
     if out is None:
@@ -52,6 +55,7 @@ def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistE
             dist.broadcast_object_list(stamp, src=0)
         out = f"runs/{task}-{stamp[0]}"
     run_dir = Path(out)
+    changed = check_resume_config(cfg, run_dir) if resume else []
     if resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
     if env.is_main:
@@ -65,10 +69,86 @@ def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistE
     if env.enabled:
         dist.barrier()
     setup_logging(env.is_main, run_dir, hold_file=True)
+    if changed:
+        log.info("resuming with a changed config: " + ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, a, b in changed))
     if env.device.type == "cuda":  # TF32 matmuls for any fp32 work left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return env, run_dir
+
+
+# Keys a resumed run cannot change: they define the model, the objective, the data stream (samples, order,
+# augmentations), the global batch, the random streams and what "best" means. Every other key (max steps / epochs, lr,
+# schedule and optimizer settings, logging, checkpoints, evaluation, workers, precision, distribution) may change on
+# --resume and is applied from the resumed step on.
+FIXED_ON_RESUME = ("model.", "objective.", "finetune.", "segment.", "data.", "train.batch_size", "train.seed",
+                   "train.ema_decay", "train.best_metric")
+CHANGEABLE_ON_RESUME = ("data.num_workers", "model.grad_checkpointing")
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)  # one folder named by two paths (relative / absolute)
+    return False
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def is_fixed_on_resume(key: str) -> bool:
+    return key not in CHANGEABLE_ON_RESUME and any(
+        key.startswith(f) if f.endswith(".") else key == f for f in FIXED_ON_RESUME)
+
+
+def check_resume_config(cfg, run_dir: Path) -> list[tuple[str, Any, Any]]:
+    """The (key, saved value, new value) of every key that ``cfg`` changes from the config saved in ``run_dir``
+    (none when there is no saved config); a one-line ValueError naming the keys that cannot change on resume."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    import yaml
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--resume: {saved_path} is not readable YAML ({str(e).splitlines()[0]}); restore it or "
+                         "start a new run with another --out") from None
+    old, new = _leaves(saved), _leaves(dict(cfg))
+    changed = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if not _same(old.get(k), new.get(k))]
+    fixed = [c for c in changed if is_fixed_on_resume(c[0])]
+    if fixed:
+        shown = "; ".join(f"{k} (saved {_show(a)}, now {_show(b)})" for k, a, b in fixed)
+        raise ValueError(f"--resume: {', '.join(k for k, _, _ in fixed)} cannot change on resume: {shown}; resume "
+                         f"with the values in {saved_path}, or start a new run with another --out")
+    return changed
+
+
+def finished_results(trainer, run_dir: Path) -> Optional[dict]:
+    """After ``trainer.resume()``: the saved results of a run that had already finished (trained, evaluated and
+    reported), after one line saying so; else None. A run that finished training but never wrote its results
+    (stopped in between) has its final weights evaluated again, recording nothing, so that the task can write them."""
+    if not trainer.finished:
+        return None
+    saved = Path(run_dir) / "results.json"
+    if saved.is_file():
+        log.warning(f"{run_dir} already finished: {trainer.step} of {trainer.total_steps} steps, results in {saved}; "
+                    "nothing to do (raise train.max_steps or train.epochs to train longer)")
+        return json.loads(saved.read_text())
+    if trainer.evaluate is not None:
+        trainer.rerun_evaluation()
+    return None
 
 
 def build_backbone(model_cfg, **extra):

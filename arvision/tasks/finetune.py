@@ -17,12 +17,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import build_dataset, eval_transform, finetune_transform, fixed_subset, labelled_subset, resolve_split
+from ..data.workers import ignore_stop_signals
 from ..eval.classify import EvalShard, evaluate_classifier
 from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import build_backbone, prepare_run, seed_everything
+from .common import build_backbone, finished_results, prepare_run, seed_everything
 
 BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")
 
@@ -65,12 +66,15 @@ def run(cfg, out=None, resume=False) -> dict:
                       evaluate=evaluate, preset=None if cfg.model.init else cfg.model.name)
     if resume:
         trainer.resume()
+        done = finished_results(trainer, run_dir)
+        if done is not None:
+            return done
     t0 = time.perf_counter()
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60
     final = history[-1]  # the Trainer always evaluates after the last step
-    best = dict(trainer.best or {})
-    best.update(next((r for r in history if r["step"] == best.get("step")), {}))
+    best = dict(trainer.best or {})  # the best evaluation's metrics, kept by the Trainer across resumes
+    best.update(next((r for r in history if r["step"] == best.get("step")), {"n": final["n"]} if best else {}))
     results = {"final": final, "best": best or None, "best_checkpoint": str(run_dir / "best") if best else None,
                "num_classes": num_classes, "val_split": val_split, "val_images": final["n"],
                "causal": ft.causal, "steps": trainer.step, "train_minutes": minutes, "run_dir": str(run_dir),
@@ -121,7 +125,8 @@ def make_evaluator(val_set, env: DistEnv, cfg, step: Callable[[], int] = lambda:
     """The Trainer's ``evaluate(model, ema_model) -> {top1, top5, loss, ema_top1, ...}`` and the list of every row
     it has produced, with 'n' (images) and 'step' (from ``step()``). Each rank evaluates its shard of ``val_set``."""
     loader = DataLoader(EvalShard(val_set, env.rank, env.world_size), batch_size=cfg.eval.batch_size,
-                        num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+                        num_workers=cfg.data.num_workers, pin_memory=env.device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals)  # a SIGTERM during evaluation is the Trainer's
     amp = torch.bfloat16 if cfg.train.precision == "bf16" else None
     causal = cfg.finetune.causal
     history: list[dict] = []

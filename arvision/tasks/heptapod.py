@@ -20,7 +20,7 @@ from ..objectives.heptapod import HeptapodLossConfig, HeptapodObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import prepare_run, seed_everything
+from .common import finished_results, prepare_run, seed_everything
 
 
 def generator_args(cache: TokenCache, model_cfg) -> dict:
@@ -89,6 +89,9 @@ def run(cfg, out=None, resume=False) -> dict:
                       preset=cfg.model.name)
     if resume:
         trainer.resume()
+        done = finished_results(trainer, run_dir)
+        if done is not None:
+            return done
     t0 = time.perf_counter()
     trainer.fit()
     results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),

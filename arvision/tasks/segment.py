@@ -31,7 +31,7 @@ from ..objectives.segmentation import SegmentationObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import prepare_run, seed_everything
+from .common import finished_results, prepare_run, seed_everything
 
 BEST_METRICS = ("mIoU", "ema_mIoU", "mAcc", "ema_mAcc", "aAcc", "ema_aAcc")
 SCALARS = ("mIoU", "mAcc", "aAcc")
@@ -167,6 +167,9 @@ def run(cfg, out=None, resume=False) -> dict:
                       preset=None if cfg.model.backbone_init else cfg.model.name)
     if resume:
         trainer.resume()
+        done = finished_results(trainer, run_dir)
+        if done is not None:
+            return done
     t0 = time.perf_counter()
     trainer.fit()
     final = history[-1]

@@ -31,6 +31,7 @@ gradients in fp32. The ranks agree on a SIGTERM stop through one CPU integer all
 from __future__ import annotations
 
 import math
+import random
 import signal
 import threading
 import time
@@ -38,11 +39,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..data.workers import ignore_stop_signals
 from ..files import read_safetensors
 from ..objectives.base import Objective
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
@@ -73,6 +76,7 @@ class Trainer:
         self.loader = DataLoader(SeededDataset(train_set), batch_size=self.micro, sampler=self.sampler,
                                  num_workers=num_workers, pin_memory=env.device.type == "cuda",
                                  persistent_workers=num_workers > 0, drop_last=True,
+                                 worker_init_fn=ignore_stop_signals,  # a SIGTERM to the process group is ours
                                  # its own generator: creating an iterator must not draw from the global RNG
                                  generator=torch.Generator().manual_seed(cfg.seed))
         spe = self.sampler.steps_per_epoch
@@ -98,6 +102,9 @@ class Trainer:
         if cfg.precision not in ("bf16", "fp32"):
             raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
         self.step, self.best = 0, None
+        self.evaluated_step: Optional[int] = None  # the last step whose due evaluation has run
+        self._window = None  # a logging window restored by resume(): (metric sums, steps, images, seconds)
+        self._saved = None  # (step, evaluated_step) of the last checkpoint written or resumed
         torch.manual_seed(cfg.seed + env.rank)  # distinct drop-path / RoPE draws on each rank
         self.writer = MetricWriter(self.run_dir, enabled=env.is_main)
         self._stop = False
@@ -157,21 +164,29 @@ class Trainer:
         copy.load_state_dict(state)
         return copy.to(self.env.device).train(model.training)
 
-    def save(self, rng: dict) -> None:
+    def save(self, rng: dict, window: Optional[dict] = None) -> None:
+        """Checkpoint the run after step ``self.step``: ``rng`` as that step left it, and ``window``, the metric sums of
+        the logging window not written yet (a resumed run then writes the same rows as an uninterrupted one)."""
         model_sd, optim_sd = self._full_states()  # collective under FSDP: every rank calls it
-        rngs = [rng]
-        if self.env.enabled:  # every rank's RNG, so that per-rank draws (drop path, RoPE) resume exactly
-            rngs = [None] * self.env.world_size
-            torch.distributed.all_gather_object(rngs, rng)
+        per_rank = [{"rng": rng, "window": _window_to_cpu(window)}]
+        if self.env.enabled:  # every rank's RNG and window, so that per-rank draws (drop path, RoPE) resume exactly
+            per_rank = [None] * self.env.world_size
+            torch.distributed.all_gather_object(per_rank, {"rng": rng, "window": _window_to_cpu(window)})
         ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP
         if self.env.is_main:
             weights, extras = self._split(model_sd)
-            state = {"step": self.step, "optimizer": optim_sd, "rng": rngs, "objective": extras, "best": self.best,
-                     "total_steps": self.total_steps}
+            state = {"step": self.step, "optimizer": optim_sd, "rng": [r["rng"] for r in per_rank],
+                     "objective": extras, "best": self.best, "total_steps": self.total_steps,
+                     # whether this step's evaluation (if one is due) has run: resume() runs it otherwise
+                     "evaluated_step": self.evaluated_step,
+                     "log_window": [r["window"] for r in per_rank],
+                     # metrics.jsonl up to here: rows written after this checkpoint are dropped on resume
+                     "metrics_bytes": self.writer.size()}
             path = save_checkpoint(self.run_dir, self.step, self.objective.model, state, ema, self.cfg.keep_last,
                                    self.preset, model_state_dict=weights)
             log.info(f"checkpoint: {path}")
         barrier()
+        self._saved = (self.step, self.evaluated_step)
 
     def resume(self, ckpt: Optional[Path] = None) -> None:
         ckpt = ckpt or latest_checkpoint(self.run_dir)
@@ -179,7 +194,11 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir}/checkpoints; start without --resume")
         state = load_state(ckpt)
         if state["total_steps"] != self.total_steps:
-            log.warning(f"resuming a run planned for {state['total_steps']} steps with a config of {self.total_steps}")
+            log.info(f"the run was planned for {state['total_steps']} steps; it now trains to {self.total_steps} "
+                     "(train.max_steps / train.epochs), the schedule follows the new length")
+        # the optimizer's state (moments, step counts) comes from the checkpoint, its hyperparameters (lr, schedule
+        # groups, weight decay, betas) from the current config, so that a changed value is applied on --resume
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         model_sd = {f"{self.model_prefix}{k}": v for k, v in read_safetensors(ckpt / "model.safetensors").items()}
         model_sd.update(state["objective"])
         if self.sharded:
@@ -191,6 +210,8 @@ class Trainer:
         else:
             self.objective.load_state_dict(model_sd)
             self.optimizer.load_state_dict(state["optimizer"])
+        for group, values in zip(self.optimizer.param_groups, hyper):
+            group.update(values)
         if self.ema is not None:
             self.ema.load_state_dict(read_safetensors(ckpt / "ema.safetensors"))
         rngs = state["rng"]
@@ -198,10 +219,17 @@ class Trainer:
             log.warning(f"resuming a {len(rngs)}-process run on {self.env.world_size} processes: random draws differ")
         set_rng_state(rngs[self.env.rank % len(rngs)])
         self.step, self.best = state["step"], state["best"]
+        self.evaluated_step = state.get("evaluated_step")
+        windows = state.get("log_window") or []
+        self._window = windows[self.env.rank] if len(windows) == self.env.world_size else None
+        self._saved = (self.step, self.evaluated_step)
+        self.writer.rewind(state.get("metrics_bytes"), self.step)
         log.info(f"resumed from {ckpt} at step {self.step}")
 
     # ------------------------------------------------------------- loop
     def fit(self) -> dict:
+        if self.finished:  # resumed after the last step and its evaluation: nothing left to do
+            return {"step": self.step, "best": self.best}
         cfg, env = self.cfg, self.env
         if env.is_main:
             create_run_directory(self.run_dir)  # deferred by the task until its inputs were checked
@@ -220,8 +248,18 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not env.is_main, dynamic_ncols=True,
                    desc="train", mininterval=1.0)
         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
+        if self._window is not None:  # resumed inside a logging window: its first steps are in the checkpoint
+            restored, self._window = self._window, None
+            sums = {k: v.to(env.device) for k, v in restored["sums"].items()}
+            n_sum, seen, t0 = restored["steps"], restored["images"], t0 - restored["seconds"]
+
+        def window() -> Optional[dict]:  # the logging window's sums not written yet, for a checkpoint
+            return None if sums is None else dict(sums=sums, steps=n_sum, images=seen, seconds=time.perf_counter() - t0)
         step_at_start, rng_at_start = self.step, rng_state()
         try:
+            if self.eval_pending:  # resumed from a checkpoint written before the evaluation due at its step
+                self._evaluate()
+                self._stop_if_requested(window())
             while self.step < self.total_steps:
                 epoch, in_epoch = divmod(self.step, self.sampler.steps_per_epoch)
                 self.sampler.set_epoch(epoch, in_epoch)
@@ -254,19 +292,21 @@ class Trainer:
                         self.writer.write(self.step, row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
-                    if self.step % self.stop_check_every == 0 and any_rank(self._stop, self._control):
-                        self.save(rng_state())  # collectives: every rank is here, at the same step
-                        raise SystemExit(f"stopped at step {self.step}; resume with --resume")
+                    if self.step % self.stop_check_every == 0:
+                        self._stop_if_requested(window())  # before an evaluation: a pre-emption leaves no time
+                    if self.step % self.sampler.steps_per_epoch == 0 or self.step >= self.total_steps:
+                        skipped = getattr(self.train_set, "num_skipped", 0)
+                        if skipped:
+                            log.warning(f"{skipped} unreadable images skipped so far (named in the warnings above)")
+                            self.writer.write(self.step, {"skipped_images": skipped}, prefix="data")
+                    if self._eval_due(self.step):
+                        self._evaluate()
+                        self._stop_if_requested(window())  # a stop asked for during the evaluation
+                    # after this step's evaluation, so that a resumed run neither repeats nor skips it
                     if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
-                        self.save(rng_state())
+                        self.save(rng_state(), window())
                     if self.step >= self.total_steps:
                         break
-                if self.step % self.sampler.steps_per_epoch == 0 or self.step >= self.total_steps:
-                    skipped = getattr(self.train_set, "num_skipped", 0)
-                    if skipped:
-                        log.warning(f"{skipped} unreadable images skipped so far (named in the warnings above)")
-                        self.writer.write(self.step, {"skipped_images": skipped}, prefix="data")
-                    self._maybe_evaluate(epoch)
         except KeyboardInterrupt:
             log.warning(f"interrupted; saving the last completed step {self.step}")
             # RNG as it was when step `self.step` began: captured at the step start, or now if it just finished.
@@ -276,7 +316,8 @@ class Trainer:
             bar.close()
             for s, prev in prev_handlers.items():
                 signal.signal(s, prev if prev is not None else signal.SIG_DFL)
-        self.save(rng_state())
+        if (self.step, self.evaluated_step) != self._saved:  # not when a resumed run only had nothing left to do
+            self.save(rng_state())
         if env.is_main:
             plot_loss_curve(self.writer.path, self.run_dir / "loss_curve.png")
         self.writer.close()
@@ -299,20 +340,60 @@ class Trainer:
                 sums[k] = sums[k] + v if k in sums else v
         return sums
 
-    def _maybe_evaluate(self, epoch: int) -> None:
-        every, last = self.cfg.eval_every, self.step >= self.total_steps
-        if self.evaluate is None or not (last or (every and (epoch + 1) % every == 0)):
-            return
-        with self.gathered():  # every rank evaluates its shard of the data
-            results = self.evaluate(self.objective.model,
-                                    self.ema.module_for_eval() if self.ema is not None else None)
+    def _eval_due(self, step: int) -> bool:
+        """Whether an evaluation follows ``step``: every ``train.eval_every`` epochs and after the last step."""
+        if self.evaluate is None or step <= 0:
+            return False
+        spe, every = self.sampler.steps_per_epoch, self.cfg.eval_every
+        return step >= self.total_steps or bool(every and step % spe == 0 and (step // spe) % every == 0)
+
+    @property
+    def eval_pending(self) -> bool:
+        """An evaluation is due at the current step and has not run (a checkpoint written before it)."""
+        return self._eval_due(self.step) and self.evaluated_step != self.step
+
+    @property
+    def finished(self) -> bool:
+        """Trained to the last step and, where one is due, evaluated there."""
+        return self.step >= self.total_steps and not self.eval_pending
+
+    def _stop_if_requested(self, window: Optional[dict]) -> None:
+        if any_rank(self._stop, self._control):
+            self.save(rng_state(), window)  # collectives: every rank is here, at the same step
+            raise SystemExit(f"stopped at step {self.step}; resume with --resume")
+
+    def _run_evaluate(self) -> dict:
+        """``evaluate`` on every rank (each evaluates its shard of the data) with a random stream of its own: seeded
+        from train.seed, so the same weights give the same results, and the training streams (torch, CUDA, NumPy,
+        Python) are restored after it, so a run resumed around an evaluation trains as one that was not."""
+        cuda = [self.env.device] if self.env.device.type == "cuda" else []
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=cuda), self.gathered():
+            torch.manual_seed(self.cfg.seed)
+            random.seed(self.cfg.seed)
+            np.random.seed(self.cfg.seed % 2**32)
+            try:
+                return self.evaluate(self.objective.model,
+                                     self.ema.module_for_eval() if self.ema is not None else None)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def rerun_evaluation(self) -> dict:
+        """The evaluation of the current weights again, recording nothing (no metrics row, no best): for a task that
+        rebuilds the results of a finished run whose results file was never written."""
+        return self._run_evaluate()
+
+    def _evaluate(self) -> None:
+        results = self._run_evaluate()
+        self.evaluated_step = self.step
         if not results:
             return
         self.writer.write(self.step, results, prefix="eval")
         log.info(f"eval at step {self.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
         metric = self.cfg.best_metric
         if metric and metric in results and (self.best is None or results[metric] > self.best["value"]):
-            self.best = {"metric": metric, "value": results[metric], "step": self.step}
+            self.best = {**results, "metric": metric, "value": results[metric], "step": self.step}
             weights = self._model_state()  # collective under FSDP
             ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP
             if self.env.is_main:
@@ -327,6 +408,12 @@ class Trainer:
         log.warning(f"{signal.Signals(signum).name}: saving a checkpoint after this step"
                     + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""))
         self._stop = True
+
+
+def _window_to_cpu(window: Optional[dict]) -> Optional[dict]:
+    if window is None:
+        return None
+    return {**window, "sums": {k: v.detach().cpu() for k, v in window["sums"].items()}}
 
 
 def to_device(batch, device: torch.device):

@@ -62,39 +62,72 @@ def open_log_file(run_dir: Path) -> None:
 
 
 class MetricWriter:
-    """Appends {"step": ..., **metrics} lines to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends {"step": ..., **metrics} lines to metrics.jsonl and mirrors scalars to TensorBoard (its event file is
+    opened at the first write, so a run that writes nothing leaves no file).
+
+    ``rewind(size, step)`` (on resume) drops what was written after the checkpoint: metrics.jsonl is cut back to the
+    ``size`` it had then, and TensorBoard purges the events from ``step`` on (``SummaryWriter(purge_step=...)``), the
+    rows of ``step`` itself that metrics.jsonl keeps being written to it again, so no step appears twice."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
-        self.enabled = enabled
+        self.enabled, self.tensorboard = enabled, tensorboard
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
-        if enabled and tensorboard:
+        self.tb, self._purge_step = None, None
+
+    def _tensorboard(self):
+        if self.tb is None and self.enabled and self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self.tb = SummaryWriter(str(self.path.parent / "tb"), purge_step=self._purge_step)
             except ImportError:  # tensorboard is a dependency; tolerate a broken install
                 log.warning("tensorboard is not importable; metrics go to metrics.jsonl only")
+                self.tensorboard = False
+            if self.tb is not None and self._purge_step is not None:
+                for row in read_metrics(self.path, split=None):
+                    if row["step"] >= self._purge_step:
+                        self._add_scalars(row["step"], row, row["split"])
+        return self.tb
+
+    def _add_scalars(self, step: int, metrics: dict, prefix: str) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "split"):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tb = self._tensorboard()  # before the row is appended: opening it after a rewind replays the kept rows
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        if tb is not None:
+            self._add_scalars(step, metrics, prefix)
+
+    def size(self) -> int:
+        """Bytes of metrics.jsonl written so far (0 on the processes that do not write)."""
+        return self.path.stat().st_size if self.enabled and self.path.is_file() else 0
+
+    def rewind(self, size: Optional[int], step: int) -> None:
+        if not self.enabled:
+            return
+        if size is not None and self.path.is_file() and self.path.stat().st_size > size:
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+        self.close()
+        self._purge_step = step
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
-def read_metrics(path: Path, split: str = "train") -> list[dict]:
+def read_metrics(path: Path, split: Optional[str] = "train") -> list[dict]:
+    """The rows of ``split`` in a metrics.jsonl (every row with ``split=None``)."""
     if not Path(path).exists():
         return []
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("split") == split]
+    return [r for r in rows if split is None or r.get("split") == split]
 
 
 def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "training loss") -> Optional[Path]:
