@@ -103,6 +103,7 @@ def launch(args, driver=None, env=None, nproc=1, new_session=False, check=True):
     return r
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_with_loader_workers(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(GROUP_DRIVER)
