@@ -185,3 +185,15 @@ def test_disk_full_while_saving_a_checkpoint(tmp_path, capsys, monkeypatch, fail
     assert "--resume" in err or "free" in err.lower()
     leftovers = [p.name for p in (run / "checkpoints").iterdir()] if (run / "checkpoints").exists() else []
     assert leftovers == [], leftovers  # the partial write is removed
+
+
+def test_refused_pickle_in_inception_weights(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    weights = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(marker)}, weights)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(samples / f"{i}.png")
+    err = one_line(["eval", "fid", str(samples), str(samples), "--extractor", f"inception:{weights}"], capsys)
+    _assert_refused(err, weights, marker)

