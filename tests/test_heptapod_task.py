@@ -65,7 +65,6 @@ def test_one_line_errors(cache, tmp_path, capsys):
     msg = error(["heptapod", "train", "--data", str(cache), "--out", str(tmp_path / "a"), "model.args.codebook_size=7"])
     assert "contradicts the token cache" in msg and not (tmp_path / "a").exists()
     assert "not a token cache" in error(["heptapod", "train", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
-    assert "needs a token cache" in error(["heptapod", "train", "--out", str(tmp_path / "c")])
     nepa = arvision.save_model(arvision.create_model("nepa_tiny_patch4_32"), tmp_path / "nepa")
     assert "not heptapod" in error(["sample", str(nepa), "--out", str(tmp_path / "d")])
     gen = arvision.save_model(arvision.create_model("heptapod_tiny", depth=1, head_depth=1), tmp_path / "gen")
@@ -106,3 +105,34 @@ def test_cache_limit_takes_a_random_subset_of_a_class_sorted_folder(tmp_path):
     build_token_cache(tok, tmp_path / "data", tmp_path / "cache", img_size=32, limit=6, num_workers=0, progress=False)
     labels = sorted(int(TokenCache(tmp_path / "cache")[i][1]) for i in range(6))
     assert len(set(labels)) == 3  # not the first six images (two classes of a class-sorted folder)
+
+
+@pytest.mark.slow
+def test_generation_quickstart_chain(tmp_path, capsys):
+    """`arvision heptapod train` with no data: tokenizer, token cache, judge, generator with online evaluation, samples
+    and the score line, on a tiny budget; --resume reuses every finished stage and rewrites the same score."""
+    run = tmp_path / "q"
+    tiny = ["quickstart.num_images=64", "quickstart.tokenizer_steps=2", "quickstart.tokenizer_batch=16",
+            "quickstart.judge_steps=2", "train.max_steps=4", "sample.num_per_class=2",
+            "online.num_ref=40", "train.batch_size=16", "model.args.depth=1", "model.args.head_depth=1",
+            "sample.batch_size=20", "train.eval_every=1"]
+    main(["heptapod", "train", "--out", str(run), *tiny])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("sample accuracy ") and "(classifier on real held-out images " in line and "FD-judge" in line
+    results = json.loads((run / "results.json").read_text())
+    score = results["score"]
+    assert 0 <= score["sample_accuracy"] <= 1 and 0 <= score["judge_real_accuracy"] <= 1
+    assert score["num_samples"] == 20 and score["num_ref"] == 40 and np.isfinite(score["fd"])
+    for stage in ("tokenizer/results.json", "cache/header.json", "judge/checkpoints/step_00000002", "samples.png",
+                  "checkpoints/step_00000004"):
+        assert (run / stage).exists(), stage
+    assert json.loads((run / "cache" / "header.json").read_text())["copies"] == 1  # no mirrored digits
+    online = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    online = [r for r in online if r.get("split") == "eval"]
+    assert online and all("sample_accuracy" in r and "fd" in r for r in online), online
+    assert sorted(p.name for p in (run / "samples").glob("step_*.png"))[-1] == "step_00000004.png"
+    tok_mtime = (run / "tokenizer" / "results.json").stat().st_mtime
+    main(["heptapod", "train", "--out", str(run), "--resume", *tiny])
+    assert (run / "tokenizer" / "results.json").stat().st_mtime == tok_mtime
+    again = json.loads((run / "results.json").read_text())["score"]
+    assert again["sample_accuracy"] == score["sample_accuracy"] and again["fd"] == pytest.approx(score["fd"])

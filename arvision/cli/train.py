@@ -33,7 +33,11 @@ def _train_config(task: str, args):
         except yaml.YAMLError as e:
             raise ValueError(f"--resume: {saved} is not readable YAML ({str(e).splitlines()[0]}); restore it or "
                              "start a new run with another --out") from None
-    return load_config(task, args.config, overrides, base=base)
+    recipe = args.config
+    if task == "heptapod" and recipe is None and base is None and not any(o.startswith("data.source=")
+                                                                           for o in overrides):
+        recipe = "heptapod_quickstart"  # no token cache given: the generation quick start on the built-in digits
+    return load_config(task, recipe, overrides, base=base)
 
 
 def cmd_train(task: str, args) -> None:

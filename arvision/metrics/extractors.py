@@ -213,7 +213,8 @@ class ClassifierExtractor(FeatureExtractor):
         from ..data.transforms import NEPA_MEAN, NEPA_STD
 
         self.model = load_model(path, ema=ema).eval()
-        self.name = name or Path(path).resolve().name
+        resolved = Path(path).resolve()  # a run's checkpoints/step_N is named after the run
+        self.name = name or (resolved.parent.parent.name if resolved.parent.name == "checkpoints" else resolved.name)
         self.provides = ("pool", "logits") if self.model.config.num_classes else ("pool",)
         self.register_buffer("mean", torch.tensor(NEPA_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(NEPA_STD).view(1, 3, 1, 1), persistent=False)

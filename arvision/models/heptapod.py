@@ -229,6 +229,12 @@ def heptapod_tiny():
 
 
 @register_model(family="heptapod")
+def heptapod_mini():  # the generation quick start's generator (4 + 2 blocks of width 128): minutes on a CPU
+    return dict(grid_size=8, num_classes=10, codebook_size=512, embed_dim=128, depth=4, num_heads=4, head_depth=2,
+                diffloss_depth=2, diffloss_width=256)
+
+
+@register_model(family="heptapod")
 def heptapod_small():
     return dict(grid_size=8, num_classes=10, codebook_size=1024, embed_dim=384, depth=8, num_heads=6, head_depth=4,
                 diffloss_depth=3, diffloss_width=512)

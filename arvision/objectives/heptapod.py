@@ -151,6 +151,28 @@ class HeptapodObjective(Objective):
             metrics = {"next_loss": (losses.detach() * nxt).sum() / nxt.sum().clamp(min=1)}
         return loss, metrics
 
+    @torch.no_grad()
+    def next_loss_by_position(self, tokens: torch.Tensor, labels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """Teacher-forced loss of the prediction sampling uses, z_{t,t}, at every grid position t (N,), averaged
+        over the grids given: shows which positions a target set trains (under ``remaining`` the first rows'
+        queries see the fewest (t, j) pairs)."""
+        model = self.model
+        if model.config.head_type != "none" and model.config.head_condition != "state":
+            raise ValueError("next_loss_by_position supports head_condition='state' only")
+        total = None
+        for s in range(0, tokens.shape[0], chunk):
+            x, y = tokens[s:s + chunk], labels[s:s + chunk]
+            states = model.forward_backbone(x, y)  # (b, N, D)
+            b, N = states.shape[:2]
+            if model.config.head_type == "none":
+                z = states
+            else:
+                ar = torch.arange(N, device=x.device)
+                z = model.forward_head(states.flatten(0, 1)).view(b, N, N, -1)[:, ar, ar]
+            per = self.pair_losses(z.flatten(0, 1), x.flatten(0, 1)).view(b, N).sum(0)
+            total = per if total is None else total + per
+        return total / tokens.shape[0]
+
     def pair_losses(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-pair losses (P,) in fp32: chunked cross-entropy for codes, the diffusion loss for latents."""
         model = self.model

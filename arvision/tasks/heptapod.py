@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import load_model
+from ..data.datasets import fixed_subset_indices
 from ..data.token_cache import TokenCache
+from ..eval.judge import OnlineScore, judge_accuracy, load_judge, score_npz
 from ..models import create_model
 from ..objectives.heptapod import HeptapodLossConfig, HeptapodObjective
 from ..train.distributed import barrier
@@ -75,18 +77,30 @@ def init_backbone_from_nepa(model, source) -> None:
 
 
 def run(cfg, out=None, resume=False) -> dict:
+    """Train on the token cache ``data.source``; with none, the generation quick start on the built-in digits."""
     if not cfg.data.source:
-        raise ValueError("heptapod train needs a token cache: --data CACHE (make one with `arvision tokenizer "
-                         "encode --data DIR --tokenizer TOK --out CACHE`)")
-    cache = TokenCache(cfg.data.source)
+        from .generation_quickstart import run_quickstart
+
+        return run_quickstart(cfg, out, resume)
+    return train_generator(cfg, TokenCache(cfg.data.source), out, resume)
+
+
+def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
+    """The generator on ``cache``, then ``sample.num_per_class`` samples per class. Every ``train.eval_every`` epochs
+    (and after the last step) ``online.num_per_class`` samples per class are drawn: a grid in samples/ and, with an
+    ``online.judge`` classifier, their sample accuracy and FD in metrics.jsonl; the final samples are scored by the
+    judge too (results.json ``score``)."""
     seed_everything(cfg.train.seed)
     model = build_generator(cfg, cache)  # before the run directory exists: a mismatch leaves nothing behind
     env, run_dir = prepare_run(cfg, "heptapod", out, resume)
     log.info(f"data: {len(cache)} token grids from {cfg.data.source} ({cache.info['token_type']}, "
              f"{cache.info['grid_size']}x{cache.info['grid_size']}, {cache.info['num_classes']} classes)")
     objective = HeptapodObjective(model, HeptapodLossConfig(**cfg.objective))
+    judge = load_judge(cfg.online.judge) if cfg.online.judge else None
+    evaluate = online_evaluation(cache, cfg, run_dir, judge, lambda: trainer.step) \
+        if env.is_main and not env.enabled and cfg.online.num_per_class > 0 else None
     trainer = Trainer(objective, cache, cfg.train, run_dir, env, num_workers=cfg.data.num_workers,
-                      preset=cfg.model.name)
+                      preset=cfg.model.name, evaluate=evaluate)
     if resume:
         trainer.resume()
         done = finished_results(trainer, run_dir)
@@ -97,8 +111,19 @@ def run(cfg, out=None, resume=False) -> dict:
     results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
                "data": str(cfg.data.source)}
     generator = trainer.full_model()
+    if env.is_main and generator.config.head_condition == "state":
+        results["next_loss_by_row"] = next_loss_by_row(objective, generator, cache)
+        log.info("next-token loss by grid row: " + " ".join(f"{v:.3f}" for v in results["next_loss_by_row"]))
     if env.is_main and cfg.sample.num_per_class > 0:
         results["samples"] = write_samples(generator, cache, cfg.sample, run_dir)
+        if judge is not None:
+            results["score"] = dict(score_npz(results["samples"]["npz"], judge, cfg.online.reference,
+                                              cfg.online.num_ref),
+                                    judge=str(cfg.online.judge),
+                                    judge_real_accuracy=judge_accuracy(judge, cfg.online.reference,
+                                                                       num=cfg.online.num_ref))
+            log.info("score: " + ", ".join(f"{k} {v:.4g}" for k, v in results["score"].items()
+                                           if isinstance(v, float)))
     barrier()
     if env.is_main:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -106,17 +131,61 @@ def run(cfg, out=None, resume=False) -> dict:
     return results
 
 
+def next_loss_by_row(objective: HeptapodObjective, generator, cache: TokenCache, num: int = 256) -> list[float]:
+    """The teacher-forced next-token loss (z_{t,t}) of ``num`` fixed grids of the cache, averaged per grid row."""
+    idx = fixed_subset_indices(len(cache), min(num, len(cache)))
+    grids = [cache[i] for i in idx]
+    tokens = torch.stack([torch.as_tensor(g[0]) for g in grids])
+    labels = torch.as_tensor([int(g[1]) for g in grids])
+    device = next(generator.parameters()).device
+    was = generator.training
+    generator.eval()
+    per_pos = HeptapodObjective(generator, objective.config).next_loss_by_position(tokens.to(device), labels.to(device))
+    generator.train(was)
+    G = generator.config.grid_size
+    return per_pos.view(G, G).mean(1).tolist()
+
+
+def sampling_config(scfg):
+    from ..generate.sample import SamplingConfig
+
+    return SamplingConfig(temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
+                          diffusion_steps=scfg.diffusion_steps, diffusion_temperature=scfg.diffusion_temperature,
+                          diffusion_variance=scfg.diffusion_variance, precision=scfg.precision)
+
+
+def online_evaluation(cache: TokenCache, cfg, run_dir: Path, judge, step):
+    """The Trainer's ``evaluate``: a small per-class grid of the current weights (samples/step_*.png) and, with a
+    judge, sample accuracy / FD (MAR's --online_eval). Its own seed: the same weights give the same samples."""
+    from ..generate.outputs import class_labels, generate_images, save_grid
+
+    tokenizer = cache.load_tokenizer().eval()
+    score = OnlineScore(judge, cfg.online.reference, cfg.online.num_ref) if judge is not None else None
+    n = cfg.online.num_per_class
+
+    def evaluate(model, ema_model=None) -> dict:
+        net = (ema_model if ema_model is not None else model)
+        was_training = net.training
+        net.eval()
+        labels = class_labels(range(net.config.num_classes), n, cfg.sample.seed)
+        images = generate_images(net, tokenizer, labels, sampling_config(cfg.sample), cfg.sample.batch_size,
+                                 cfg.sample.seed, cache.scale_factor, progress=False)
+        net.train(was_training)
+        save_grid(images, labels, run_dir / "samples" / f"step_{step():08d}.png")
+        return score(images, labels) if score is not None else {}
+
+    return evaluate
+
+
 def write_samples(model, cache: TokenCache, scfg, run_dir: Path) -> dict:
     from ..generate.outputs import class_labels, generate_images, save_grid, save_npz
-    from ..generate.sample import SamplingConfig
 
     tokenizer = cache.load_tokenizer()
     model = model.eval()
     labels = class_labels(range(model.config.num_classes), scfg.num_per_class, scfg.seed)
-    sampling = SamplingConfig(temperature=scfg.temperature, top_k=scfg.top_k, top_p=scfg.top_p,
-                              diffusion_steps=scfg.diffusion_steps, diffusion_temperature=scfg.diffusion_temperature)
-    images = generate_images(model, tokenizer, labels, sampling, scfg.batch_size, scfg.seed, cache.scale_factor)
-    grid = save_grid(images, labels, run_dir / "samples.png")
+    images = generate_images(model, tokenizer, labels, sampling_config(scfg), scfg.batch_size, scfg.seed,
+                             cache.scale_factor)
+    grid = save_grid(images, labels, run_dir / "samples.png", per_row=min(scfg.num_per_class, 16))
     npz = save_npz(images, labels, run_dir / "samples.npz")
     log.info(f"samples: {grid} and {npz}")
     return {"grid": str(grid), "npz": str(npz), "count": int(labels.shape[0])}

@@ -1,0 +1,143 @@
+"""The generation quick start: ``arvision heptapod train`` with no ``--data`` runs the whole generative chain on the
+built-in digits (``synthetic-digits``) and scores what it makes, in minutes on a CPU:
+
+    arvision heptapod train                              # -> runs/heptapod-<time>/
+    arvision heptapod train --out runs/q --resume        # finished stages are reused, the others resume
+
+Stages, each in the run directory:
+
+1. ``tokenizer/``  a small VQ tokenizer (``quickstart.tokenizer``) trained on the digits (the tokenizer task);
+2. ``cache/``      the training digits as code grids (no mirrored copies: a mirrored 3 is not a 3);
+3. ``judge/``      a classifier of real digits (``quickstart.judge``, a timm ResNet), trained by the same Trainer;
+4. the Heptapod generator on that cache (the heptapod task; every ``train.eval_every`` epochs it samples a small
+   grid and scores it with the judge: ``samples/step_*.png`` and ``eval/*`` rows in metrics.jsonl);
+5. ``samples.png`` / ``samples.npz`` and the score, printed as one line and written to results.json: **sample
+   accuracy** (the fraction of samples the judge assigns to the class they were generated for), beside the judge's
+   own accuracy on held-out real digits, and **FD** in the judge's features against those real digits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from ..config import load_config
+from ..data import build_dataset
+from ..data.token_cache import TokenCache, build_token_cache
+from ..data.transforms import NEPA_MEAN, NEPA_STD
+from ..eval.generative import write_json
+from ..models import create_model
+from ..models.tokenizers import load_tokenizer
+from ..objectives.classification import ClassificationObjective
+from ..train.checkpoint import latest_checkpoint
+from ..train.distributed import init_distributed
+from ..train.engine import Trainer
+from ..train.logging import log, setup_logging
+
+DIGITS = "synthetic-digits"
+IMG_SIZE = 32
+
+
+def run_quickstart(cfg, out=None, resume=False) -> dict:
+    """The chain above; ``cfg`` is the heptapod task config with ``data.source`` null (the ``heptapod_quickstart``
+    recipe when the command line gives no data: the generator's model, objective, train, online and sample keys
+    come from it; the tokenizer's and the judge's from the ``quickstart`` block)."""
+    from .heptapod import train_generator
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the generation quick start runs in one process; give --data TOKEN_CACHE to train a "
+                         "generator under torchrun")
+    q = cfg.quickstart
+    run_dir = Path(out or f"runs/heptapod-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it or "
+                              "choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(True, run_dir)
+    t0 = time.perf_counter()
+    log.info(f"generation quick start on the built-in digits in {run_dir}: tokenizer -> token cache -> judge -> "
+             f"Heptapod -> samples and score")
+    tokenizer = train_tokenizer(q, run_dir / "tokenizer", cfg.train.seed, cfg.online.num_ref)
+    cache = encode_digits(tokenizer, q, run_dir / "cache")
+    judge_path = train_judge(q, run_dir / "judge", cfg.train.seed)
+    cfg.online.update(judge=str(judge_path), reference=DIGITS)
+    if cfg.sample.num_per_class < 1:
+        raise ValueError("the quick start scores its final samples: set sample.num_per_class >= 1")
+    results = train_generator(cfg, cache, run_dir, resume)
+    results["total_minutes"] = (time.perf_counter() - t0) / 60
+    write_json(run_dir / "results.json", results)
+    log.info(f"samples: {run_dir / 'samples.png'}; {results['total_minutes']:.1f} minutes in all")
+    print(score_line(results["score"]))
+    return results
+
+
+def score_line(score: dict) -> str:
+    return (f"sample accuracy {100 * score['sample_accuracy']:.1f}% (classifier on real held-out images "
+            f"{100 * score['judge_real_accuracy']:.1f}%), {score['fd_name']} {score['fd']:.2f}")
+
+
+def train_tokenizer(q, out: Path, seed: int, num_eval: int):
+    """The quick start's VQ tokenizer, trained by the tokenizer task (reused when ``out`` already finished)."""
+    from .tokenizer import run as run_tokenizer_task
+
+    if not (out / "results.json").is_file():
+        overrides = [f"model.name={q.tokenizer}", f"model.args={{codebook_size: {q.codebook_size}}}",
+                     f"data.source={DIGITS}", f"data.img_size={IMG_SIZE}",
+                     "data.hflip=0.0", f"data.num_samples={q.num_images}", "data.num_workers=0",
+                     f"train.max_steps={q.tokenizer_steps}", f"train.batch_size={q.tokenizer_batch}",
+                     f"train.lr={q.tokenizer_lr}", f"train.warmup_steps={max(1, q.tokenizer_steps // 20)}",
+                     f"train.ckpt_every={q.tokenizer_steps}", "train.log_every=25", f"train.seed={seed}",
+                     f"eval.num_images={num_eval}", "eval.batch_size=100"]
+        run_tokenizer_task(load_config("tokenizer", overrides=overrides), out=str(out),
+                           resume=latest_checkpoint(out) is not None)
+    ev = json.loads((out / "results.json").read_text()).get("eval", {})
+    log.info(f"tokenizer: PSNR {ev.get('psnr', float('nan')):.2f} dB, codebook usage "
+             f"{100 * ev.get('codebook_usage', float('nan')):.0f}% on held-out digits ({out / 'reconstructions.png'})")
+    return load_tokenizer(latest_checkpoint(out))
+
+
+def encode_digits(tokenizer, q, out: Path) -> TokenCache:
+    """The training digits as token grids (resumes a partial cache, returns at once for a complete one)."""
+    build_token_cache(tokenizer, DIGITS, out, split="train", img_size=IMG_SIZE, batch_size=100, num_workers=0,
+                      flip=False, limit=q.num_images, progress=False)
+    return TokenCache(out)
+
+
+class _JudgeImages(Dataset):
+    """Real digits normalised as ``ClassifierExtractor`` normalises its inputs (so the judge sees the same pixels)."""
+
+    def __init__(self, split: str, num: int):
+        norm = T.Compose([T.ToTensor(), T.Normalize(NEPA_MEAN, NEPA_STD)])
+        self.ds = build_dataset(DIGITS, split, transform=norm, img_size=IMG_SIZE, num_samples=num)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i]
+
+
+def train_judge(q, out: Path, seed: int) -> Path:
+    """A classifier of real digits (a ``timm_classifier`` preset), trained by the one Trainer with plain
+    cross-entropy; reused when ``out`` already holds its final checkpoint. Returns that checkpoint."""
+    final = out / "checkpoints" / f"step_{q.judge_steps:08d}"
+    if not final.is_dir():
+        env = init_distributed()
+        train = load_config("finetune").train
+        train.update(max_steps=q.judge_steps, batch_size=64, lr=q.judge_lr, warmup_steps=max(1, q.judge_steps // 10),
+                     weight_decay=0.05, precision="fp32", ema_decay=0.0, ckpt_every=q.judge_steps, log_every=25,
+                     eval_every=0, best_metric=None, seed=seed)
+        model = create_model(q.judge, num_classes=10)
+        objective = ClassificationObjective(model, 10, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+        out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(objective, _JudgeImages("train", q.num_images), train, out, env, num_workers=0,
+                          preset=q.judge)
+        if latest_checkpoint(out) is not None:
+            trainer.resume()
+        trainer.fit()
+    return final
