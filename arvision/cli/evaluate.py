@@ -84,13 +84,15 @@ def cmd_eval_classify(args) -> None:
 def cmd_eval_fid(args) -> None:
     import torch
     from ..eval.generative import evaluate_generative, write_json
+    from ..generate.shards import samples_npz
 
+    samples = samples_npz(args.samples)  # a sampling directory: its .npz, or one line saying what is missing
     env = None
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: shard the extraction
         from ..train.distributed import init_distributed
         env = init_distributed(args.device or "auto")
     res = evaluate_generative(
-        args.samples, args.ref, extractor=args.extractor, num_samples=args.num_samples, num_ref=args.num_ref,
+        samples, args.ref, extractor=args.extractor, num_samples=args.num_samples, num_ref=args.num_ref,
         batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size, split=args.split,
         ref_split=args.ref_split, precision_recall_k=None if args.no_pr else args.k,
         amp_dtype=torch.bfloat16 if args.precision == "bf16" else None, device=env.device if env else args.device,
@@ -152,8 +154,8 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_eval_classify)
 
     q = esub.add_parser("fid", help="FID / sFID / IS / precision-recall of samples against a reference (docs/metrics.md)")
-    q.add_argument("samples", help="image folder (recursive; hidden names skipped), ADM-format .npz (arr_0) or "
-                   "dataset folder")
+    q.add_argument("samples", help="image folder (recursive; hidden names skipped), ADM-format .npz (arr_0), "
+                   "dataset folder, or an `arvision sample` output directory (refused while shards are missing)")
     q.add_argument("ref", help="dataset or image folder, ADM reference batch .npz, or statistics .npz (mu, sigma)")
     q.add_argument("--extractor", default="fid-helper", help="fid-helper[:default_1.pt] (offline TF FID Inception), "
                    "inception[:WEIGHTS] (torch-fidelity), or an arvision classifier checkpoint (reported as FD-<name>)")

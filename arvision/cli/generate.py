@@ -1,8 +1,9 @@
 """`arvision heptapod train` and `arvision sample`: train a generator on a token cache; sample PNG grids and an
-ADM-format .npz (read directly by `arvision eval fid`)."""
+ADM-format .npz (read directly by `arvision eval fid`). `torchrun --nproc_per_node K -m arvision sample ...` shares
+the shards out over K processes (arvision/generate/shards.py); rerunning the same command resumes."""
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from .train import _add_train_args, cmd_train
@@ -12,8 +13,9 @@ def cmd_sample(args) -> None:
     import torch
 
     from ..checkpoints import load_model
-    from ..generate.outputs import class_labels, generate_images, save_grid, save_npz
+    from ..generate.outputs import class_labels
     from ..generate.sample import SamplingConfig
+    from ..generate.shards import sample_to_directory, sampling_settings
 
     for flag, value in (("--num-per-class", args.num_per_class), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -24,20 +26,24 @@ def cmd_sample(args) -> None:
                             or [])
     tokenizer, scale = _tokenizer(args, cache)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = model.to(device).eval(), tokenizer.to(device).eval()
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU each
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     labels = class_labels(classes, args.num_per_class, args.seed)
     cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
                          diffusion_variance=args.diffusion_variance, cfg_scale=args.cfg, use_cache=not args.no_cache,
                          precision=args.precision)
-    images = generate_images(model, tokenizer, labels, cfg, args.batch_size, args.seed, scale)
-    out = Path(args.out)
-    files = {"npz": str(save_npz(images, labels, out / "samples.npz")),
-             "grid": str(save_grid(images, labels, out / "samples.png", per_row=min(args.num_per_class, 16)))}
-    meta = dict(vars(args), **files, num_samples=int(labels.shape[0]))
-    meta.pop("func", None)
-    (out / "sample.json").write_text(json.dumps(meta, indent=2, default=str))
-    print(f"wrote {labels.shape[0]} samples: {files['grid']}, {files['npz']}")
+    settings = sampling_settings(model, tokenizer, classes, args.num_per_class, args.seed, cfg, args.batch_size,
+                                 args.shard_size, scale)
+    model, tokenizer = model.to(device).eval(), tokenizer.to(device).eval()
+    meta = {k: v for k, v in vars(args).items() if k != "func"}
+    res = sample_to_directory(model, tokenizer, labels, cfg, args.out, settings, resume=args.resume, meta=meta)
+    if res.get("already"):
+        print(f"{args.out} already holds these {res['num_samples']} samples: {res['npz']}")
+    elif res["complete"]:
+        print(f"wrote {res['num_samples']} samples: {res['grid']}, {res['npz']}")
+    else:
+        print(f"rank {res['rank']}: drew {res['shards_drawn']} shard(s); rank 0 assembles {args.out}")
 
 
 def parse_classes(text, num_classes: int, names: list) -> list[int]:
@@ -129,6 +135,10 @@ def register(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (for checking)")
     p.add_argument("--ema", action="store_true", help="sample from the checkpoint's EMA weights")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=500, help="samples per shard file: the unit of work of each "
+                   "process under torchrun and of resuming; memory holds one shard")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (rerunning the same "
+                   "command does the same; this flag also refuses to start a new one)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 autocasts the generator (about 2x faster on CPUs with AVX512-BF16 and on GPUs)")
     p.add_argument("--seed", type=int, default=0)

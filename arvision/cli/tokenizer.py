@@ -11,6 +11,7 @@ MAR kl16.ckpt). --img-size defaults to the data.img_size of the run that trained
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .train import _add_train_args, cmd_train
@@ -54,17 +55,29 @@ def cmd_eval(args) -> None:
 def cmd_encode(args) -> None:
     from ..data.token_cache import build_token_cache
     from ..models.tokenizers import load_tokenizer
+    from ..train.distributed import join_process_group
 
+    if args.crop_range is not None and not args.ten_crop:
+        raise ValueError("--crop-range sizes the centre crop that --ten-crop cuts its crops from: give it with "
+                         "--ten-crop")
+    if args.ten_crop and args.no_flip:
+        raise ValueError("--ten-crop already holds each crop's mirror: drop --no-flip")
     tok = load_tokenizer(args.tokenizer, ema=args.ema)
     if args.scale_factor is not None:
         if tok.token_type != "continuous":
             raise ValueError("--scale-factor applies to continuous (KL) tokenizers only")
         tok.config.scale_factor = args.scale_factor
+    rank, _ = join_process_group()  # torchrun: the batches are shared out over the processes
+    device = _device(args)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     stats = build_token_cache(tok, args.data, args.out, split=args.split, img_size=_img_size(args),
                               batch_size=args.batch_size, num_workers=args.num_workers, flip=not args.no_flip,
-                              device=_device(args), amp=args.bf16, limit=args.limit,
-                              tokenizer_source=str(args.tokenizer), overwrite=args.overwrite)
-    print(json.dumps({"cache": str(args.out), **stats}, indent=2))
+                              device=device, amp=args.bf16, limit=args.limit,
+                              tokenizer_source=str(args.tokenizer), overwrite=args.overwrite, ten_crop=args.ten_crop,
+                              crop_range=1.1 if args.crop_range is None else args.crop_range, progress=rank == 0)
+    if rank == 0:
+        print(json.dumps({"cache": str(args.out), **stats}, indent=2))
 
 
 def cmd_reconstruct(args) -> None:
@@ -129,6 +142,10 @@ def register(sub) -> None:
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--num-workers", type=int, default=2)
     q.add_argument("--no-flip", action="store_true", help="no horizontal-flip copies")
+    q.add_argument("--ten-crop", action="store_true", help="10 copies per image, LlamaGen's --ten-crop: the centre "
+                   "and four corner crops of a centre crop --crop-range times larger, each with its mirror")
+    q.add_argument("--crop-range", type=float, default=None, help="with --ten-crop: the larger centre crop's size "
+                   "over --img-size (default 1.1, LlamaGen's)")
     q.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder")
     q.add_argument("--limit", type=int, help="encode a fixed random subset of N images (seed 0)")
     q.add_argument("--scale-factor", type=float, help="KL: latent scale stored in the cache (default: tokenizer's)")

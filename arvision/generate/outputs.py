@@ -24,13 +24,15 @@ from .sample import SamplingConfig, decode_tokens, sample_tokens, to_uint8
 @torch.no_grad()
 def generate_images(model, tokenizer, labels: torch.Tensor, config: Optional[SamplingConfig] = None,
                     batch_size: int = 64, seed: int = 0, scale_factor: float = 1.0,
-                    progress: bool = True) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) for ``labels``, sampled in batches; batch i uses seed ``seed + i`` so that a
-    given (seed, batch size) always gives the same images."""
+                    progress: bool = True, first_index: int = 0) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) for ``labels``, sampled in batches; image i is sample ``first_index + i`` of
+    ``seed`` (its randomness its own, see ``sample_tokens``), whatever the batch size."""
     out = []
     batches = range(0, labels.shape[0], batch_size)
-    for i, start in enumerate(tqdm(batches, desc="sampling", disable=not progress)):
-        tokens = sample_tokens(model, labels[start:start + batch_size], config, seed=seed + i)
+    for start in tqdm(batches, desc="sampling", disable=not progress):
+        batch = labels[start:start + batch_size]
+        first = first_index + start
+        tokens = sample_tokens(model, batch, config, seed=seed, indices=range(first, first + batch.shape[0]))
         images = decode_tokens(tokenizer, tokens, model.config, scale_factor)
         out.append(to_uint8(images))
     return torch.cat(out)

@@ -5,14 +5,20 @@ The class prefix is prefilled once; then, for t = 0 .. N-1, the 2D head turns h_
 noise ``diffusion_temperature``) and fed back through the cache to give h_{t+1}. No classifier-free guidance by
 default; ``cfg_scale`` != 1 runs the null class beside each sample, for comparisons only.
 
+Randomness is per sample: sample ``i`` draws every random number it uses (its tokens' uniforms, its diffusion noise)
+from its own generator, seeded by ``(seed, i)`` (``sample_seed``), so a sample does not depend on which batch, process
+or GPU draws it, nor on the other samples beside it; ``indices`` names the samples of a batch (default 0 .. B-1).
+
     tokens = sample_tokens(model, labels, SamplingConfig(temperature=1.0, top_k=0), seed=0)
+    more = sample_tokens(model, labels2, cfg, seed=0, indices=torch.arange(64, 128))      # samples 64 .. 127
     images = decode_tokens(tokenizer, tokens, model.config)           # (B, 3, H, W) in [-1, 1]
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..objectives.diffusion_loss import GaussianDiffusion
@@ -52,6 +58,46 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``'s own generator: numpy's SeedSequence of (seed, index), so that neighbouring
+    indices or seeds give unrelated streams."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"sampling seeds and sample indices must be >= 0, got seed {seed}, index {index}")
+    high, low = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32)
+    return int(high) << 32 | int(low)
+
+
+class SampleNoise:
+    """Random numbers for a batch in which row b comes only from sample ``indices[b]``'s own CPU generator
+    (``sample_seed``). Every call advances each row's stream by the same amount, so a row's draws depend on its seed,
+    its index and the sequence of calls (fixed by the model and the sampling settings), never on the batch."""
+
+    def __init__(self, seed: int, indices: Sequence[int], device):
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+        self.device = device
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """(B, *shape) uniforms in [0, 1)."""
+        return torch.stack([torch.rand(shape, generator=g) for g in self.generators]).to(self.device)
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        """(B, *shape) standard normals."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
+
+
+def draw_categorical(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of one index per row of ``probs`` (B, K) (non-negative, any total) from ``uniform`` (B,) in
+    [0, 1): the first index whose cumulative mass exceeds ``uniform`` times the row's total. An index of zero
+    probability (a filtered token) is never drawn."""
+    probs = probs.float()
+    cdf = probs.cumsum(dim=-1)
+    index = torch.searchsorted(cdf, (uniform.float() * cdf[:, -1]).unsqueeze(-1), right=True)[:, 0]
+    index = index.clamp_(max=probs.shape[-1] - 1)
+    # rounding can land u * total on the total: then the last index of positive mass
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).float().argmax(dim=-1)
+    return torch.where(probs.gather(-1, index[:, None])[:, 0] > 0, index, last)
+
+
 class _Predictor:
     """z_{t,t} from the backbone state(s) for the model's head type and conditioning."""
 
@@ -72,26 +118,28 @@ class _Predictor:
 
 
 @torch.no_grad()
-def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] = None,
-                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Token grids for ``labels`` (B,): (B, N) codes or (B, N, C) latents, in raster order."""
+def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] = None, seed: Optional[int] = None,
+                  indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Token grids for ``labels`` (B,): (B, N) codes or (B, N, C) latents, in raster order. Row b is sample
+    ``indices[b]`` (default b) of the run seeded by ``seed`` (default 0): its randomness is that sample's own."""
     cfg = config or SamplingConfig()
     mcfg = model.config
     device = next(model.parameters()).device
     model.check_inputs(torch.zeros(0, dtype=torch.long) if mcfg.token_type == "discrete"
                        else torch.zeros(0, mcfg.latent_channels), labels.cpu())  # once per call, on the host
     labels = labels.to(device)
-    if generator is None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(0 if seed is None else seed)
+    indices = list(range(labels.shape[0])) if indices is None else [int(i) for i in indices]
+    if len(indices) != labels.shape[0]:
+        raise ValueError(f"indices name {len(indices)} samples for {labels.shape[0]} labels")
+    noise = SampleNoise(0 if seed is None else seed, indices, device)
     guided = cfg.cfg_scale != 1.0
     if guided and not mcfg.null_class:
         raise ValueError("cfg_scale != 1 needs a generator with a null class (null_class=true)")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        return _sample(model, labels, cfg, generator, guided)[:labels.shape[0]]
+        return _sample(model, labels, cfg, noise, guided)[:labels.shape[0]]
 
 
-def _sample(model, labels, cfg: SamplingConfig, generator, guided: bool) -> torch.Tensor:
+def _sample(model, labels, cfg: SamplingConfig, noise: SampleNoise, guided: bool) -> torch.Tensor:
     mcfg, device = model.config, labels.device
     B, N = labels.shape[0], model.num_tokens
     run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
@@ -101,6 +149,7 @@ def _sample(model, labels, cfg: SamplingConfig, generator, guided: bool) -> torc
     shape = (run_labels.shape[0], N) if diffusion is None else (run_labels.shape[0], N, mcfg.latent_channels)
     tokens = torch.zeros(shape, dtype=torch.long if diffusion is None else dtype, device=device)
     cache = model.new_cache(run_labels.shape[0], device, dtype) if cfg.use_cache else None
+    uniforms = noise.uniform(N) if diffusion is None else None  # (B, N): token t of row b from uniforms[b, t]
     h = model.step_backbone(cache, labels=run_labels) if cache is not None else None
     for t in range(N):
         if cache is None:  # recompute the whole prefix: h_t from the class and tokens 0 .. t-1
@@ -112,12 +161,13 @@ def _sample(model, labels, cfg: SamplingConfig, generator, guided: bool) -> torc
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg.cfg_scale * (cond - uncond)
             logits = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-            nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+            nxt = draw_categorical(logits.softmax(dim=-1), uniforms[:, t])
             nxt = torch.cat([nxt, nxt]) if guided else nxt
         else:
+            eps = noise.normal(diffusion.num_draws(cfg.diffusion_steps), mcfg.latent_channels)
             nxt = diffusion.sample(model.diffloss, z, mcfg.latent_channels, cfg.diffusion_steps,
-                                   cfg.diffusion_temperature, generator, cfg.cfg_scale,
-                                   cfg.diffusion_variance).to(dtype)
+                                   cfg.diffusion_temperature, cfg_scale=cfg.cfg_scale,
+                                   variance=cfg.diffusion_variance, noise=eps).to(dtype)
             nxt = torch.cat([nxt, nxt]) if guided else nxt
         tokens[:, t] = nxt
         if cache is not None and t < N - 1:

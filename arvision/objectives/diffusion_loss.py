@@ -57,19 +57,31 @@ class GaussianDiffusion:
         prev = torch.cat([ab.new_ones(1), ab[:-1]])
         return kept, 1 - ab / prev
 
+    def num_draws(self, num_steps: int) -> int:
+        """How many (M, C) standard normal draws ``sample`` makes for ``num_steps``: the start and every reverse step
+        but the last."""
+        return len(self.respaced(num_steps)[0])
+
     @torch.no_grad()
     def sample(self, denoiser: Callable, cond: torch.Tensor, channels: int, num_steps: int = 100,
                temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-               cfg_scale: float = 1.0, variance: str = "large") -> torch.Tensor:
+               cfg_scale: float = 1.0, variance: str = "large", noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Draw x_0 (M, C) given conditions ``cond`` (M, D); with ``cfg_scale`` != 1, ``cond`` holds the
         conditional half then the unconditional half (2M rows) and epsilon is guided. ``variance``: the reverse
-        step's variance, ``large`` (beta_t) or ``small`` (the posterior's beta tilde_t)."""
+        step's variance, ``large`` (beta_t) or ``small`` (the posterior's beta tilde_t). ``noise`` (M,
+        ``num_draws(num_steps)``, C): the standard normal draws to use, in order, instead of drawing them from
+        ``generator`` (so that each row's randomness can come from its own stream)."""
         if variance not in REVERSE_VARIANCES:
             raise ValueError(f"diffusion variance must be one of {REVERSE_VARIANCES}, got {variance!r}")
         kept, betas = self.respaced(num_steps)
         M = cond.shape[0] // (2 if cfg_scale != 1.0 else 1)
         dev = cond.device
-        x = torch.randn(M, channels, generator=generator, device=dev)
+        if noise is not None and tuple(noise.shape) != (M, len(kept), channels):
+            raise ValueError(f"noise must be (M, num_draws, C) = {(M, len(kept), channels)}, got {tuple(noise.shape)}")
+        draws = iter(noise.to(dev, torch.float32).unbind(1)) if noise is not None else None
+        normal = (lambda: next(draws)) if draws is not None else \
+            (lambda: torch.randn(M, channels, generator=generator, device=dev))
+        x = normal()
         alphas, ab = 1 - betas, torch.cumprod(1 - betas, dim=0)
         for i in reversed(range(len(kept))):
             t = torch.full((cond.shape[0],), kept[i], device=dev, dtype=torch.long)
@@ -82,8 +94,7 @@ class GaussianDiffusion:
             mean = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(a)
             if i > 0:
                 var = beta if variance == "large" else beta * (1 - ab[i - 1].item()) / (1 - abar)
-                noise = torch.randn(x.shape, generator=generator, device=dev)
-                x = mean + math.sqrt(var) * temperature * noise
+                x = mean + math.sqrt(var) * temperature * normal()
             else:
                 x = mean
         return x

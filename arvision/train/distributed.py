@@ -44,6 +44,20 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local_rank, dev)
 
 
+def join_process_group(timeout_hours: float = 48.0) -> tuple[int, int]:
+    """(rank, world size) for jobs that only share work out (sampling shards, token-cache batches): under torchrun a
+    gloo group, whatever the device, whose collectives wait up to ``timeout_hours`` (a process that finished its share
+    waits at the end for the slowest one's last piece of work); a plain launch is (0, 1). An existing group is used
+    as it is."""
+    from datetime import timedelta
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=timeout_hours))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def has_state_buffers(module: nn.Module) -> bool:
     """True when ``module`` holds persistent buffers (running statistics, counters) that DDP must keep equal across
     ranks; non-persistent buffers (RoPE frequencies, masks) are constants computed identically on every rank."""
