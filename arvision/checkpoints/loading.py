@@ -131,12 +131,24 @@ def _hub_download(repo_id: str, ema: bool) -> Path:
     return local
 
 
+def is_hub_id(source: PathLike) -> bool:
+    """Whether ``source`` names a Hugging Face Hub repository (``owner/name[@revision]``) rather than a local path."""
+    text = str(source)
+    return (not Path(text).expanduser().exists() and not text.startswith((".", "/"))
+            and re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", text) is not None)
+
+
+def resolve_source(source: PathLike, ema: bool = False) -> Path:
+    """The local path of a checkpoint source: the path itself, or a Hub id's downloaded snapshot."""
+    return _resolve(source, ema)
+
+
 def _resolve(source: PathLike, ema: bool) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         return path
     text = str(source)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", text) and not text.startswith((".", "/")):
+    if is_hub_id(text):
         return _hub_download(text, ema)
     raise FileNotFoundError(f"checkpoint not found: {text} (expected an arvision or official NEPA checkpoint "
                             "directory, a .safetensors file, or a Hugging Face Hub id like owner/name)")

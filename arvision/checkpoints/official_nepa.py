@@ -75,8 +75,9 @@ def official_config_to_arvision(cfg: Mapping) -> NepaConfig:
     return NepaConfig(**kw)
 
 
-def arvision_config_to_official(config: NepaConfig) -> dict:
-    """Official ``config.json`` dict of a NepaConfig (the inverse of :func:`official_config_to_arvision`)."""
+def arvision_config_to_official(config: NepaConfig, class_names: Optional[list[str]] = None) -> dict:
+    """Official ``config.json`` dict of a NepaConfig (the inverse of :func:`official_config_to_arvision`);
+    ``class_names`` label the classifier's outputs (default ``LABEL_i``)."""
     D = config.embed_dim
     gated, act = {"gelu": (False, "gelu"), "swiglu": (True, "silu"), "geglu": (True, "gelu")}[config.mlp_type]
     out = {
@@ -95,8 +96,11 @@ def arvision_config_to_official(config: NepaConfig) -> dict:
     }
     if config.num_classes:
         out["add_pooling_layer"] = config.global_pool == "avg"
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_classes)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(config.num_classes)}
+        if class_names is not None and len(class_names) != config.num_classes:
+            raise ValueError(f"{len(class_names)} class names for a classifier of {config.num_classes} classes")
+        names = list(class_names) if class_names is not None else [f"LABEL_{i}" for i in range(config.num_classes)]
+        out["id2label"] = {str(i): name for i, name in enumerate(names)}
+        out["label2id"] = {name: i for i, name in enumerate(names)}
     return out
 
 
@@ -219,8 +223,9 @@ def read_official(directory: Path, weights: Optional[Path] = None, ema: bool = F
     return sd, config
 
 
-def export_official(model: NepaViT, directory: PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in the official (Hugging Face ViTNepa) layout."""
+def export_official(model: NepaViT, directory: PathLike, class_names: Optional[list[str]] = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in the official (Hugging Face ViTNepa) layout (``class_names``:
+    the classifier's labels in ``id2label``)."""
     model = unwrap(model)
     if family_of(model) != "nepa_vit":
         raise ValueError(f"export_official writes NEPA ViTs only; this is a {family_of(model)} model "
@@ -228,5 +233,5 @@ def export_official(model: NepaViT, directory: PathLike) -> Path:
     target = Path(directory)
     with atomic_directory(target) as tmp:
         write_safetensors(arvision_to_official_state_dict(model.state_dict(), model.config), tmp / "model.safetensors")
-        write_json(tmp / OFFICIAL_CONFIG, arvision_config_to_official(model.config))
+        write_json(tmp / OFFICIAL_CONFIG, arvision_config_to_official(model.config, class_names))
     return target

@@ -131,8 +131,14 @@ def tokenizer_from_state_dict(sd: Mapping[str, torch.Tensor], scale_factor: Opti
 def load_tokenizer(source: PathLike, ema: bool = False, scale_factor: Optional[float] = None) -> Tokenizer:
     """A tokenizer from a published LlamaGen / MAR file or an arvision checkpoint directory (eval mode, CPU).
 
+    ``source`` may also be a Hugging Face Hub id (``owner/name[@revision]``) of an arvision tokenizer repository
+    (``arvision hub push``), downloaded with huggingface_hub as ``load_model`` does.
     ``ema``: read the EMA weights of an arvision directory. ``scale_factor``: override the KL latent scale."""
     path = Path(source)
+    if not path.exists():
+        from ...checkpoints.loading import is_hub_id, resolve_source  # checkpoints sit above models: call time
+        if is_hub_id(source):
+            path = resolve_source(source, ema)
     if path.is_dir():
         from ...checkpoints import load_model  # checkpoints sit above models: import at call time
         model = load_model(path, ema=ema)
