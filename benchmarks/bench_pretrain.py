@@ -49,7 +49,8 @@ from arvision.models.registry import create_model, list_models, model_config  # 
 from arvision.models.vit import NepaViT  # noqa: E402
 from arvision.objectives.nepa import NepaObjective  # noqa: E402
 from arvision.train.distributed import clip_grad_norm  # noqa: E402
-from arvision.train.optim import build_adamw, set_lr, weight_decay_groups  # noqa: E402
+from arvision.objectives.param_groups import weight_decay_groups  # noqa: E402
+from arvision.train.optim import build_adamw, set_lr  # noqa: E402
 
 H100_BF16_DENSE = 989e12
 DEFAULT_MODELS = ("nepa_tiny_patch4_32", "nepa_small_patch4_32")

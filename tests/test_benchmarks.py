@@ -16,7 +16,7 @@ import official_like  # noqa: E402
 from official_like import official_param_groups  # noqa: E402
 
 from arvision.checkpoints import official_to_arvision_state_dict  # noqa: E402
-from arvision.train.optim import weight_decay_groups  # noqa: E402
+from arvision.objectives.param_groups import weight_decay_groups  # noqa: E402
 
 TINY = "nepa_tiny_patch4_32"
 

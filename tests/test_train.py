@@ -13,10 +13,11 @@ import arvision
 from arvision.config import load_config
 from arvision.data import SyntheticShapes, pretrain_transform
 from arvision.objectives import NepaObjective, Objective
+from arvision.objectives.param_groups import llrd_groups, weight_decay_groups
 from arvision.train.checkpoint import checkpoint_dirs
 from arvision.train.distributed import DistEnv
 from arvision.train.engine import Trainer
-from arvision.train.optim import llrd_groups, lr_at, weight_decay_groups
+from arvision.train.optim import lr_at
 from arvision.train.sampler import ResumableSampler
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..files import is_disk_full, read_json, read_safetensors, read_torch_file
-from ..models.registry import family_of, get_family, list_families
+from ..models.registry import family_of, get_family, list_families, unwrap
 
 FORMAT = "arvision"
 FORMAT_VERSION = 2  # 2: "family" added; 1 held only nepa_vit
@@ -103,12 +103,6 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper and/or torch.compile."""
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def save_model(model: torch.nn.Module, directory: PathLike,

@@ -115,3 +115,13 @@ def build_from_config(family: str, config: dict) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside its DDP (``.module``) and torch.compile (``._orig_mod``) wrappers, in any order."""
+    while True:
+        inner = next((m for m in (getattr(model, a, None) for a in ("module", "_orig_mod"))
+                      if isinstance(m, nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .param_groups import weight_decay_groups
+
 
 class Objective(nn.Module):
     """Base class of training objectives (see the module docstring). Subclasses set ``self.model``."""
@@ -40,8 +42,6 @@ class Objective(nn.Module):
         return list(blocks) if blocks is not None else []
 
     def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
-        from ..train.optim import weight_decay_groups  # the train layer imports this module: import late
-
         return weight_decay_groups(self, lr, weight_decay, warmup_steps)
 
     def after_step(self) -> None:

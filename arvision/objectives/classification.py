@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import Objective
+from .param_groups import llrd_groups
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ class ClassificationObjective(Objective):
     mixup / cutmix: Beta alphas (0 disables each; both 0 disables mixing). mixup_prob: probability of mixing a
     batch; switch_prob: probability of CutMix when both are on; mode: timm's 'batch' | 'pair' | 'elem'.
     causal: attention mode of the fine-tuning forward (official: bidirectional).
-    llrd: layer-wise lr decay factor for ``param_groups`` (``train.optim.llrd_groups`` with ``llrd_mode`` and
+    llrd: layer-wise lr decay factor for ``param_groups`` (``param_groups.llrd_groups`` with ``llrd_mode`` and
     ``head_lr``); None gives plain weight-decay groups.
     """
 
@@ -88,6 +89,4 @@ class ClassificationObjective(Objective):
     def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
         if self.llrd is None:
             return super().param_groups(lr, weight_decay, warmup_steps)
-        from ..train.optim import llrd_groups
-
         return llrd_groups(self.model, lr, weight_decay, warmup_steps, self.llrd, self.llrd_mode, self.head_lr)

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import Objective
 from .diffusion_loss import GaussianDiffusion
+from .param_groups import weight_decay_groups
 
 TARGET_SETS = ("next", "local", "remaining", "all")
 
@@ -93,15 +94,9 @@ class HeptapodObjective(Objective):
         self.diffusion = GaussianDiffusion() if mcfg.token_type == "continuous" else None
 
     def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
-        from ..train.optim import decays
-
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:  # no weight decay on the diffusion MLP (MAR), biases, norms
-                (decay if decays(name, p) and ".diffloss." not in f".{name}" else no_decay).append(p)
-        common = dict(lr_base=lr, lr_scale=1.0, warmup_steps=warmup_steps)
-        return [g for g in (dict(params=decay, weight_decay=weight_decay, **common),
-                            dict(params=no_decay, weight_decay=0.0, **common)) if g["params"]]
+        # no weight decay on the diffusion MLP (MAR), biases, norms
+        return weight_decay_groups(self, lr, weight_decay, warmup_steps,
+                                   no_decay=lambda name: ".diffloss." in f".{name}")
 
     def sample_timesteps(self, batch: int, num: int, device) -> torch.Tensor:
         """(B, K) distinct timesteps per image (all N in order when K is 0 or >= N)."""

@@ -8,9 +8,9 @@ mean over the labelled pixels of the micro-batch; a micro-batch whose pixels are
                                                    # (ignore_index, default 255: pixels that count for nothing)
     groups = objective.param_groups(lr=1e-4, weight_decay=0.05, warmup_steps=1500)
 
-Parameter groups: MAE/BEiT layer-wise lr decay over the backbone (``train.optim.llrd_groups``, standard mode: the
-embeddings get llrd^(L+1), block i llrd^(L-i), the final norm 1), and the neck and heads at ``head_lr_scale`` x the
-base lr (MAE: 1; some BEiT / mmseg configs use 10). Weight decay on matrices and convolutions only.
+Parameter groups: MAE/BEiT layer-wise lr decay over the backbone (``param_groups.llrd_groups``, standard mode:
+the embeddings get llrd^(L+1), block i llrd^(L-i), the final norm 1), and the neck and heads at ``head_lr_scale`` x
+the base lr (MAE: 1; some BEiT / mmseg configs use 10). Weight decay on matrices and convolutions only.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from ..models.segmentation import IGNORE_INDEX, check_ignore_index
 from .base import Objective
+from .param_groups import llrd_groups, weight_decay_groups
 
 
 def masked_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int,
@@ -69,8 +70,6 @@ class SegmentationObjective(Objective):
         return loss, metrics
 
     def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
-        from ..train.optim import llrd_groups, weight_decay_groups
-
         backbone = self.model.backbone
         if self.llrd is None:
             groups = weight_decay_groups(backbone, lr, weight_decay, warmup_steps)
