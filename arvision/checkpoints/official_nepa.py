@@ -18,11 +18,9 @@ from typing import Mapping, Optional, Union
 import torch
 
 from ..files import read_json
-from ..models.registry import family_of
+from ..models.registry import family_of, unwrap
 from ..models.vit import NepaConfig, NepaViT
-from .arvision_format import (
-    PathLike, StateDict, atomic_directory, read_weights_file, unwrap, write_json, write_safetensors,
-)
+from .arvision_format import PathLike, StateDict, atomic_directory, read_weights_file, write_json, write_safetensors
 
 OFFICIAL_CONFIG = "config.json"
 OFFICIAL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
