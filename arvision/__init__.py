@@ -7,8 +7,7 @@ generation, generative metrics, segmentation; model families that share one chec
     tok = arvision.load_tokenizer("vq_ds16_c2i.pt")          # LlamaGen / MAR files as published, or arvision dirs
 """
 from .models import NepaConfig, NepaViT, create_model, list_families, list_models
-from .checkpoints import convert, export_official, load_model, load_weights, save_model
-from .models.tokenizers import load_tokenizer
+from .checkpoints import convert, export_official, load_model, load_tokenizer, load_weights, save_model
 from .objectives import NepaLossConfig, nepa_loss
 
 __version__ = "0.1.0"

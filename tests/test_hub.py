@@ -9,10 +9,9 @@ import yaml
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-from arvision.checkpoints import load_model, save_model  # noqa: E402
+from arvision.checkpoints import load_model, load_tokenizer, save_model  # noqa: E402
 from arvision.cli import main  # noqa: E402
 from arvision.models import create_model  # noqa: E402
-from arvision.models.tokenizers import load_tokenizer  # noqa: E402
 
 
 def _run_with_checkpoint(tmp_path, num_classes=10, source="/data/cifar10"):

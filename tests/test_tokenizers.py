@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import reference_tokenizers as ref
+from arvision.checkpoints import load_tokenizer
 from arvision.models import create_model, list_models, model_config
 from arvision.models.tokenizers import (
     DeadCodeRestart, KLConfig, KLTokenizer, VectorQuantizer, VQConfig, VQTokenizer, kl_config_from_state_dict,
-    load_tokenizer, perplexity, vq_config_from_state_dict,
+    perplexity, vq_config_from_state_dict,
 )
 
 

@@ -8,6 +8,7 @@ ValueError line naming the missing, unexpected and mis-shaped keys.
     model = load_model("SixAILab/nepa-base-patch14-224")           # Hub id, official or arvision directory
     model = load_model("runs/pretrain/last", family="nepa_vit", ema=True, causal=False)
     tok = load_model("runs/tokenizer/last")                         # the stored family's class
+    tok = load_tokenizer("vq_ds16_c2i.pt")                          # LlamaGen / MAR files as published, or dirs
     load_weights(model, "runs/pretrain/last", skip_head=True)       # into an existing model
     convert("nepa-base-patch14-224", "ckpt")                        # official -> arvision
 """
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from ..models.registry import get_family, list_families, list_models, model_config
+from ..models.tokenizers import TOKENIZER_FAMILIES, KLTokenizer, Tokenizer, read_published, tokenizer_from_state_dict
 from .arvision_format import (
     EMA_FILE, META_FILE, PathLike, StateDict, arvision_weights, read_meta, read_weights_file, save_model,
 )
@@ -173,12 +175,6 @@ def read_family_checkpoint(source: PathLike, ema: bool = False) -> tuple[StateDi
     return sd, "nepa_vit", config
 
 
-def read_checkpoint(source: PathLike, ema: bool = False) -> tuple[StateDict, Any]:
-    """(state dict on the CPU, config dataclass of its family) of any supported checkpoint source."""
-    sd, _, config = read_family_checkpoint(source, ema)
-    return sd, config
-
-
 def _check_family(source: PathLike, stored: str, expected: Optional[str]) -> None:
     if expected is None or expected == stored:
         return
@@ -243,3 +239,25 @@ def convert(src: PathLike, dst: PathLike, ema: bool = False) -> Path:
     """Load any supported checkpoint (``ema=True``: its EMA weights) and write it as an arvision checkpoint."""
     model = load_model(src, ema=ema)
     return save_model(model, dst, preset=matching_preset(model.config, model.family))
+
+
+def load_tokenizer(source: PathLike, ema: bool = False, scale_factor: Optional[float] = None) -> Tokenizer:
+    """A tokenizer from a published LlamaGen / MAR file or an arvision checkpoint directory (eval mode, CPU).
+
+    ``source`` may also be a Hugging Face Hub id (``owner/name[@revision]``) of an arvision tokenizer repository
+    (``arvision hub push``), downloaded with huggingface_hub as ``load_model`` does.
+    ``ema``: read the EMA weights of an arvision directory. ``scale_factor``: override the KL latent scale."""
+    path = Path(source)
+    if is_hub_id(source):
+        path = resolve_source(source, ema)
+    if path.is_dir():
+        model = load_model(path, ema=ema)
+        if getattr(model, "family", None) not in TOKENIZER_FAMILIES:
+            raise ValueError(f"{path} holds a {getattr(model, 'family', type(model).__name__)} model, not a "
+                             f"tokenizer ({' or '.join(TOKENIZER_FAMILIES)})")
+        if scale_factor is not None:
+            if not isinstance(model, KLTokenizer):
+                raise ValueError("scale_factor applies to continuous (KL) tokenizers only")
+            model.config.scale_factor = float(scale_factor)
+        return model.eval()
+    return tokenizer_from_state_dict(read_published(path), scale_factor, source=str(path))

@@ -97,7 +97,7 @@ def _run_token_cache(checkpoint, required: bool):
 
 def _tokenizer(args, cache):
     """The tokenizer given by --tokenizer, else the one of the generator's token cache."""
-    from ..models.tokenizers import load_tokenizer
+    from ..checkpoints import load_tokenizer
 
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)

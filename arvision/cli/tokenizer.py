@@ -36,7 +36,7 @@ def _device(args) -> str:
 
 
 def cmd_eval(args) -> None:
-    from ..models.tokenizers import load_tokenizer
+    from ..checkpoints import load_tokenizer
     from ..data import fixed_subset
     from ..tasks.tokenizer import evaluate_tokenizer, image_set
 
@@ -54,7 +54,7 @@ def cmd_eval(args) -> None:
 
 def cmd_encode(args) -> None:
     from ..data.token_cache import build_token_cache
-    from ..models.tokenizers import load_tokenizer
+    from ..checkpoints import load_tokenizer
     from ..train.distributed import join_process_group
 
     if args.crop_range is not None and not args.ten_crop:
@@ -86,7 +86,7 @@ def cmd_reconstruct(args) -> None:
     from torchvision.utils import save_image
 
     from ..data.segmentation_transforms import generation_transform
-    from ..models.tokenizers import load_tokenizer
+    from ..checkpoints import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer, ema=args.ema)
     tf = generation_transform(_img_size(args))

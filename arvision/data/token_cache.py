@@ -211,7 +211,7 @@ class TokenCache(Dataset):
         return t[..., : t.shape[-1] // 2].view(-1, g, g, t.shape[-1] // 2).permute(0, 3, 1, 2).contiguous()
 
     def load_tokenizer(self):
-        from ..models.tokenizers import load_tokenizer
+        from ..checkpoints import load_tokenizer
         return load_tokenizer(self.path / TOKENIZER_DIR)
 
 

@@ -32,7 +32,7 @@ from ..data.token_cache import TokenCache, build_token_cache
 from ..data.transforms import NEPA_MEAN, NEPA_STD
 from ..eval.generative import write_json
 from ..models import create_model
-from ..models.tokenizers import load_tokenizer
+from ..checkpoints import load_tokenizer
 from ..objectives.classification import ClassificationObjective
 from ..train.checkpoint import latest_checkpoint
 from ..train.distributed import init_distributed

@@ -119,7 +119,7 @@ def _rfid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_
 def build_tokenizer(model_cfg):
     """A registered tokenizer preset with overrides, or (``model.init``) a tokenizer to fine-tune."""
     from ..models import create_model
-    from ..models.tokenizers import load_tokenizer
+    from ..checkpoints import load_tokenizer
 
     args = dict(model_cfg.args or {})
     if model_cfg.init:

@@ -9,6 +9,7 @@ Two registered families, both saved and loaded like any arvision model (``save_m
 
     import arvision
     tok = arvision.load_tokenizer("vq_ds16_c2i.pt")        # or "kl16.ckpt", or an arvision run directory
+                                                           # (it lives in arvision.checkpoints)
     tokens = tok.encode(images)                            # images (B, 3, H, W) in [-1, 1]
     images = tok.decode(tokens)                            # unclamped
     tok = arvision.create_model("vq_f4_32px")              # a fresh one to train (arvision tokenizer train)
@@ -19,13 +20,12 @@ is described in ``base.py``.
 from .base import Tokenizer
 from .kl import DiagonalGaussian, KLConfig, KLTokenizer
 from .published import (
-    TOKENIZER_FAMILIES, kl_config_from_state_dict, load_tokenizer, read_published, tokenizer_from_state_dict,
-    vq_config_from_state_dict,
+    TOKENIZER_FAMILIES, kl_config_from_state_dict, read_published, tokenizer_from_state_dict, vq_config_from_state_dict,
 )
 from .quantize import DeadCodeRestart, VectorQuantizer, entropy_loss, perplexity
 from .vq import VQConfig, VQTokenizer
 
 __all__ = ["DeadCodeRestart", "DiagonalGaussian", "KLConfig", "KLTokenizer", "TOKENIZER_FAMILIES", "Tokenizer",
            "VQConfig", "VQTokenizer", "VectorQuantizer", "entropy_loss", "kl_config_from_state_dict",
-           "load_tokenizer", "perplexity", "read_published", "tokenizer_from_state_dict",
+           "perplexity", "read_published", "tokenizer_from_state_dict",
            "vq_config_from_state_dict"]

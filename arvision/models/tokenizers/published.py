@@ -1,8 +1,8 @@
-"""Load a tokenizer: LlamaGen's and MAR's published files as released, or an arvision checkpoint directory.
+"""LlamaGen's and MAR's published tokenizer files, as released (``arvision.load_tokenizer``, in
+``checkpoints.loading``, reads these and arvision checkpoint directories).
 
-    tok = load_tokenizer("vq_ds16_c2i.pt")         # LlamaGen VQ-16  -> VQTokenizer (codes)
-    tok = load_tokenizer("kl16.ckpt")              # MAR KL-16       -> KLTokenizer (latents), scale_factor 0.2325
-    tok = load_tokenizer("runs/tokenizer/last")    # arvision directory (vq_tokenizer or kl_tokenizer family)
+    tok = tokenizer_from_state_dict(read_published("vq_ds16_c2i.pt"))   # LlamaGen VQ-16 -> VQTokenizer (codes)
+    tok = tokenizer_from_state_dict(read_published("kl16.ckpt"))        # MAR KL-16 -> KLTokenizer, scale 0.2325
 
 Published files are a dict whose "model" entry is the state dict, read with ``torch.load(weights_only=True)``
 (argparse.Namespace, which LlamaGen's training checkpoints carry under "args", is the one extra class allowed).
@@ -126,28 +126,3 @@ def tokenizer_from_state_dict(sd: Mapping[str, torch.Tensor], scale_factor: Opti
         warnings.warn(f"{source}: ignoring {len(other)} keys that are not part of the KL tokenizer, e.g. {other[:3]}")
     model.load_state_dict({k: sd[k] for k in own})
     return model.eval()
-
-
-def load_tokenizer(source: PathLike, ema: bool = False, scale_factor: Optional[float] = None) -> Tokenizer:
-    """A tokenizer from a published LlamaGen / MAR file or an arvision checkpoint directory (eval mode, CPU).
-
-    ``source`` may also be a Hugging Face Hub id (``owner/name[@revision]``) of an arvision tokenizer repository
-    (``arvision hub push``), downloaded with huggingface_hub as ``load_model`` does.
-    ``ema``: read the EMA weights of an arvision directory. ``scale_factor``: override the KL latent scale."""
-    path = Path(source)
-    if not path.exists():
-        from ...checkpoints.loading import is_hub_id, resolve_source  # checkpoints sit above models: call time
-        if is_hub_id(source):
-            path = resolve_source(source, ema)
-    if path.is_dir():
-        from ...checkpoints import load_model  # checkpoints sit above models: import at call time
-        model = load_model(path, ema=ema)
-        if getattr(model, "family", None) not in TOKENIZER_FAMILIES:
-            raise ValueError(f"{path} holds a {getattr(model, 'family', type(model).__name__)} model, not a "
-                             f"tokenizer ({' or '.join(TOKENIZER_FAMILIES)})")
-        if scale_factor is not None:
-            if not isinstance(model, KLTokenizer):
-                raise ValueError("scale_factor applies to continuous (KL) tokenizers only")
-            model.config.scale_factor = float(scale_factor)
-        return model.eval()
-    return tokenizer_from_state_dict(read_published(path), scale_factor, source=str(path))
