@@ -173,7 +173,7 @@ def test_stats_npz_round_trip_and_adm_format(tmp_path):
         assert len(ds) == 5 and torch.equal(ds[3], torch.from_numpy(imgs[3]).permute(2, 0, 1))
     assert isinstance(load_npz(tmp_path / "adm.npz")["arr_0"], np.memmap)
     np.savez(tmp_path / "stats_only.npz", mu=mu, sigma=sigma)
-    with pytest.raises(ValueError, match="no 'arr_0'"):
+    with pytest.raises(ValueError, match="holds no uint8 image array"):
         NpzImages(tmp_path / "stats_only.npz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_npz(tmp_path / "missing.npz")
@@ -422,3 +422,78 @@ def test_eval_fid_reports_sample_accuracy_for_labelled_samples(tmp_path):
     idx = sorted(torch.randperm(120, generator=torch.Generator().manual_seed(0))[:60].tolist())
     assert sub["sample_accuracy"] == pytest.approx(float(np.mean(wrong[idx] == labels[idx])))
     assert "sample_accuracy" not in evaluate_generative(tmp_path / "unlabelled.npz", tmp_path / "ref.npz", **kw)
+
+
+# ------------------------------------------------------------------------------- KID, sample arrays, what is possible
+
+def _direct_unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD^2 of the polynomial kernel (x.y / D + 1)^3 written out term by term."""
+    m, d = len(x), x.shape[1]
+    k = lambda a, b: (float(a @ b) / d + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_the_direct_formula_and_torch_fidelity_subsets():
+    from arvision.metrics import kernel_inception_distance
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 6)), rng.normal(0.5, 1.2, size=(25, 6))
+    # all rows in one subset: the estimate itself
+    mean, std = kernel_inception_distance(torch.from_numpy(x[:20]), torch.from_numpy(y[:20]), subsets=1,
+                                          subset_size=20)
+    assert mean == pytest.approx(_direct_unbiased_mmd2(x[:20], y[:20]), rel=1e-10) and std == 0
+    # subsets as torch-fidelity draws them: RandomState(2020), samples then reference in each round
+    mean, std = kernel_inception_distance(torch.from_numpy(x), torch.from_numpy(y), subsets=4, subset_size=10)
+    rs = np.random.RandomState(2020)
+    values = []
+    for _ in range(4):
+        a, b = x[rs.choice(30, 10, replace=False)], y[rs.choice(25, 10, replace=False)]
+        values.append(_direct_unbiased_mmd2(a, b))
+    assert mean == pytest.approx(np.mean(values), rel=1e-10) and std == pytest.approx(np.std(values), rel=1e-10)
+    # unbiased: one distribution against itself is near 0 (can be negative); a shift gives a clear positive value
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 6, generator=g), torch.randn(400, 6, generator=g)
+    same = kernel_inception_distance(a, b, subsets=10, subset_size=200)[0]
+    shifted = kernel_inception_distance(a, b + 0.5, subsets=10, subset_size=200)[0]
+    assert abs(same) < shifted / 10 and mean > 0
+
+
+def test_eval_fid_reports_kid_and_what_it_can_with_few_samples(tmp_path, capsys, tiny_classifier):
+    """KID appears beside FD; with 6 samples (fewer than IS's 10 splits) the evaluation still reports FD and KID,
+    and names IS under `skipped` instead of aborting; KID subsets shrink to the smaller set."""
+    images, _ = _class_images(12, seed=0)
+    np.savez(tmp_path / "ref.npz", arr_0=_class_images(12, seed=2)[0])
+    np.save(tmp_path / "few.npy", images[:6])
+    kw = dict(extractor=_ColourClassifier(), num_workers=0, progress=False, batch_size=16)
+    res = evaluate_generative(tmp_path / "few.npy", tmp_path / "ref.npz", kid_subsets=3, **kw)
+    assert "IS-colour" not in res and "needs at least 10 samples" in res["skipped"]["IS-colour"]
+    assert np.isfinite(res["FD-colour"]) and np.isfinite(res["KID-colour"])
+    assert res["kid_subset_size"] == 6 and res["num_samples"] == 6
+    assert "KID-colour" not in evaluate_generative(tmp_path / "few.npy", tmp_path / "ref.npz", **kw)  # off by default
+    main(["eval", "fid", str(tmp_path / "few.npy"), str(tmp_path / "ref.npz"), "--extractor", str(tiny_classifier),
+          "--num-workers", "0", "--no-progress", "--kid-subsets", "2", "--out", str(tmp_path / "res.json")])
+    cli = json.loads((tmp_path / "res.json").read_text())
+    assert "KID-tinycls" in cli and "FD-tinycls" in cli and "IS-tinycls" in cli["skipped"]
+    assert "IS-tinycls not computed: needs at least 10 samples" in capsys.readouterr().err
+    full = evaluate_generative(tmp_path / "ref.npz", tmp_path / "ref.npz", kid_subsets=3, **kw)
+    assert "skipped" not in full and abs(full["KID-colour"]) < res["KID-colour"]
+    # a statistics-only REF: FD still reported, KID and precision / recall named as impossible
+    save_stats(tmp_path / "stats.npz", {"mu": np.zeros(6), "sigma": np.eye(6)}, extractor="colour")
+    res = evaluate_generative(tmp_path / "few.npy", tmp_path / "stats.npz", kid_subsets=3, **kw)
+    assert "FD-colour" in res and "statistics file" in res["skipped"]["KID-colour"]
+
+
+def test_sample_arrays_npy_and_npz_with_any_key(tmp_path):
+    images, _ = _class_images(2, seed=0)
+    np.save(tmp_path / "s.npy", images)
+    np.savez(tmp_path / "named.npz", labels=np.arange(len(images)), samples=images)
+    np.savez(tmp_path / "nchw.npz", x=images.transpose(0, 3, 1, 2))
+    expected = torch.from_numpy(images).permute(0, 3, 1, 2)
+    for name in ("s.npy", "named.npz", "nchw.npz"):
+        ds = open_images(tmp_path / name)
+        assert torch.equal(torch.stack([ds[i] for i in range(len(ds))]), expected), name
+    np.savez(tmp_path / "floats.npz", x=images.astype(np.float32))
+    with pytest.raises(ValueError, match="holds no uint8 image array"):
+        open_images(tmp_path / "floats.npz")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -96,9 +97,12 @@ def cmd_eval_fid(args) -> None:
         batch_size=args.batch_size, num_workers=args.num_workers, image_size=args.image_size, split=args.split,
         ref_split=args.ref_split, precision_recall_k=None if args.no_pr else args.k,
         amp_dtype=torch.bfloat16 if args.precision == "bf16" else None, device=env.device if env else args.device,
-        save_ref_stats=args.save_ref_stats, progress=not args.no_progress)
+        save_ref_stats=args.save_ref_stats, progress=not args.no_progress,
+        kid_subsets=None if args.no_kid else args.kid_subsets, kid_subset_size_max=args.kid_subset_size)
     if env is None or env.is_main:
         print(json.dumps(res, indent=2))
+        for metric, reason in res.get("skipped", {}).items():
+            print(f"{metric} not computed: {reason}", file=sys.stderr)
         if args.out:
             print(f"results -> {write_json(args.out, res)}")
         if args.save_ref_stats:
@@ -153,8 +157,9 @@ def register(sub) -> None:
     q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_classify.json for a local checkpoint)")
     q.set_defaults(func=cmd_eval_classify)
 
-    q = esub.add_parser("fid", help="FID / sFID / IS / precision-recall of samples against a reference (docs/metrics.md)")
-    q.add_argument("samples", help="image folder (recursive; hidden names skipped), ADM-format .npz (arr_0), "
+    q = esub.add_parser("fid", help="FID / sFID / IS / KID / precision-recall of samples against a reference (docs/metrics.md)")
+    q.add_argument("samples", help="image folder (recursive; hidden names skipped), .npz (ADM's arr_0 or uint8 "
+                   "images under any key) or .npy, "
                    "dataset folder, or an `arvision sample` output directory (refused while shards are missing)")
     q.add_argument("ref", help="dataset or image folder, ADM reference batch .npz, or statistics .npz (mu, sigma)")
     q.add_argument("--extractor", default="fid-helper", help="fid-helper[:default_1.pt] (offline TF FID Inception), "
@@ -166,6 +171,10 @@ def register(sub) -> None:
     q.add_argument("--image-size", type=int, default=None, help="resize + centre-crop every image (ADM's center_crop_arr)")
     q.add_argument("--k", type=int, default=3, help="k of the k-NN radii for precision / recall")
     q.add_argument("--no-pr", action="store_true", help="skip precision / recall (no reference features needed)")
+    q.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets (torch-fidelity: 100)")
+    q.add_argument("--kid-subset-size", type=int, default=1000, help="KID: rows per subset (torch-fidelity: 1000; "
+                   "fewer samples or reference images: all of the smaller set)")
+    q.add_argument("--no-kid", action="store_true", help="skip KID")
     q.add_argument("--batch-size", type=int, default=50)
     q.add_argument("--num-workers", type=int, default=2)
     q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 shifts Inception features; "

@@ -37,6 +37,9 @@ from ..metrics import (feature_statistics, frechet_distance, inception_score, lo
                        sample_accuracy, save_stats)
 from ..metrics.extractors import FeatureExtractor, build_extractor
 from ..metrics.frechet import stats_extractor_tag
+from ..metrics.kid import KID_SUBSET_SIZE, kernel_inception_distance, kid_subset_size
+
+IS_SPLITS = 10
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,23 +79,57 @@ class ImageFiles(Dataset):
         return _to_chw(np.asarray(open_rgb(self.files[i])), self.image_size)
 
 
+def load_image_arrays(path: PathLike) -> dict:
+    """The arrays of an .npz, or ``{"arr_0": array}`` of an .npy (memory-mapped; no pickles), with the image array
+    under ``arr_0``: ADM's ``arr_0`` when there is one, else the first array of any name holding uint8 images
+    (N x H x W x 3 or N x 3 x H x W)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; give an .npy or .npz of uint8 images, or a folder")
+        try:
+            arrays = {"arr_0": np.load(path, mmap_mode="r", allow_pickle=False)}
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path} is not a readable .npy array ({str(e).splitlines()[0]}); give uint8 "
+                             "N x H x W x 3 images") from None
+        return arrays
+    arrays = dict(load_npz(path))
+    if "arr_0" not in arrays:
+        found = next((k for k, a in arrays.items() if _image_layout(a) is not None), None)
+        if found is not None:
+            arrays["arr_0"] = arrays[found]
+    return arrays
+
+
+def _image_layout(arr) -> Optional[str]:
+    """'nhwc' or 'nchw' for a uint8 image batch, else None."""
+    if getattr(arr, "dtype", None) != np.uint8 or getattr(arr, "ndim", 0) != 4:
+        return None
+    return "nhwc" if arr.shape[-1] == 3 else "nchw" if arr.shape[1] == 3 else None
+
+
 class NpzImages(Dataset):
-    """``arr_0`` of an ADM-format .npz (uint8 N x H x W x 3; memory-mapped when stored uncompressed)."""
+    """The images of an .npz (ADM's ``arr_0``, or the image array under any name) or an .npy: uint8 N x H x W x 3
+    (or N x 3 x H x W), memory-mapped when stored uncompressed."""
 
     def __init__(self, path: PathLike, image_size: Optional[int] = None, arrays: Optional[dict] = None):
-        arrays = arrays if arrays is not None else load_npz(path, keys=("arr_0",))
+        arrays = arrays if arrays is not None else load_image_arrays(path)
         if "arr_0" not in arrays:
-            raise ValueError(f"{path} has no 'arr_0' image array (keys: {', '.join(load_npz(path)) or 'none'}); "
-                             "samples must be an ADM-format .npz with uint8 N x H x W x 3 images in arr_0")
+            shapes = ", ".join(f"{k} {getattr(a, 'dtype', '?')} {getattr(a, 'shape', '')}" for k, a in arrays.items())
+            raise ValueError(f"{path} holds no uint8 image array (arrays: {shapes or 'none'}); samples must be uint8 "
+                             "N x H x W x 3 images (ADM's arr_0, or any key)")
         self.arr, self.image_size = arrays["arr_0"], image_size
-        if self.arr.ndim != 4 or self.arr.shape[-1] != 3 or self.arr.dtype != np.uint8:
-            raise ValueError(f"{path}: arr_0 must be uint8 N x H x W x 3, got {self.arr.dtype} {self.arr.shape}")
+        self.layout = _image_layout(self.arr)
+        if self.layout is None:
+            raise ValueError(f"{path}: the images must be uint8 N x H x W x 3 (or N x 3 x H x W), got "
+                             f"{self.arr.dtype} {self.arr.shape}")
 
     def __len__(self) -> int:
         return len(self.arr)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return _to_chw(self.arr[i], self.image_size)
+        image = self.arr[i] if self.layout == "nhwc" else np.transpose(self.arr[i], (1, 2, 0))
+        return _to_chw(image, self.image_size)
 
 
 class _DatasetImages(Dataset):
@@ -117,11 +154,11 @@ def open_images(source: PathLike, split: str = "train", image_size: Optional[int
     if is_synthetic(source):
         return _DatasetImages(source, split, image_size or 32)
     path = Path(source)
-    if path.suffix == ".npz":
+    if path.suffix in (".npz", ".npy"):
         return NpzImages(path, image_size)
     if path.is_file():
-        raise ValueError(f"{path} is a file but not an .npz; give an image folder, a dataset folder or an ADM-format "
-                         ".npz (arr_0: uint8 N x H x W x 3)")
+        raise ValueError(f"{path} is a file but not an .npz or .npy; give an image folder, a dataset folder or an "
+                         "array of uint8 N x H x W x 3 images (.npy, or .npz: ADM's arr_0 or any key)")
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; give an image folder, a dataset folder or an .npz")
     if is_hf_disk(path) or available_splits(path):
@@ -186,11 +223,12 @@ def _gather(x: torch.Tensor, total: int, world: int) -> torch.Tensor:
 
 def _open_reference(ref: PathLike, split: str, image_size: Optional[int]):
     """(arrays of a reference .npz, None) or (None, its images): REF checked before any network is loaded."""
-    if not str(ref).endswith(".npz"):
+    if not str(ref).endswith((".npz", ".npy")):
         return None, open_images(ref, split, image_size)
-    arrays = load_npz(ref)
+    arrays = load_image_arrays(ref)
     if not ("mu" in arrays and "sigma" in arrays) and "arr_0" not in arrays:
-        raise ValueError(f"{ref} has neither 'mu'/'sigma' statistics nor 'arr_0' images")
+        raise ValueError(f"{ref} has neither 'mu'/'sigma' statistics nor 'arr_0' images (or uint8 images under "
+                         "another key)")
     if "arr_0" in arrays:
         NpzImages(ref, image_size, arrays)  # checks the images' dtype and shape
     return arrays, None
@@ -226,10 +264,15 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
                         num_workers: int = 2, image_size: Optional[int] = None, split: str = "val",
                         ref_split: str = "train", precision_recall_k: Optional[int] = 3,
                         amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
-                        save_ref_stats: Optional[PathLike] = None, progress: bool = True) -> dict:
-    """All metrics the extractor supports: FID (pool), sFID (spatial), IS (logits), precision / recall (pool
-    features of both sets; skipped when REF is a stats-only file or ``precision_recall_k`` is None). Names are FID,
-    sFID, IS for the standard Inception and FD-<name>, IS-<name>, ... otherwise. Every rank returns the results."""
+                        save_ref_stats: Optional[PathLike] = None, progress: bool = True,
+                        kid_subsets: Optional[int] = None, kid_subset_size_max: int = KID_SUBSET_SIZE) -> dict:
+    """All metrics the extractor supports: FID (pool), sFID (spatial), IS (logits), KID and precision / recall (pool
+    features of both sets; not computed when REF is a stats-only file, or when ``kid_subsets`` / ``precision_recall_k``
+    is None; ``arvision eval fid`` asks for KID with torch-fidelity's 100 subsets, callers that score small online
+    sample sets leave it off). Names are FID, sFID, IS, KID for the standard Inception and FD-<name>, IS-<name>, ... otherwise. A
+    metric the inputs do not allow (IS with fewer samples than its 10 splits, KID or precision / recall without
+    reference images) is left out and named with the reason under ``skipped``; the others are still reported. Every
+    rank returns the results."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and dist.is_available() and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -239,7 +282,8 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
     ext = build_extractor(extractor, device)
     kw = dict(image_size=image_size, num_ref=num_ref, batch_size=batch_size, num_workers=num_workers,
               amp_dtype=amp_dtype, progress=progress)
-    ref_stats, ref_feats, ref_used = _reference(ref, ext, precision_recall_k is not None, ref_split, ref_opened, **kw)
+    need_ref_features = precision_recall_k is not None or kid_subsets is not None
+    ref_stats, ref_feats, ref_used = _reference(ref, ext, need_ref_features, ref_split, ref_opened, **kw)
     feats = extract_features(sample_ds, ext, batch_size, num_workers, amp_dtype, progress, "samples")
     name = ext.metric_name
     res: dict = {}
@@ -248,17 +292,40 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
     if "spatial" in feats and "mu_s" in ref_stats:
         mu_s, sigma_s = feature_statistics(feats["spatial"])
         res[name("sFID")] = frechet_distance(mu_s, sigma_s, ref_stats["mu_s"], ref_stats["sigma_s"])
+    skipped: dict[str, str] = {}
     if "logits" in feats:
-        res[name("IS")], res[name("IS") + "_std"] = inception_score(logits=feats["logits"], splits=10)
+        if len(feats["logits"]) >= IS_SPLITS:
+            res[name("IS")], res[name("IS") + "_std"] = inception_score(logits=feats["logits"], splits=IS_SPLITS)
+        else:
+            skipped[name("IS")] = (f"needs at least {IS_SPLITS} samples (one per split), got "
+                                   f"{len(feats['logits'])}")
+    no_ref_images = "REF is a statistics file; it needs reference images (a folder or an .npz with images)"
+    if kid_subsets is not None:
+        if ref_feats is None:
+            skipped[name("KID")] = no_ref_images
+        else:
+            res[name("KID")], res[name("KID") + "_std"] = kernel_inception_distance(
+                feats["pool"], ref_feats["pool"], subsets=kid_subsets, subset_size=kid_subset_size_max)
+            res.update(kid_subsets=kid_subsets,
+                       kid_subset_size=kid_subset_size(len(feats["pool"]), len(ref_feats["pool"]), kid_subset_size_max))
     labels = sample_labels(samples, sample_ds)
     if labels is not None and "logits" in feats and not ext.standard:  # a judge of the generator's own classes
         res["sample_accuracy"] = sample_accuracy(feats["logits"], labels)
-    if ref_feats is not None and precision_recall_k is not None:
-        pr = precision_recall(ref_feats["pool"], feats["pool"], k=precision_recall_k)
-        res[name("precision")], res[name("recall")] = pr["precision"], pr["recall"]
+    if precision_recall_k is not None:
+        smallest = min(len(feats["pool"]), len(ref_feats["pool"])) if ref_feats is not None else 0
+        if ref_feats is None:
+            skipped[name("precision")] = skipped[name("recall")] = no_ref_images
+        elif smallest <= precision_recall_k:
+            skipped[name("precision")] = skipped[name("recall")] = (
+                f"needs more than k={precision_recall_k} samples and reference images, got {smallest}")
+        else:
+            pr = precision_recall(ref_feats["pool"], feats["pool"], k=precision_recall_k)
+            res[name("precision")], res[name("recall")] = pr["precision"], pr["recall"]
     res.update(extractor=ext.name, feature_space=ext.stats_tag, samples=str(samples), num_samples=len(sample_ds),
                ref=str(ref), num_ref=ref_used, supported=list(ext.provides), image_size=image_size,
                precision_recall_k=precision_recall_k if ref_feats is not None else None)
+    if skipped:
+        res["skipped"] = skipped
     if save_ref_stats and _dist()[0] == 0:
         save_stats(save_ref_stats, ref_stats, extractor=ext.stats_tag,
                    num_images=ref_used if isinstance(ref_used, int) else None)
@@ -270,7 +337,7 @@ def sample_labels(samples: PathLike, sample_ds: Dataset) -> Optional[torch.Tenso
     or None when the samples carry none."""
     if not str(samples).endswith(".npz"):
         return None
-    arrays = load_npz(samples, keys=("arr_0", "arr_1"))
+    arrays = load_image_arrays(samples)
     if "arr_1" not in arrays or len(arrays["arr_1"]) != len(arrays["arr_0"]):
         return None
     labels = torch.from_numpy(np.asarray(arrays["arr_1"]).astype(np.int64))
