@@ -1,10 +1,17 @@
-"""Heptapod sampling speed: the KV cache against recomputing the whole prefix at every step, side by side.
+"""Heptapod sampling speed, two paths side by side on the same model, batch and seed.
 
-For each token count (64 = an 8x8 grid, 256 = 16x16) and head type, the same model samples the same batch with the
-same seed both ways (the tokens are checked to be equal), alternating the order over ``--repeats`` rounds; the
-table gives the median seconds per batch, samples/s and the cache's speed-up.
+``--compare head`` (default): today's reference 2D head (every query through every head block at every step,
+``sample_tokens(..., fast=False)``) against the fast sampler (query t alone through the last head block, block 0's
+query inputs once per call; the default); ``--compare cache``: the backbone's KV cache against recomputing the whole
+prefix at every step. The two paths alternate in order over ``--repeats`` rounds and their outputs are checked to
+agree (VQ tokens equal; latents within 1e-4); the table gives the median seconds per batch, samples/s and the ratio.
 
-    python benchmarks/bench_sampling.py --threads 1                         # CPU
+Models: ``--preset`` at each of ``--grids``, or ``--models`` as ``preset:key=value:...`` specs separated by ``;``
+(e.g. a B-shaped model of smaller depth: ``heptapod_b:grid_size=16:depth=2:head_depth=2``).
+
+    python benchmarks/bench_sampling.py --threads 1 --heads none,global,local --models \
+        "heptapod_tiny:grid_size=8;heptapod_b:grid_size=16:depth=2:head_depth=2:diffloss_depth=2"
+    python benchmarks/bench_sampling.py --compare cache --threads 1                  # the KV cache
     python benchmarks/bench_sampling.py --device cuda --batch 64 --preset heptapod_b --grids 16
 """
 from __future__ import annotations
@@ -30,13 +37,31 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0, out
 
 
+def model_specs(args) -> list[tuple[str, dict]]:
+    if not args.models:
+        return [(args.preset, dict(grid_size=int(g))) for g in args.grids.split(",")]
+    specs = []
+    for spec in filter(None, (s.strip() for s in args.models.split(";"))):
+        preset, *pairs = spec.split(":")
+        overrides = {}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+        specs.append((preset, overrides))
+    return specs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--compare", default="head", choices=["head", "cache"],
+                   help="head: reference vs fast 2D head; cache: KV cache vs recomputation")
     p.add_argument("--preset", default="heptapod_tiny")
     p.add_argument("--grids", default="8,16", help="grid sizes (tokens per side)")
+    p.add_argument("--models", help="';'-separated preset:key=value:... specs (instead of --preset / --grids)")
     p.add_argument("--heads", default="none,global", help="head types to measure")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--diffusion-steps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None)
@@ -46,34 +71,53 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    # (label of the slower path, of the faster path): the ratio is slow / fast
+    slow_name, fast_name = ("reference head", "fast head") if args.compare == "head" else ("recompute", "cache")
     rows = []
-    print(f"| preset | head | tokens | batch | cache s/batch | recompute s/batch | samples/s (cache) | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
-    for grid in (int(g) for g in args.grids.split(",")):
+    print(f"| preset | head | tokens | batch | {slow_name} s/batch | {fast_name} s/batch | samples/s {slow_name} | "
+          f"samples/s {fast_name} | speed-up | max diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for preset, overrides in model_specs(args):
         for head in args.heads.split(","):
             torch.manual_seed(0)
-            model = arvision.create_model(args.preset, grid_size=grid, head_type=head).to(device, dtype).eval()
+            model = arvision.create_model(preset, **{**overrides, "head_type": head}).to(device, dtype).eval()
+            tokens = model.num_tokens
             labels = torch.arange(args.batch, device=device) % model.config.num_classes
+
+            def run(fast: bool, r: int):
+                if args.compare == "head":
+                    cfg = SamplingConfig(diffusion_steps=args.diffusion_steps)
+                    return sample_tokens(model, labels, cfg, seed=r, fast=fast)
+                cfg = SamplingConfig(use_cache=fast, diffusion_steps=args.diffusion_steps)
+                return sample_tokens(model, labels, cfg, seed=r)
+
             times = {True: [], False: []}
-            outs = {}
+            diff = 0.0
             for r in range(args.repeats):
-                for use_cache in ((True, False) if r % 2 == 0 else (False, True)):
-                    cfg = SamplingConfig(use_cache=use_cache, diffusion_steps=20)
-                    t, outs[use_cache] = timed(lambda: sample_tokens(model, labels, cfg, seed=r), device)
-                    times[use_cache].append(t)
-                if model.config.token_type == "discrete" and dtype == torch.float32:
-                    assert torch.equal(outs[True], outs[False]), "cache and recomputation sampled different tokens"
-            cache, plain = statistics.median(times[True]), statistics.median(times[False])
-            row = dict(preset=args.preset, head=head, tokens=grid * grid, batch=args.batch, cache_s=cache,
-                       recompute_s=plain, samples_per_s=args.batch / cache, speedup=plain / cache,
+                outs = {}
+                for fast in ((True, False) if r % 2 == 0 else (False, True)):
+                    t, outs[fast] = timed(lambda: run(fast, r), device)
+                    times[fast].append(t)
+                if model.config.token_type == "discrete":
+                    diff = max(diff, float((outs[True] != outs[False]).float().mean()))
+                    if dtype == torch.float32:
+                        assert torch.equal(outs[True], outs[False]), f"{slow_name} and {fast_name} sampled different tokens"
+                else:
+                    diff = max(diff, float((outs[True] - outs[False]).abs().max()))
+                    if dtype == torch.float32:
+                        assert diff < 1e-4, f"{slow_name} and {fast_name} sampled latents {diff:.2e} apart"
+            fast_s, slow_s = statistics.median(times[True]), statistics.median(times[False])
+            row = dict(compare=args.compare, preset=preset, overrides=overrides, head=head, tokens=tokens,
+                       batch=args.batch, slow_s=slow_s, fast_s=fast_s, samples_per_s_slow=args.batch / slow_s,
+                       samples_per_s_fast=args.batch / fast_s, speedup=slow_s / fast_s, max_diff=diff,
                        device=str(device), dtype=args.dtype, threads=torch.get_num_threads())
             rows.append(row)
-            print(f"| {args.preset} | {head} | {grid * grid} | {args.batch} | {cache:.3f} | {plain:.3f} | "
-                  f"{row['samples_per_s']:.2f} | {row['speedup']:.2f}x |", flush=True)
+            print(f"| {preset} {model.config.summary()} | {head} | {tokens} | {args.batch} | {slow_s:.3f} | "
+                  f"{fast_s:.3f} | {row['samples_per_s_slow']:.3f} | {row['samples_per_s_fast']:.3f} | "
+                  f"{row['speedup']:.2f}x | {diff:.1e} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
-
 
 if __name__ == "__main__":
     main()

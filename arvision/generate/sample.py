@@ -99,12 +99,19 @@ def draw_categorical(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
 
 
 class _Predictor:
-    """z_{t,t} from the backbone state(s) for the model's head type and conditioning."""
+    """z_{t,t} from the backbone state(s) for the model's head type and conditioning.
 
-    def __init__(self, model, batch: int, device, dtype):
+    The fast path (``fast``) gives the reference path's z up to float rounding: the head runs query t alone through
+    its last block (``Heptapod.forward_head_at``), block 0's query inputs are computed once per call, and a prefix
+    condition passes only the valid states h_0 .. h_t (the reference masks the others out as keys; their own rows
+    are never read)."""
+
+    def __init__(self, model, batch: int, device, dtype, fast: bool = True):
         self.model, cfg = model, model.config
+        self.fast = fast
         self.prefix = cfg.head_type != "none" and cfg.head_condition == "prefix"
         self.states = torch.zeros(batch, model.num_tokens, cfg.embed_dim, device=device, dtype=dtype) if self.prefix else None
+        self.constants = model.head_constants() if fast and cfg.head_type != "none" else None
 
     def __call__(self, h: torch.Tensor, t: int) -> torch.Tensor:
         model = self.model
@@ -112,6 +119,10 @@ class _Predictor:
             return h
         if self.prefix:
             self.states[:, t] = h
+        if self.fast:
+            states = self.states[:, :t + 1] if self.prefix else h
+            return model.forward_head_at(states, t, constants=self.constants)
+        if self.prefix:
             mask = (torch.arange(model.num_tokens, device=h.device) <= t).expand(h.shape[0], -1)
             return model.forward_head(self.states, mask)[:, t]
         return model.forward_head(h)[:, t]
@@ -119,9 +130,11 @@ class _Predictor:
 
 @torch.no_grad()
 def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] = None, seed: Optional[int] = None,
-                  indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+                  indices: Optional[Sequence[int]] = None, fast: bool = True) -> torch.Tensor:
     """Token grids for ``labels`` (B,): (B, N) codes or (B, N, C) latents, in raster order. Row b is sample
-    ``indices[b]`` (default b) of the run seeded by ``seed`` (default 0): its randomness is that sample's own."""
+    ``indices[b]`` (default b) of the run seeded by ``seed`` (default 0): its randomness is that sample's own.
+    ``fast=False`` runs the reference 2D head (every query through every head block at every step): the same
+    tokens, the predictions equal up to float rounding; kept for tests and benchmarks."""
     cfg = config or SamplingConfig()
     mcfg = model.config
     device = next(model.parameters()).device
@@ -136,15 +149,15 @@ def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] 
     if guided and not mcfg.null_class:
         raise ValueError("cfg_scale != 1 needs a generator with a null class (null_class=true)")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        return _sample(model, labels, cfg, noise, guided)[:labels.shape[0]]
+        return _sample(model, labels, cfg, noise, guided, fast)[:labels.shape[0]]
 
 
-def _sample(model, labels, cfg: SamplingConfig, noise: SampleNoise, guided: bool) -> torch.Tensor:
+def _sample(model, labels, cfg: SamplingConfig, noise: SampleNoise, guided: bool, fast: bool = True) -> torch.Tensor:
     mcfg, device = model.config, labels.device
     B, N = labels.shape[0], model.num_tokens
     run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     dtype = next(model.parameters()).dtype
-    predict = _Predictor(model, run_labels.shape[0], device, dtype)
+    predict = _Predictor(model, run_labels.shape[0], device, dtype, fast)
     diffusion = GaussianDiffusion() if mcfg.token_type == "continuous" else None
     shape = (run_labels.shape[0], N) if diffusion is None else (run_labels.shape[0], N, mcfg.latent_channels)
     tokens = torch.zeros(shape, dtype=torch.long if diffusion is None else dtype, device=device)

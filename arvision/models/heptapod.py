@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .diffusion_mlp import DiffusionMLP
+from .layers import attention
 from .registry import ConfigDict, register_family, register_model
 from .rope import Rope2D
 from .transformer import KVCache, Transformer
@@ -208,14 +209,76 @@ class Heptapod(nn.Module):
         ctx = self.state_proj(states if states.dim() == 3 else states[:, None])
         q = (self.mask_token + self.query_pos).expand(ctx.shape[0], -1, -1).to(ctx.dtype)
         S = ctx.shape[1]
-        mask = self.head_mask(S, ctx.device)
-        if context_mask is not None:
-            keys = torch.cat([context_mask, context_mask.new_ones(ctx.shape[0], self.num_tokens)], dim=1)
-            keys = keys[:, None, None, :]  # (M, 1, 1, S + N)
-            mask = keys if mask is None else mask[None, None] & keys
-            mask = mask | torch.eye(S + self.num_tokens, dtype=torch.bool, device=ctx.device)  # no empty rows
+        mask = self._head_attention_mask(S, ctx.device, context_mask)
         z = self.head.forward_trunk(torch.cat([ctx, q], dim=1), attn_mask=mask)
         return z[:, S:]
+
+    def _head_attention_mask(self, context: int, device, context_mask: Optional[torch.Tensor] = None):
+        mask = self.head_mask(context, device)
+        if context_mask is not None:
+            keys = torch.cat([context_mask, context_mask.new_ones(context_mask.shape[0], self.num_tokens)], dim=1)
+            keys = keys[:, None, None, :]  # (M, 1, 1, S + N)
+            mask = keys if mask is None else mask[None, None] & keys
+            mask = mask | torch.eye(context + self.num_tokens, dtype=torch.bool, device=device)  # no empty rows
+        return mask
+
+    def head_constants(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """What the head computes identically for every condition: the queries q_j = mask token + position j
+        (1, N, D) and their block-0 attention inputs (q, k, v), each (1, H, N, d). ``dtype``: that of the head's
+        input (the state projection's output; under autocast its dtype). Computed once per sampling call and
+        passed to ``forward_head_at``."""
+        if dtype is None:
+            dtype = self.state_proj(self.query_pos[:, :1]).dtype
+        queries = (self.mask_token + self.query_pos).to(dtype)
+        return queries, _attention_inputs(self.head.blocks[0], queries)
+
+    def forward_head_at(self, states: torch.Tensor, t: int, context_mask: Optional[torch.Tensor] = None,
+                        constants=None) -> torch.Tensor:
+        """z_{t,t} (M, D) alone: ``forward_head(states, context_mask)[:, t]`` (equal up to float rounding) at a
+        fraction of the cost, for sampling. Block 0 takes the queries' attention inputs from ``constants``
+        (``head_constants``), and the last block and the final norm run only for query t: the other queries'
+        outputs of the last block are never read, while every position's keys and values still are."""
+        if self.config.head_type == "none":
+            raise ValueError("head_type='none' has no 2D head: the prediction for timestep t is h_t itself")
+        ctx = self.state_proj(states if states.dim() == 3 else states[:, None])
+        M, S = ctx.shape[:2]
+        queries, query_inputs = constants if constants is not None else self.head_constants(ctx.dtype)
+        x = torch.cat([ctx, queries.expand(M, -1, -1)], dim=1)
+        mask = self._head_attention_mask(S, ctx.device, context_mask)
+        last = len(self.head.blocks) - 1
+        for i, block in enumerate(self.head.blocks):
+            if 0 < i < last:
+                x = block(x, None, False, mask)
+                continue
+            if i == 0:
+                q, k, v = (torch.cat([c, w.expand(M, -1, -1, -1)], dim=2)
+                           for c, w in zip(_attention_inputs(block, ctx), query_inputs))
+            else:
+                q, k, v = _attention_inputs(block, x)
+            if i == last:
+                row = S + t
+                x, q = x[:, row:row + 1], q[:, :, row:row + 1]
+                mask = None if mask is None else mask[..., row:row + 1, :]
+            x = _attention_outputs(block, x, q, k, v, mask)
+        return self.head.norm(x[:, 0])
+
+
+def _attention_inputs(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A head block's (q, k, v) of rows x (B, T, D), each (B, H, T, d): norm1, the fused projection, QK-norm (the
+    head has no RoPE)."""
+    attn, (B, T, _) = block.attn, x.shape
+    q, k, v = attn.qkv(block.norm1(x)).view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attention_outputs(block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The rest of ``block`` for rows x (B, T, D) with queries q (B, H, T, d) over keys / values k, v: what
+    ``Block.forward`` computes for those rows."""
+    B, T, C = x.shape
+    out = block.attn.proj(attention(q, k, v, mask).transpose(1, 2).reshape(B, T, C))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 register_family("heptapod", Heptapod, HeptapodConfig, "Heptapod class-conditional generator (next 2D distribution)")
