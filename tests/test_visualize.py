@@ -7,8 +7,9 @@ from PIL import Image
 
 import arvision
 from arvision.eval.visualize import (
-    display_map, embedding_similarity_map, load_images, parse_layers, parse_queries, query_attention_map, visualize,
+    display_map, embedding_similarity_map, load_images, parse_queries, query_attention_map, visualize,
 )
+from arvision.models.transformer import parse_blocks
 
 G = 8  # nepa_tiny_patch4_32: 32 / 4
 
@@ -25,21 +26,21 @@ def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def test_parse_layers():
-    assert parse_layers("all", 3) == [0, 1, 2]
-    assert parse_layers("last", 3) == [2]
-    assert parse_layers(-1, 3) == [2]
-    assert parse_layers(2, 3) == [2]  # one grammar everywhere: an int is one block
-    assert parse_layers("-2:", 3) == [1, 2]
-    assert parse_layers("middle", 4) == [2]
-    assert parse_layers("0,2", 3) == [0, 2]
-    assert parse_layers("0, -1,2", 3) == [0, 2]
-    assert parse_layers([0, -3], 3) == [0]
+def test_parse_blocks():
+    assert parse_blocks("all", 3) == [0, 1, 2]
+    assert parse_blocks("last", 3) == [2]
+    assert parse_blocks(-1, 3) == [2]
+    assert parse_blocks(2, 3) == [2]  # one grammar everywhere: an int is one block
+    assert parse_blocks("-2:", 3) == [1, 2]
+    assert parse_blocks("middle", 4) == [2]
+    assert parse_blocks("0,2", 3) == [0, 2]
+    assert parse_blocks("0, -1,2", 3) == [0, 2]
+    assert parse_blocks([0, -3], 3) == [0]
     for bad in ("0,5", [3], -4, 4, "foo", "1:1"):
         with pytest.raises(ValueError, match="3 blocks|cannot read"):
-            parse_layers(bad, 3)
+            parse_blocks(bad, 3)
     with pytest.raises(ValueError, match="block 5 is out of range for a model with 3 blocks"):
-        parse_layers("0,5", 3)
+        parse_blocks("0,5", 3)
 
 
 def test_parse_queries():
@@ -55,7 +56,7 @@ def test_parse_queries():
 
 
 def _cls_mass(model, images, query, layers, causal):
-    maps = model.attention_maps(images, parse_layers(layers, 3), causal)
+    maps = model.attention_maps(images, parse_blocks(layers, 3), causal)
     attn = torch.stack(list(maps.values())).mean(0).mean(1)  # (B, T, T)
     return attn[:, 1 + G * query[0] + query[1], 0]
 

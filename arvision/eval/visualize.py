@@ -31,12 +31,6 @@ NEAR_ZERO = 1e-6  # map values at or below this are shown as 0 (e.g. masked futu
 DISPLAY_FLOOR = 0.05  # the smallest kept value is shown at this level, so it stays distinct from the zeros
 
 
-def parse_layers(spec: LayerSpec, depth: int) -> list[int]:
-    """Block indices of a layer selection, by the one grammar of ``arvision.models.parse_blocks`` (an int is one
-    block, "0,3,-1" a list, "-4:" the last four, "all", "last", "middle")."""
-    return parse_blocks(spec, depth)
-
-
 def parse_queries(spec: QuerySpec, grid_size: int, seed: int = 0) -> list[Query]:
     """Query patches (row, col) from "center", "random" (seeded), "r,c", an (r, c) pair or a list of these."""
     if isinstance(spec, (str, tuple)) or (isinstance(spec, list) and len(spec) == 2
@@ -102,7 +96,7 @@ def _attention(model, images, layers: LayerSpec, head_reduce: str, causal: Optio
     if head_reduce not in ("mean", "max"):
         raise ValueError(f"head_reduce must be 'mean' or 'max', got {head_reduce!r}")
     with _eval_mode(model), torch.no_grad():
-        maps = model.attention_maps(images, parse_layers(layers, len(model.blocks)), causal)
+        maps = model.attention_maps(images, parse_blocks(layers, len(model.blocks)), causal)
     attn = torch.stack(list(maps.values())).float().mean(0)  # (B, H, T, T)
     return attn.mean(1) if head_reduce == "mean" else attn.amax(1)
 
@@ -195,7 +189,7 @@ def visualize(model, images: torch.Tensor, queries: QuerySpec, out_dir: Union[st
     if len(names) != len(images) or len(set(names)) != len(names):
         raise ValueError(f"need {len(images)} distinct names for {len(images)} images, got {names}")
     qs = parse_queries(queries, model.grid_size, seed)
-    block_ids = parse_layers(layers, len(model.blocks))
+    block_ids = parse_blocks(layers, len(model.blocks))
     attn = _attention(model, images, block_ids, head_reduce, causal)
     feats, embeds = _features(model, images, causal)
     att_maps = [_attention_grid(model, attn, q).cpu().numpy() for q in qs]

@@ -62,9 +62,6 @@ class ConfusionMatrix:
             dist.all_reduce(self.mat)
         return self
 
-    def reset(self) -> None:
-        self.mat.zero_()
-
     def compute(self) -> dict:
         return metrics_from_confusion(self.mat)
 

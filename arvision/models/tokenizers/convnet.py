@@ -138,11 +138,6 @@ class Decoder(nn.Module):
         """FSDP2 units: the mid block and each resolution level."""
         return [self.mid, *(self.conv_blocks if self._layout == "llamagen" else self.up)]
 
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The output conv weight: the adaptive GAN weight is computed from gradients at this layer."""
-        return self.conv_out.weight
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         levels = self.conv_blocks if self._layout == "llamagen" else reversed(self.up)

@@ -36,9 +36,6 @@ class DiagonalGaussian:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, summed over latent elements: 0.5 * sum(mu^2 + var - 1 - logvar)."""
         m, lv = self.mean.float(), self.logvar.float()
