@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from . import catalog, evaluate, generate, segment, tokenizer, train, visualize
@@ -41,6 +42,8 @@ def main(argv=None) -> None:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # what the run directory records (run.json) and the model card shows as the command that made a run
+    os.environ["ARVISION_COMMAND"] = shlex.join(["arvision", *(sys.argv[1:] if argv is None else argv)])
     try:
         args.func(args)
     except KeyboardInterrupt as e:  # Ctrl-C: a training run has saved its last step (like SIGTERM); no traceback

@@ -18,7 +18,7 @@ from ..models import create_model
 from ..train.checkpoint import latest_checkpoint
 from ..train.distributed import DistEnv, init_distributed
 from ..train.logging import log, open_log_file, setup_logging
-from ..train.run_directory import defer_run_directory
+from ..train.run_directory import defer_run_directory, record_run
 
 
 def seed_everything(seed: int) -> None:
@@ -65,7 +65,8 @@ def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistE
         # Nothing is written until training starts (Trainer.fit): a task that fails on its data, model or settings
         # before then leaves no run directory behind.
         resolved = copy.deepcopy(cfg)
-        defer_run_directory(run_dir, lambda d: (save_config(resolved, d / "config.yaml"), open_log_file(d)))
+        defer_run_directory(run_dir, lambda d: (save_config(resolved, d / "config.yaml"), record_run(d, task),
+                                                open_log_file(d)))
     if env.enabled:
         dist.barrier()
     setup_logging(env.is_main, run_dir, hold_file=True)

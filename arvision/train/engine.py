@@ -106,7 +106,8 @@ class Trainer:
         self._window = None  # a logging window restored by resume(): (metric sums, steps, images, seconds)
         self._saved = None  # (step, evaluated_step) of the last checkpoint written or resumed
         torch.manual_seed(cfg.seed + env.rank)  # distinct drop-path / RoPE draws on each rank
-        self.writer = MetricWriter(self.run_dir, enabled=env.is_main)
+        # train.logger: tensorboard | wandb | none (metrics.jsonl always); checked here, before the run directory exists
+        self.writer = MetricWriter(self.run_dir, enabled=env.is_main, logger=cfg.get("logger", "tensorboard"))
         self._stop = False
         self._control = control_group() if env.enabled else None  # the ranks agree on stopping through it
 

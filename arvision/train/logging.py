@@ -1,8 +1,10 @@
-"""Run logging: metrics as JSONL and TensorBoard, and the loss-curve PNG."""
+"""Run logging: metrics as JSONL, mirrored to an experiment tracker (``train.logger``: TensorBoard, Weights & Biases or
+none), and the loss-curve PNG."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -61,20 +63,67 @@ def open_log_file(run_dir: Path) -> None:
         log.addHandler(fh)
 
 
+LOGGERS = ("tensorboard", "wandb", "none")
+
+
+def check_logger(name: str) -> str:
+    """``train.logger`` checked before anything is written: a known name, and wandb importable when asked for."""
+    if name not in LOGGERS:
+        raise ValueError(f"train.logger must be one of {', '.join(LOGGERS)}, got {name!r}")
+    if name == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ImportError("train.logger=wandb needs Weights & Biases: pip install wandb (WANDB_MODE=offline "
+                              "logs without a network), or use train.logger=tensorboard") from None
+    return name
+
+
+class _WandbRun:
+    """The Weights & Biases run of a run directory: its id is kept in RUN/wandb_id, so a resumed run continues the
+    same W&B run; the resolved config.yaml is its config. WANDB_MODE=offline writes it under RUN/wandb/ only."""
+
+    def __init__(self, run_dir: Path):
+        import uuid
+
+        import wandb
+        import yaml
+
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:16]
+        id_file.write_text(run_id + "\n")
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "arvision"), name=run_dir.name, id=run_id,
+                              resume="allow", dir=str(run_dir), config=config)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.run.log({tag: value}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricWriter:
-    """Appends {"step": ..., **metrics} lines to metrics.jsonl and mirrors scalars to TensorBoard (its event file is
-    opened at the first write, so a run that writes nothing leaves no file).
+    """Appends {"step": ..., **metrics} lines to metrics.jsonl and mirrors scalars to the tracker ``logger`` names:
+    TensorBoard (RUN/tb), Weights & Biases (``wandb``) or none. The tracker is opened at the first write, so a run that
+    writes nothing leaves no file.
 
     ``rewind(size, step)`` (on resume) drops what was written after the checkpoint: metrics.jsonl is cut back to the
     ``size`` it had then, and TensorBoard purges the events from ``step`` on (``SummaryWriter(purge_step=...)``), the
-    rows of ``step`` itself that metrics.jsonl keeps being written to it again, so no step appears twice."""
+    rows of ``step`` itself that metrics.jsonl keeps being written to it again, so no step appears twice. W&B cannot
+    delete logged points: a resumed W&B run continues the same run, and its steps already logged are not logged twice
+    (W&B ignores steps below its last)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
-        self.enabled, self.tensorboard = enabled, tensorboard
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, logger: Optional[str] = None):
+        self.logger = check_logger(logger if logger is not None else ("tensorboard" if tensorboard else "none"))
+        self.enabled, self.tensorboard = enabled, self.logger != "none"
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb, self._purge_step = None, None
 
     def _tensorboard(self):
+        if self.tb is None and self.enabled and self.logger == "wandb":
+            self.tb = _WandbRun(self.path.parent)
+            return self.tb
         if self.tb is None and self.enabled and self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
