@@ -27,14 +27,14 @@ import arvision
 from arvision.generate.sample import SamplingConfig, sample_tokens
 
 
-def timed(fn, device) -> float:
+def timed(fn, device, clock=time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+    return clock() - t0, out
 
 
 def model_specs(args) -> list[tuple[str, dict]]:
@@ -65,11 +65,15 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: this process's CPU time (with --threads 1, what an idle core would take; steadier than "
+                        "wall time on a shared, loaded machine)")
     p.add_argument("--out", help="write the rows as JSON")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     # (label of the slower path, of the faster path): the ratio is slow / fast
     slow_name, fast_name = ("reference head", "fast head") if args.compare == "head" else ("recompute", "cache")
@@ -96,7 +100,7 @@ def main(argv=None):
             for r in range(args.repeats):
                 outs = {}
                 for fast in ((True, False) if r % 2 == 0 else (False, True)):
-                    t, outs[fast] = timed(lambda: run(fast, r), device)
+                    t, outs[fast] = timed(lambda: run(fast, r), device, clock)
                     times[fast].append(t)
                 if model.config.token_type == "discrete":
                     diff = max(diff, float((outs[True] != outs[False]).float().mean()))
@@ -110,7 +114,7 @@ def main(argv=None):
             row = dict(compare=args.compare, preset=preset, overrides=overrides, head=head, tokens=tokens,
                        batch=args.batch, slow_s=slow_s, fast_s=fast_s, samples_per_s_slow=args.batch / slow_s,
                        samples_per_s_fast=args.batch / fast_s, speedup=slow_s / fast_s, max_diff=diff,
-                       device=str(device), dtype=args.dtype, threads=torch.get_num_threads())
+                       device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), clock=args.clock)
             rows.append(row)
             print(f"| {preset} {model.config.summary()} | {head} | {tokens} | {args.batch} | {slow_s:.3f} | "
                   f"{fast_s:.3f} | {row['samples_per_s_slow']:.3f} | {row['samples_per_s_fast']:.3f} | "

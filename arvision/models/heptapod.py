@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .diffusion_mlp import DiffusionMLP
@@ -250,24 +251,33 @@ class Heptapod(nn.Module):
             if 0 < i < last:
                 x = block(x, None, False, mask)
                 continue
+            row = S + t
             if i == 0:
                 q, k, v = (torch.cat([c, w.expand(M, -1, -1, -1)], dim=2)
                            for c, w in zip(_attention_inputs(block, ctx), query_inputs))
-            else:
-                q, k, v = _attention_inputs(block, x)
+            else:  # the last block: keys and values of every row, the query of row t
+                q, k, v = _attention_inputs(block, x, query_row=row)
             if i == last:
-                row = S + t
-                x, q = x[:, row:row + 1], q[:, :, row:row + 1]
+                x = x[:, row:row + 1]
+                q = q[:, :, row:row + 1] if i == 0 else q  # (a one-block head; else q is row t's already)
                 mask = None if mask is None else mask[..., row:row + 1, :]
             x = _attention_outputs(block, x, q, k, v, mask)
         return self.head.norm(x[:, 0])
 
 
-def _attention_inputs(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_inputs(block, x: torch.Tensor, query_row: Optional[int] = None):
     """A head block's (q, k, v) of rows x (B, T, D), each (B, H, T, d): norm1, the fused projection, QK-norm (the
-    head has no RoPE)."""
-    attn, (B, T, _) = block.attn, x.shape
-    q, k, v = attn.qkv(block.norm1(x)).view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    head has no RoPE). With ``query_row``, q is that row's alone (B, H, 1, d) and only k, v are projected for all."""
+    attn, (B, T, D) = block.attn, x.shape
+    x = block.norm1(x)
+    if query_row is None:
+        q, k, v = attn.qkv(x).view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(x[:, query_row:query_row + 1], weight[:D], None if bias is None else bias[:D])
+        q = q.view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        kv = F.linear(x, weight[D:], None if bias is None else bias[D:])
+        k, v = kv.view(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
