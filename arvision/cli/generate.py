@@ -112,7 +112,9 @@ def register(sub) -> None:
     p = sub.add_parser("heptapod", help="Heptapod generator: train on a token cache")
     hsub = p.add_subparsers(dest="action", required=True)
     q = hsub.add_parser("train", help="train a Heptapod generator (--data TOKEN_CACHE)")
-    _add_train_args(q)
+    _add_train_args(q, data_help="a token cache (`arvision tokenizer encode ... --out CACHE`), not an image folder; "
+                    "without --data (and --config) the generation quick start runs: tokenizer, token cache and "
+                    "generator on the built-in digits")
     q.set_defaults(func=lambda a: cmd_train("heptapod", a))
 
     p = sub.add_parser("sample", help="sample images from a Heptapod checkpoint (PNG grid + ADM .npz)")

@@ -45,7 +45,11 @@ def cmd_eval(args) -> None:
     ds = fixed_subset(image_set(args.data, args.split, size), args.num_images)
     grid = Path(args.grid) if args.grid else None
     res = evaluate_tokenizer(tok, ds, args.batch_size, args.num_workers, _device(args), args.fid, args.extractor, grid)
-    res.update(tokenizer=str(args.tokenizer), data=str(args.data), split=args.split, img_size=size)
+    from ..data.datasets import resolve_split
+    used = resolve_split(args.data, args.split)  # val falls back to test (and back): report the split read
+    res.update(tokenizer=str(args.tokenizer), data=str(args.data), split=used, img_size=size)
+    if used != args.split:
+        res["requested_split"] = args.split
     print(json.dumps(res, indent=2))
     if args.json:
         from ..eval.generative import write_json

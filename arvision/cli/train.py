@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+DATA_HELP = "training data: image folder, HF save_to_disk folder, or 'synthetic'"
+
+
+def _add_train_args(p: argparse.ArgumentParser, data_help: str = DATA_HELP) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
     p.add_argument("--config", help="a recipe YAML (path or packaged name, see `arvision recipes`)")
-    p.add_argument("--data", help="training data: image folder, HF save_to_disk folder, or 'synthetic'")
+    p.add_argument("--data", help=data_help)
     p.add_argument("--out", help="run directory (default runs/<task>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

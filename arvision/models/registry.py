@@ -12,6 +12,7 @@ A *preset* is a named config of one family (timm's registered model names):
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Optional
 
@@ -83,10 +84,30 @@ def list_models(family: Optional[str] = None) -> list[str]:
     return sorted(n for n, (fam, _) in _PRESETS.items() if family is None or fam == family)
 
 
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.4)
+    return f"did you mean {' or '.join(close)}? " if close else ""
+
+
 def preset_family(name: str) -> str:
     if name not in _PRESETS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; {_suggest(name, list_models())}`arvision models` lists the "
+                         f"{len(_PRESETS)} presets by family")
     return _PRESETS[name][0]
+
+
+def check_preset(name: str, families: tuple[str, ...], what: str = "model.name") -> str:
+    """``name`` if it is a preset of one of ``families`` (the ones the command builds); else one ValueError line with
+    the closest presets of those families (difflib) and the ``arvision models --family`` command listing them."""
+    own = [n for f in families for n in list_models(f)]
+    if name in own:
+        return name
+    listing = " or ".join(f"`arvision models --family {f}`" for f in families)
+    if name in _PRESETS:
+        raise ValueError(f"{what} {name!r} is a {_PRESETS[name][0]} preset, not {' or '.join(families)}; "
+                         f"{_suggest(name, own)}{listing} lists those")
+    raise ValueError(f"unknown {what} {name!r}; {_suggest(name, own)}{listing} lists the "
+                     f"{len(own)} {' / '.join(families)} presets")
 
 
 def preset_fields(name: str) -> dict:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..config import save_config
 from ..models import create_model
+from ..models.registry import check_preset
 from ..train.checkpoint import latest_checkpoint
 from ..train.distributed import DistEnv, init_distributed
 from ..train.logging import log, open_log_file, setup_logging
@@ -161,7 +162,7 @@ def build_backbone(model_cfg, **extra):
         model.train()
         log.info(f"model initialised from {model_cfg.init}")
     else:
-        model = create_model(model_cfg.name, **args)
+        model = create_model(check_preset(model_cfg.name, ("nepa_vit",)), **args)
     if model_cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     n = sum(p.numel() for p in model.parameters())

@@ -26,6 +26,7 @@ from torch import nn
 from ..data import build_segmentation_dataset, fixed_subset, seg_eval_transform, seg_train_transform
 from ..eval.segmentation import evaluate_segmentation, inference, overlay_image, save_png, write_json
 from ..models import create_model, model_config
+from ..models.registry import check_preset
 from ..models.segmentation import IGNORE_INDEX, Segmentor
 from ..objectives.segmentation import SegmentationObjective
 from ..train.distributed import barrier
@@ -45,7 +46,7 @@ def build_segmentor(cfg, num_classes: int, classes: Optional[Sequence[str]] = No
     without ``backbone_init``, the backbone architecture) with ``model.head`` / ``model.args``; the backbone from
     ``model.backbone_init`` (arvision or official NEPA checkpoint) or random init."""
     m, s = cfg.model, cfg.segment
-    fields = {**model_config(m.name).to_dict(), **dict(m.args or {})}
+    fields = {**model_config(check_preset(m.name, ("segmentor",))).to_dict(), **dict(m.args or {})}
     fields.update(num_classes=num_classes, causal=s.causal, aux_head=s.aux_weight > 0, ignore_index=s.ignore_index,
                   classes=list(classes) if classes else None, palette=[list(c) for c in palette] if palette else None)
     if m.head:

@@ -128,9 +128,8 @@ def build_tokenizer(model_cfg):
         model = load_tokenizer(model_cfg.init).train()
         log.info(f"tokenizer initialised from {model_cfg.init}")
     else:
-        model = create_model(model_cfg.name, **args)
-        if getattr(model, "family", None) not in ("vq_tokenizer", "kl_tokenizer"):
-            raise ValueError(f"model.name {model_cfg.name!r} is not a tokenizer preset; see `arvision models`")
+        from ..models.registry import check_preset
+        model = create_model(check_preset(model_cfg.name, ("vq_tokenizer", "kl_tokenizer")), **args)
     log.info(f"tokenizer {model_cfg.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     return model
 

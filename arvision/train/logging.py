@@ -188,7 +188,9 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "training lo
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    # a line through one point draws nothing: markers show short runs (one or a few logged points)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2, marker="o" if len(rows) < 20 else None,
+            markersize=4)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
