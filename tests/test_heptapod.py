@@ -271,12 +271,13 @@ def test_next_loss_by_position_is_the_per_position_next_token_loss(head_type):
 
 @pytest.mark.parametrize("kw", [dict(), dict(head_type="local"), dict(head_condition="prefix"),
                                 dict(head_type="local", head_condition="prefix", head_depth=3),
-                                dict(head_depth=3, class_tokens=2)])
+                                dict(head_depth=3, class_tokens=2), dict(head_type="local", grid_size=6, head_depth=2),
+                                dict(head_type="local", grid_size=7, head_depth=2, head_condition="prefix")])
 def test_head_for_one_query_equals_the_full_head(kw):
     model = tiny(**kw).eval()
     M, N, D = 3, model.num_tokens, model.config.embed_dim
     states = torch.randn(M, N, D)
-    for t in (0, 4, N - 1):
+    for t in (0, 4, N // 2 + 1, N - 1):
         if model.config.head_condition == "prefix":
             mask = (torch.arange(N) <= t).expand(M, -1)
             full = model.forward_head(states, mask)[:, t]
@@ -293,7 +294,8 @@ def test_head_for_one_query_equals_the_full_head(kw):
                                 dict(head_type="local", head_condition="prefix"),
                                 dict(head_type="none", pos_embed="rope"),
                                 dict(token_type="continuous", latent_channels=3, class_tokens=2),
-                                dict(token_type="continuous", latent_channels=3, head_condition="prefix", head_type="local")])
+                                dict(token_type="continuous", latent_channels=3, head_condition="prefix", head_type="local"),
+                                dict(head_type="local", grid_size=6)])
 def test_fast_sampler_gives_the_reference_samples(kw):
     model = tiny(head_depth=2, **kw).eval()
     with torch.no_grad():  # away from the zero-initialised logits / AdaLN, so that tokens depend on z
@@ -324,3 +326,13 @@ def test_fast_sampler_runs_the_last_head_block_for_one_query_and_block_0_queries
     contexts = [1] * N if condition == "state" else list(range(1, N + 1))  # then the context alone at each step
     assert rows["qkv0"][1:] == contexts
     assert rows["mlp_last"] == [1] * N and rows["norm"] == [(2,)] * N
+
+
+def test_local_head_runs_only_the_queries_in_its_receptive_field():
+    model = tiny(head_type="local", grid_size=7, head_depth=2).eval()  # window 3x3: z_{t,t} reads 2 rows/cols around t
+    rows = []
+    hook = model.head.blocks[0].mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[-2]))
+    for t, reach in ((0, 3 * 3), (24, 5 * 5), (48, 3 * 3), (9, 4 * 5)):  # corner, centre, corner, (1, 2): 4 rows x 5 cols
+        model.forward_head_at(torch.randn(2, 32), t)
+        assert rows[-1] == 1 + reach  # the state and the queries within reach
+    hook.remove()

@@ -233,20 +233,42 @@ class Heptapod(nn.Module):
         queries = (self.mask_token + self.query_pos).to(dtype)
         return queries, _attention_inputs(self.head.blocks[0], queries)
 
+    def _local_reach(self, t: int, device) -> Optional[torch.Tensor]:
+        """The grid positions query t of the local head depends on, in order (None: every position, or not a local
+        head). Through L windowed blocks of half-width r, output t reads the queries within L * r rows and columns
+        of it (the context reads no query); each block needs one more window of inputs around the rows the next
+        block reads, so this set gives z_{t,t} exactly."""
+        cfg = self.config
+        if cfg.head_type != "local":
+            return None
+        G, radius = cfg.grid_size, len(self.head.blocks) * (cfg.local_window // 2)
+        if radius >= G - 1:
+            return None
+        positions = torch.arange(self.num_tokens, device=device)
+        near = ((positions // G - t // G).abs() <= radius) & ((positions % G - t % G).abs() <= radius)
+        return positions[near]
+
     def forward_head_at(self, states: torch.Tensor, t: int, context_mask: Optional[torch.Tensor] = None,
                         constants=None) -> torch.Tensor:
         """z_{t,t} (M, D) alone: ``forward_head(states, context_mask)[:, t]`` (equal up to float rounding) at a
         fraction of the cost, for sampling. Block 0 takes the queries' attention inputs from ``constants``
         (``head_constants``), and the last block and the final norm run only for query t: the other queries'
-        outputs of the last block are never read, while every position's keys and values still are."""
+        outputs of the last block are never read, while every position's keys and values still are. The local
+        head runs only the queries within its receptive field of query t (``_local_reach``)."""
         if self.config.head_type == "none":
             raise ValueError("head_type='none' has no 2D head: the prediction for timestep t is h_t itself")
         ctx = self.state_proj(states if states.dim() == 3 else states[:, None])
         M, S = ctx.shape[:2]
         queries, query_inputs = constants if constants is not None else self.head_constants(ctx.dtype)
-        x = torch.cat([ctx, queries.expand(M, -1, -1)], dim=1)
         mask = self._head_attention_mask(S, ctx.device, context_mask)
         last = len(self.head.blocks) - 1
+        reach = self._local_reach(t, ctx.device)
+        if reach is not None:  # the local head: only the queries z_{t,t} depends on
+            queries, query_inputs = queries[:, reach], tuple(w[:, :, reach] for w in query_inputs)
+            keep = torch.cat([torch.arange(S, device=ctx.device), S + reach])
+            mask = mask.index_select(-2, keep).index_select(-1, keep)
+            t = int((reach < t).sum())
+        x = torch.cat([ctx, queries.expand(M, -1, -1)], dim=1)
         for i, block in enumerate(self.head.blocks):
             if 0 < i < last:
                 x = block(x, None, False, mask)
