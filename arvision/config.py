@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
 
-from .files import read_yaml_text
+from .files import read_yaml_text, write_text
 
 CONFIG_PACKAGE = "arvision.configs"
 
@@ -223,7 +222,4 @@ def load_config(task: str, config_file: Optional[str] = None, overrides: Iterabl
 
 def save_config(cfg: dict, path: Path) -> None:
     """Write ``cfg`` as YAML, atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(_unwrap(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(_unwrap(cfg), sort_keys=False))

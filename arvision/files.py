@@ -7,18 +7,24 @@ traceback, and none unpickles code: ``torch.load`` runs only with ``weights_only
     meta = read_json(path)                            # FileFormatError: damaged JSON
     cfg = read_yaml_text(text, source=path)           # FileFormatError: !!python tags, syntax errors (with the line)
     if is_disk_full(error, directory): ...            # an exception from a write that ran out of space
+    write_json(path, obj)                             # atomically: a temporary file beside it, then a rename
+    with atomic_write(path, suffix=".png") as tmp:    # any other writer: tmp becomes path when the block ends
+        image.save(tmp)
 
 ``FileFormatError`` is a ``ValueError``, so the command line prints it as ``arvision: error: <message>``.
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import re
 import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -94,8 +100,6 @@ def read_yaml(path: PathLike) -> Any:
 
 
 def read_json(path: PathLike) -> Any:
-    import json
-
     path = Path(path)
     try:
         return json.loads(path.read_text())
@@ -137,3 +141,35 @@ def is_disk_full(error: BaseException, directory: PathLike) -> bool:
         return shutil.disk_usage(directory).free < (1 << 20)
     except OSError:
         return False
+
+
+@contextmanager
+def atomic_write(path: PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary name beside ``path`` (same folder, so the rename is atomic) for the block to write; renamed onto
+    ``path`` when the block ends, removed when it raises, so readers see the old file or the new one, never part of
+    one. ``suffix`` ends the temporary name for writers that choose the format from it (PIL: ``.png``; ``np.savez``
+    adds ``.npz`` to any other name). A process killed mid-write leaves ``.<name>.tmp-<pid>-...`` behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: PathLike, text: str, fsync: bool = False) -> Path:
+    """``text`` written to ``path`` atomically (``atomic_write``); ``fsync``: on the disk before the rename."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_json(path: PathLike, obj: Any, indent: int = 2, default: Optional[Callable] = None,
+               fsync: bool = False) -> Path:
+    """``obj`` as JSON at ``path``, atomically (``write_text``)."""
+    return write_text(path, json.dumps(obj, indent=indent, default=default), fsync)

@@ -270,17 +270,17 @@ def test_interrupted_cache_resumes_and_is_never_complete_early(tmp_path, monkeyp
     data = _folder(tmp_path / "data", n_per_class=4, corrupt=0)
     tok = create_model("vq_f4_32px", ch=32).eval()
     full = tc.build_token_cache(tok, data, tmp_path / "ref", img_size=16, batch_size=3, num_workers=0, progress=False)
-    real_write, writes = tc._write_json_atomic, []
+    real_write, writes = tc._write_header, []
 
     def crash_after_two(path, obj):
         real_write(path, obj)
         writes.append(obj["encoded"])
         if len(writes) == 3:  # the fresh header, then two batches
             raise KeyboardInterrupt
-    monkeypatch.setattr(tc, "_write_json_atomic", crash_after_two)
+    monkeypatch.setattr(tc, "_write_header", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         tc.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)
-    monkeypatch.setattr(tc, "_write_json_atomic", real_write)
+    monkeypatch.setattr(tc, "_write_header", real_write)
     with pytest.raises(ValueError, match="incomplete \\(6/8"):
         tc.TokenCache(tmp_path / "c")
     stats = tc.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)

@@ -84,7 +84,8 @@ def cmd_eval_classify(args) -> None:
 
 def cmd_eval_fid(args) -> None:
     import torch
-    from ..eval.generative import evaluate_generative, write_json
+    from ..eval.generative import evaluate_generative
+    from ..files import write_json
     from ..generate.shards import samples_npz
 
     samples = samples_npz(args.samples)  # a sampling directory: its .npz, or one line saying what is missing

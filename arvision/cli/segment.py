@@ -58,7 +58,7 @@ def cmd_eval(args) -> None:
         return
     print(json.dumps({k: res[k] for k in ("mIoU", "mAcc", "aAcc", "n")}, indent=2))
     if args.json:
-        from ..eval.segmentation import write_json
+        from ..files import write_json
         write_json(args.json, res)
         print(f"per-class IoU / Acc written to {args.json}")
 

@@ -52,7 +52,7 @@ def cmd_eval(args) -> None:
         res["requested_split"] = args.split
     print(json.dumps(res, indent=2))
     if args.json:
-        from ..eval.generative import write_json
+        from ..files import write_json
         write_json(args.json, res)
 
 

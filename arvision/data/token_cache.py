@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from ..files import write_json
+
 FORMAT = "arvision-token-cache"
 VERSION = 1
 HEADER, TOKENS, LABELS, VALID, TOKENIZER_DIR = "header.json", "tokens.npy", "labels.npy", "valid.npy", "tokenizer"
@@ -51,16 +53,8 @@ DONE = "done.npy"  # while encoding: 1 for each row written (deleted once the ca
 PathLike = Union[str, os.PathLike]
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_header(path: Path, header: dict) -> None:
+    write_json(path, header, indent=1, fsync=True)  # on the disk before it counts the rows it names
 
 
 def read_header(path: PathLike) -> dict:
@@ -398,7 +392,7 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
                               stores="codes" if discrete else "moments", dtype=np.dtype(dtype).name, classes=classes,
                               num_classes=len(classes) or None, tokenizer=tokenizer_source, encoded=0, skipped=0,
                               complete=False)
-                _write_json_atomic(out / HEADER, header)
+                _write_header(out / HEADER, header)
             else:  # resuming: arrays written before their space was reserved may still be sparse
                 if not (out / DONE).is_file():  # a cache begun by a version that wrote rows in order only
                     flags = np.lib.format.open_memmap(out / DONE, mode="w+", dtype=np.uint8, shape=(n,))
@@ -444,7 +438,7 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
         done.flush()
         if rank == 0:
             header.update(encoded=int(np.count_nonzero(done)), skipped=_skipped(done, valid))
-            _write_json_atomic(out / HEADER, header)
+            _write_header(out / HEADER, header)
     seconds = time.perf_counter() - t0
     if world > 1:
         dist.barrier()
@@ -462,7 +456,7 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
         if header["num_classes"] is None:
             header["num_classes"] = int(np.asarray(labels).max()) + 1 if n else 0
         header.update(encoded=n, skipped=skipped, complete=True, encode_seconds=round(seconds, 3))
-        _write_json_atomic(out / HEADER, header)
+        _write_header(out / HEADER, header)
         (out / DONE).unlink(missing_ok=True)
     return dict(num_images=n, skipped=skipped, seconds=seconds, resumed_from=resumed_from, encoded_here=len(rows),
                 images_per_second=len(rows) / seconds if seconds > 0 else None)

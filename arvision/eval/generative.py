@@ -18,9 +18,7 @@ counts, so compare numbers only at equal counts against the same reference.
 """
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,6 +31,7 @@ from tqdm import tqdm
 
 from ..data.datasets import fixed_subset
 from ..data.images import IMG_EXTENSIONS, list_files, open_rgb, to_rgb
+from ..data.segmentation_transforms import center_crop_arr
 from ..metrics import (feature_statistics, frechet_distance, inception_score, load_npz, precision_recall,
                        sample_accuracy, save_stats)
 from ..metrics.extractors import FeatureExtractor, build_extractor
@@ -44,21 +43,9 @@ IS_SPLITS = 10
 PathLike = Union[str, os.PathLike]
 
 
-def center_crop_arr(img: Image.Image, size: int) -> np.ndarray:
-    """ADM's reference-batch preprocessing: halve with BOX while >= 2x the size, BICUBIC to the size on the short
-    side, centre crop. Returns uint8 H x W x 3."""
-    while min(*img.size) >= 2 * size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = size / min(*img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[y:y + size, x:x + size]
-
-
 def _to_chw(arr: np.ndarray, size: Optional[int]) -> torch.Tensor:
     if size is not None and arr.shape[:2] != (size, size):
-        arr = center_crop_arr(Image.fromarray(np.asarray(arr)), size)
+        arr = np.asarray(center_crop_arr(Image.fromarray(np.asarray(arr)), size))  # ADM's reference-batch crop
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # a writable copy (PIL / memmap)
 
 
@@ -342,13 +329,3 @@ def sample_labels(samples: PathLike, sample_ds: Dataset) -> Optional[torch.Tenso
         return None
     labels = torch.from_numpy(np.asarray(arrays["arr_1"]).astype(np.int64))
     return labels[torch.as_tensor(sample_ds.indices)] if isinstance(sample_ds, Subset) else labels
-
-
-def write_json(path: PathLike, obj: dict) -> Path:
-    """Atomic JSON write (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-    return path

@@ -17,7 +17,6 @@ Evaluation: each process takes its shard of the data (``EvalShard``), accumulate
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from contextlib import nullcontext
@@ -32,6 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.workers import ignore_stop_signals
+from ..files import atomic_write
 from ..metrics import ConfusionMatrix
 from ..models.segmentation import IGNORE_INDEX
 from .classify import EvalShard, unpack_weighted
@@ -153,15 +153,6 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, num_classes: int, 
             "Acc": {c: pct(float(v)) for c, v in zip(names, res["Acc"])}}
 
 
-def write_json(path: Union[str, os.PathLike], obj) -> None:
-    """Write ``obj`` as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def colorize(pred: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
     """(H, W) class indices -> (H, W, 3) uint8 colours (ignore / out-of-range labels black)."""
     lut = np.zeros((256 if len(palette) <= 256 else len(palette) + 1, 3), np.uint8)
@@ -192,9 +183,6 @@ def overlay_image(image: Image.Image, pred: np.ndarray, classes: Sequence[str], 
 
 
 def save_png(image: Image.Image, path: Union[str, os.PathLike]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path, suffix=".png") as tmp:
+        image.save(tmp)
+    return Path(path)

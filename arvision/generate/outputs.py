@@ -9,7 +9,6 @@ written in a seeded random class order (``class_labels``), never class by class.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import atomic_write
 from .sample import SamplingConfig, decode_tokens, sample_tokens, to_uint8
 
 
@@ -46,18 +46,10 @@ def class_labels(classes, num_per_class: int, seed: int = 0) -> torch.Tensor:
     return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
 
 
-def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_npz(images: torch.Tensor, labels: torch.Tensor, path) -> Path:
-    path = Path(path)
-    tmp = _atomic_path(path)
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=images.numpy(), arr_1=labels.cpu().numpy().astype(np.int64))
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path, per_row: Optional[int] = None) -> Path:
@@ -71,7 +63,6 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path, per_row: Optiona
     for i, row in enumerate(rows):
         for j, img in enumerate(row[:n]):
             canvas[i * (H + 2):i * (H + 2) + H, j * (W + 2):j * (W + 2) + W] = img.numpy()
-    tmp = _atomic_path(path)
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
     return path

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data.token_cache import weights_sha256
+from ..files import atomic_write, write_json
 from ..train.distributed import join_process_group
 from .outputs import generate_images, save_grid
 from .sample import SamplingConfig
@@ -178,20 +179,12 @@ def samples_npz(path: PathLike) -> Path:
     return directory / NPZ
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _write_shard(path: Path, images: torch.Tensor, labels: torch.Tensor, start: int, fingerprint_: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images.numpy(), labels=labels.numpy().astype(np.int64), start=np.int64(start),
                  fingerprint=np.array(fingerprint_))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _broadcast(obj, rank: int, world: int):
@@ -281,8 +274,8 @@ def _assemble(directory: SampleDirectory, manifest: dict, labels: np.ndarray, gr
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         files = {"npz": str(directory.npz), "grid": str(grid.save(directory.path / GRID))}
-        _write_json_atomic(directory.path / META, dict(meta or {}, **files, num_samples=total,
-                                                       fingerprint=manifest["fingerprint"]))
+        write_json(directory.path / META, dict(meta or {}, **files, num_samples=total,
+                                               fingerprint=manifest["fingerprint"]), indent=1, default=str)
         os.replace(tmp, directory.npz)
     finally:
         tmp.unlink(missing_ok=True)
@@ -313,7 +306,7 @@ def sample_to_directory(model, tokenizer, labels: torch.Tensor, config: Sampling
     if rank == 0:
         directory.shard_dir.mkdir(parents=True, exist_ok=True)
         if not directory.manifest_path.is_file():
-            _write_json_atomic(directory.manifest_path, manifest)
+            write_json(directory.manifest_path, manifest, indent=1, default=str)
         for leftover in directory.shard_dir.glob(".*.tmp-*"):  # from a process killed while writing
             leftover.unlink(missing_ok=True)
         done = set(directory.done_shards(manifest, labels_np))

@@ -9,7 +9,6 @@ and reference-statistics files (arvision's, ADM's reference batches, MAR's ``adm
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 import zipfile
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Mapping, Union
 import numpy as np
 import scipy.linalg
 import torch
+
+from ..files import atomic_write
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -140,13 +141,8 @@ def save_stats(path: Union[str, os.PathLike], stats: Mapping[str, ArrayLike], ex
         raise ValueError("reference statistics need at least 'mu' and 'sigma'")
     arrays["extractor"] = np.array(extractor)
     arrays.update({k: np.array(v) for k, v in meta.items() if v is not None})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.npz")
-    try:
+    with atomic_write(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

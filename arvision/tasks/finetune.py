@@ -9,7 +9,6 @@ weights are evaluated every ``train.eval_every`` epochs; the best by ``train.bes
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Callable
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 from ..data import build_dataset, eval_transform, finetune_transform, fixed_subset, labelled_subset, resolve_split
 from ..data.workers import ignore_stop_signals
 from ..eval.classify import EvalShard, evaluate_classifier
+from ..files import write_json
 from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
 from ..train.engine import Trainer
@@ -81,7 +81,7 @@ def run(cfg, out=None, resume=False) -> dict:
                "data": str(d.source), "init": cfg.model.init}
     barrier()
     if env.is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_json(run_dir / "results.json", results)
         summary = ", ".join(f"{k} {final[k]:.2f}" for k in ("top1", "top5", "ema_top1", "ema_top5") if k in final)
         log.info(f"final {val_split}: {summary}; results written to {run_dir / 'results.json'}")
     return results

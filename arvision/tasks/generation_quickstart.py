@@ -30,7 +30,7 @@ from ..config import load_config
 from ..data import build_dataset
 from ..data.token_cache import TokenCache, build_token_cache
 from ..data.transforms import NEPA_MEAN, NEPA_STD
-from ..eval.generative import write_json
+from ..files import write_json
 from ..models import create_model
 from ..checkpoints import load_tokenizer
 from ..objectives.classification import ClassificationObjective

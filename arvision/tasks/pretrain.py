@@ -7,7 +7,6 @@ linear-probe accuracy of the pretrained backbone next to the same architecture a
 """
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 
@@ -15,6 +14,7 @@ import torch
 
 from ..data import build_dataset, eval_transform, fixed_subset, pretrain_transform, resolve_split
 from ..eval import FeatureSpec, attentive_probe, extract_features, extract_tokens, knn_classify, linear_probe
+from ..files import write_json
 from ..models import create_model
 from ..objectives import NepaLossConfig, NepaObjective
 from ..train.distributed import barrier
@@ -55,7 +55,7 @@ def run(cfg, out=None, resume=False) -> dict:
     barrier()
     results["total_minutes"] = (time.perf_counter() - t0) / 60  # training and probes
     if env.is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_json(run_dir / "results.json", results)
         log.info(f"results written to {run_dir / 'results.json'}; loss curve: {run_dir / 'loss_curve.png'}")
     return results
 

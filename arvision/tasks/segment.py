@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..data import build_segmentation_dataset, fixed_subset, seg_eval_transform, seg_train_transform
-from ..eval.segmentation import evaluate_segmentation, inference, overlay_image, save_png, write_json
+from ..eval.segmentation import evaluate_segmentation, inference, overlay_image, save_png
+from ..files import write_json
 from ..models import create_model, model_config
 from ..models.registry import check_preset
 from ..models.segmentation import IGNORE_INDEX, Segmentor

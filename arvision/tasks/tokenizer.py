@@ -13,7 +13,6 @@ torch-fidelity when its weights are present, otherwise the named extractor's FD-
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..data import build_dataset, fixed_subset
 from ..data.segmentation_transforms import generation_transform
+from ..files import write_json
 from ..objectives.tokenizer import TokenizerLossConfig, TokenizerObjective, psnr
 from ..train.distributed import barrier
 from ..train.engine import Trainer
@@ -165,6 +165,6 @@ def run(cfg, out=None, resume=False) -> dict:
                                                 for k, v in results["eval"].items()))
     barrier()
     if env.is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_json(run_dir / "results.json", results)
         log.info(f"results written to {run_dir / 'results.json'}")
     return results
