@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from .features import FeatureSpec, run_frozen
 from .knn import _num_classes, topk_accuracy
-from .linear import held_out_split
+from .linear import candidate_lrs, choose_lr
 
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
 
@@ -116,9 +116,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_labels: torch.Tensor, test
 
     ``lr`` None sweeps DEFAULT_LRS on a held-out ``val_fraction`` of train; a list is swept the same way; a float is
     used directly. Deterministic given ``seed``. Returns {'top1', 'top5', 'train_top1', 'best_lr', 'sweep', ...}."""
-    lrs = list(DEFAULT_LRS) if lr is None else [lr] if isinstance(lr, (int, float)) else list(lr)
-    if not lrs:
-        raise ValueError("lr is an empty list; give at least one learning rate or None for the default sweep")
+    lrs = candidate_lrs(lr, DEFAULT_LRS)
     if train_tokens.dim() != 3 or test_tokens.dim() != 3:
         raise ValueError(f"attentive_probe takes token features (N, T, D); got {tuple(train_tokens.shape)} and "
                          f"{tuple(test_tokens.shape)} (use extract_tokens, not extract_features)")
@@ -131,15 +129,11 @@ def attentive_probe(train_tokens: torch.Tensor, train_labels: torch.Tensor, test
     with torch.inference_mode(False), torch.enable_grad():  # inference tensors cannot enter autograd: copy them
         x_train, x_test = (t.detach().to(device).clone() for t in (train_tokens, test_tokens))
         y_train, y_test = (t.detach().long().to(device).clone() for t in (train_labels, test_labels))
-        sweep = {}
-        if len(lrs) > 1:
-            fit_idx, val_idx = held_out_split(len(y_train), val_fraction, seed, device)
-            for one_lr in lrs:
-                probe = train_attentive(x_train[fit_idx], y_train[fit_idx], lr=one_lr, **fit)
-                sweep[one_lr] = topk_accuracy(_predict(probe, x_train[val_idx]), y_train[val_idx], (1,))["top1"]
-            best_lr = max(lrs, key=lambda v: sweep[v])
-        else:
-            best_lr = lrs[0]
+        def held_out_top1(one_lr: float, fit_idx: torch.Tensor, val_idx: torch.Tensor) -> float:
+            probe = train_attentive(x_train[fit_idx], y_train[fit_idx], lr=one_lr, **fit)
+            return topk_accuracy(_predict(probe, x_train[val_idx]), y_train[val_idx], (1,))["top1"]
+
+        best_lr, sweep = choose_lr(lrs, len(y_train), val_fraction, seed, device, held_out_top1)
         probe = train_attentive(x_train, y_train, lr=best_lr, **fit)
         result = topk_accuracy(_predict(probe, x_test), y_test)
         train_top1 = topk_accuracy(_predict(probe, x_train), y_train, (1,))["top1"]

@@ -11,7 +11,7 @@ on the test set. The test set never takes part in the choice.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,6 +37,26 @@ def held_out_split(n: int, val_fraction: float, seed: int, device=None) -> tuple
         raise ValueError(f"val_fraction={val_fraction} leaves no training samples for the lr sweep")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
     return perm[n_val:], perm[:n_val]
+
+
+def candidate_lrs(lr: Union[float, Sequence[float], None], default: Sequence[float]) -> list[float]:
+    """The lrs a probe tries: ``default`` for None, one float as given, or a list."""
+    lrs = list(default) if lr is None else [lr] if isinstance(lr, (int, float)) else list(lr)
+    if not lrs:
+        raise ValueError("lr is an empty list; give at least one learning rate or None for the default sweep")
+    return lrs
+
+
+def choose_lr(lrs: Sequence[float], n: int, val_fraction: float, seed: int, device,
+              held_out_top1: Callable[[float, torch.Tensor, torch.Tensor], float]) -> tuple[float, dict]:
+    """(the lr to train with, {lr: held-out top-1}): with several lrs, ``held_out_top1(lr, fit_idx, val_idx)`` scores
+    a probe trained on the fit part of a fixed split of the n training samples (``held_out_split``) and the best
+    wins (the earlier of equals); one lr is used as given, with an empty sweep."""
+    if len(lrs) == 1:
+        return lrs[0], {}
+    fit_idx, val_idx = held_out_split(n, val_fraction, seed, device)
+    sweep = {lr: held_out_top1(lr, fit_idx, val_idx) for lr in lrs}
+    return max(lrs, key=lambda v: sweep[v]), sweep
 
 
 def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 1e-3,
@@ -81,9 +101,7 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     """
     if optimizer not in DEFAULT_LRS:
         raise ValueError(f"optimizer must be one of {sorted(DEFAULT_LRS)}, got {optimizer!r}")
-    lrs = list(DEFAULT_LRS[optimizer]) if lr is None else [lr] if isinstance(lr, (int, float)) else list(lr)
-    if not lrs:
-        raise ValueError("lr is an empty list; give at least one learning rate or None for the default sweep")
+    lrs = candidate_lrs(lr, DEFAULT_LRS[optimizer])
     if train_feats.shape[0] != train_labels.shape[0] or test_feats.shape[0] != test_labels.shape[0]:
         raise ValueError("features and labels differ in length; extract them from the same loader")
     device = torch.device(device) if device is not None else train_feats.device
@@ -95,17 +113,13 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         x_train, x_test = (t.detach().float().to(device).clone() for t in (train_feats, test_feats))
         y_train, y_test = (t.detach().long().to(device).clone() for t in (train_labels, test_labels))
 
-        sweep = {}
-        if len(lrs) > 1:
-            fit_idx, val_idx = held_out_split(len(y_train), val_fraction, seed, device)
+        def held_out_top1(one_lr: float, fit_idx: torch.Tensor, val_idx: torch.Tensor) -> float:
             x_fit, x_val = _standardise(x_train[fit_idx], x_train[val_idx])
-            for one_lr in lrs:
-                head = train_linear(x_fit, y_train[fit_idx], lr=one_lr, **fit)
-                with torch.no_grad():
-                    sweep[one_lr] = topk_accuracy(head(x_val), y_train[val_idx], (1,))["top1"]
-            best_lr = max(lrs, key=lambda v: sweep[v])  # first of equals wins, so ties go to the earlier lr
-        else:
-            best_lr = lrs[0]
+            head = train_linear(x_fit, y_train[fit_idx], lr=one_lr, **fit)
+            with torch.no_grad():
+                return topk_accuracy(head(x_val), y_train[val_idx], (1,))["top1"]
+
+        best_lr, sweep = choose_lr(lrs, len(y_train), val_fraction, seed, device, held_out_top1)
 
         x_train, x_test = _standardise(x_train, x_test)
         head = train_linear(x_train, y_train, lr=best_lr, **fit)

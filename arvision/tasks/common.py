@@ -153,6 +153,20 @@ def finished_results(trainer, run_dir: Path) -> Optional[dict]:
     return None
 
 
+def resolve_best_metric(cfg, choices: tuple[str, ...], default: str) -> None:
+    """Set ``train.best_metric`` when it is unset: ``default``, or ``ema_<default>`` when the run keeps a weight EMA.
+    A metric outside ``choices`` (all higher-is-better), or an ``ema_`` one without an EMA, is a one-line error."""
+    train = cfg["train"]
+    if train["best_metric"] is None:
+        train["best_metric"] = f"ema_{default}" if train["ema_decay"] > 0 else default
+    metric = train["best_metric"]
+    if metric not in choices:
+        raise ValueError(f"train.best_metric must be one of {', '.join(choices)} (higher is better), got {metric!r}")
+    if metric.startswith("ema_") and not train["ema_decay"] > 0:
+        raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay (e.g. 0.9999) or "
+                         f"train.best_metric={default}")
+
+
 def build_backbone(model_cfg, **extra):
     """A registered preset with overrides, or (``model.init``) an existing checkpoint."""
     args = {**dict(model_cfg.args or {}), **extra}

@@ -23,13 +23,13 @@ from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import build_backbone, finished_results, prepare_run, seed_everything
+from .common import build_backbone, finished_results, prepare_run, resolve_best_metric, seed_everything
 
 BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")
 
 
 def run(cfg, out=None, resume=False) -> dict:
-    _resolve_best_metric(cfg)
+    resolve_best_metric(cfg, BEST_METRICS, "top1")
     if cfg.eval.resize is not None and cfg.eval.crop_pct is not None:
         raise ValueError("set eval.resize or eval.crop_pct, not both")
     env, run_dir = prepare_run(cfg, "finetune", out, resume)
@@ -141,16 +141,3 @@ def make_evaluator(val_set, env: DistEnv, cfg, step: Callable[[], int] = lambda:
         return row
 
     return evaluate, history
-
-
-def _resolve_best_metric(cfg) -> None:
-    train = cfg["train"]
-    if train["best_metric"] is None:
-        train["best_metric"] = "ema_top1" if train["ema_decay"] > 0 else "top1"
-    metric = train["best_metric"]
-    if metric not in BEST_METRICS:
-        raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)} (higher is better), "
-                         f"got {metric!r}")
-    if metric.startswith("ema_") and not train["ema_decay"] > 0:
-        raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay (e.g. 0.9999) or "
-                         "train.best_metric=top1")

@@ -33,7 +33,7 @@ from ..objectives.segmentation import SegmentationObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import finished_results, prepare_run, seed_everything
+from .common import finished_results, prepare_run, resolve_best_metric, seed_everything
 
 BEST_METRICS = ("mIoU", "ema_mIoU", "mAcc", "ema_mAcc", "aAcc", "ema_aAcc")
 SCALARS = ("mIoU", "mAcc", "aAcc")
@@ -128,7 +128,7 @@ def eval_kwargs(e, d) -> dict:
 # ------------------------------------------------------------------------------------------------ train
 
 def run(cfg, out=None, resume=False) -> dict:
-    _resolve_best_metric(cfg)
+    resolve_best_metric(cfg, BEST_METRICS, "mIoU")
     if cfg.train.distributed == "fsdp":
         raise ValueError("segment train supports train.distributed=ddp only (sliding-window evaluation runs a "
                          "different number of forward passes on each process, which FSDP cannot gather for)")
@@ -190,18 +190,6 @@ def run(cfg, out=None, resume=False) -> dict:
 
 def _num(v) -> float:
     return float("nan") if v is None else float(v)
-
-
-def _resolve_best_metric(cfg) -> None:
-    train = cfg["train"]
-    if train["best_metric"] is None:
-        train["best_metric"] = "ema_mIoU" if train["ema_decay"] > 0 else "mIoU"
-    metric = train["best_metric"]
-    if metric not in BEST_METRICS:
-        raise ValueError(f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got {metric!r}")
-    if metric.startswith("ema_") and not train["ema_decay"] > 0:
-        raise ValueError(f"train.best_metric={metric} needs a weight EMA; set train.ema_decay or "
-                         "train.best_metric=mIoU")
 
 
 # --------------------------------------------------------------------------------------- eval / predict
