@@ -89,7 +89,9 @@ def test_hub_push_failure_is_one_line(tmp_path, monkeypatch, capsys):
 def test_load_tokenizer_reads_a_hub_id(tmp_path, monkeypatch):
     torch.manual_seed(0)
     tok = create_model("vq_f4_32px_lite")
-    snapshot = save_model(tok, tmp_path / "snapshot")
+    snapshot = tmp_path / "snapshot"  # what `hub push` uploads for a tokenizer
+    main(["hub", "push", str(save_model(tok, tmp_path / "tok")), "me/vq-lite", "--local", str(snapshot)])
+    assert 'arvision.load_tokenizer("me/vq-lite")' in (snapshot / "README.md").read_text()
     asked = []
 
     def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):

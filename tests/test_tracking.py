@@ -2,6 +2,7 @@
 (run.json: the command line, arvision's git commit; config.yaml: the resolved config)."""
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,10 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     run_id = (run / "wandb_id").read_text().strip()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1
-    record = next(offline[0].glob("*.wandb")).read_bytes()  # the offline run log (`wandb sync` uploads it)
+    log_file = next(offline[0].glob("*.wandb"))  # the offline run log (`wandb sync` uploads it)
+    deadline = time.monotonic() + 30  # written by W&B's own service process, which may finish after finish() returns
+    while b"train/loss" not in log_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    record = log_file.read_bytes()
     assert b"train/loss" in record and b"logger" in record  # the metrics and the resolved config
     assert not (run / "tb").exists()

@@ -93,9 +93,10 @@ def model_card(model, run_dir: Optional[Path], license: str = "apache-2.0", data
                              arvision_results=metrics or None)
     command = training_command(run_dir, family, model.config)
     preset = matching_preset(model.config, family)
+    loader = "load_tokenizer" if family in ("vq_tokenizer", "kl_tokenizer") else "load_model"
     lines = [f"# {preset or family}", "",
              f"An arvision `{family}` checkpoint" + (f" (preset `{preset}`)" if preset else "") + ".", "",
-             "```python", "import arvision", 'model = arvision.load_model("REPO_ID")', "```", ""]
+             "```python", "import arvision", f'model = arvision.{loader}("REPO_ID")', "```", ""]
     if command:
         lines += ["## Training", "", "```bash", command, "```", "",
                   "`config.yaml` is the run's resolved config.", ""]
@@ -116,8 +117,7 @@ def write_hub_folder(checkpoint: PathLike, directory: PathLike, license: str = "
     ema = read_weights_file(source / EMA_FILE) if (source / EMA_FILE).is_file() else None
     run_dir = find_run_directory(checkpoint) if source.exists() else None
     card = model_card(model, run_dir, license=license, datasets=datasets)
-    if repo_id:
-        card.text = card.text.replace("REPO_ID", repo_id)
+    card.text = card.text.replace("REPO_ID", repo_id or "OWNER/NAME")
 
     def extra(tmp: Path) -> None:
         for name in RUN_FILES:

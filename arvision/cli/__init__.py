@@ -6,6 +6,8 @@
     arvision eval classify CHECKPOINT --data DIR [--split val] [--resize 256 | --crop-pct 0.95] [--ema]
     arvision eval fid SAMPLES REF [--extractor fid-helper|inception|CHECKPOINT] [--num-samples N] [--num-ref N]
     arvision convert SRC DST            # official NEPA checkpoint (or Hub id) -> arvision checkpoint
+    arvision convert CKPT DST --to official [--class-names a,b]   # NEPA ViT -> Hugging Face ViTNepa layout
+    arvision hub push CHECKPOINT OWNER/NAME [--local DIR]           # weights, config, model card to the Hub
     arvision visualize CHECKPOINT --images a.jpg b.jpg --out DIR [--layers all] [--query 7,7]
     arvision tokenizer train | eval TOK --data DIR | encode --tokenizer TOK --data DIR --out CACHE | reconstruct TOK
     arvision segment train | eval CHECKPOINT --data DIR | predict CHECKPOINT --images a.jpg --out DIR
