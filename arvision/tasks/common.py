@@ -153,6 +153,15 @@ def finished_results(trainer, run_dir: Path) -> Optional[dict]:
     return None
 
 
+def resume_run(trainer, run_dir: Path, resume: bool) -> Optional[dict]:
+    """With ``resume``, restore ``trainer`` from the run's last checkpoint and return ``finished_results`` (the saved
+    results when the run had already finished, else None); without, None. A task returns what is not None."""
+    if not resume:
+        return None
+    trainer.resume()
+    return finished_results(trainer, run_dir)
+
+
 def resolve_best_metric(cfg, choices: tuple[str, ...], default: str) -> None:
     """Set ``train.best_metric`` when it is unset: ``default``, or ``ema_<default>`` when the run keeps a weight EMA.
     A metric outside ``choices`` (all higher-is-better), or an ``ema_`` one without an EMA, is a one-line error."""

@@ -23,7 +23,7 @@ from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import build_backbone, finished_results, prepare_run, resolve_best_metric, seed_everything
+from .common import build_backbone, prepare_run, resolve_best_metric, resume_run, seed_everything
 
 BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")
 
@@ -64,11 +64,9 @@ def run(cfg, out=None, resume=False) -> dict:
     evaluate, history = make_evaluator(val_set, env, cfg, step=lambda: trainer.step)
     trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers,
                       evaluate=evaluate, preset=None if cfg.model.init else cfg.model.name)
-    if resume:
-        trainer.resume()
-        done = finished_results(trainer, run_dir)
-        if done is not None:
-            return done
+    done = resume_run(trainer, run_dir, resume)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     trainer.fit()
     minutes = (time.perf_counter() - t0) / 60

@@ -20,7 +20,7 @@ from ..objectives import NepaLossConfig, NepaObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import build_backbone, finished_results, prepare_run, seed_everything
+from .common import build_backbone, prepare_run, resume_run, seed_everything
 
 
 def run(cfg, out=None, resume=False) -> dict:
@@ -39,11 +39,9 @@ def run(cfg, out=None, resume=False) -> dict:
     objective = NepaObjective(model, ocfg)
     trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=cfg.data.num_workers,
                       preset=cfg.model.name)
-    if resume:
-        trainer.resume()
-        done = finished_results(trainer, run_dir)
-        if done is not None:
-            return done
+    done = resume_run(trainer, run_dir, resume)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     trainer.fit()
     results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),

@@ -33,7 +33,7 @@ from ..objectives.segmentation import SegmentationObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import finished_results, prepare_run, resolve_best_metric, seed_everything
+from .common import prepare_run, resolve_best_metric, resume_run, seed_everything
 
 BEST_METRICS = ("mIoU", "ema_mIoU", "mAcc", "ema_mAcc", "aAcc", "ema_aAcc")
 SCALARS = ("mIoU", "mAcc", "aAcc")
@@ -167,11 +167,9 @@ def run(cfg, out=None, resume=False) -> dict:
 
     trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers, evaluate=evaluate,
                       preset=None if cfg.model.backbone_init else cfg.model.name)
-    if resume:
-        trainer.resume()
-        done = finished_results(trainer, run_dir)
-        if done is not None:
-            return done
+    done = resume_run(trainer, run_dir, resume)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     trainer.fit()
     final = history[-1]

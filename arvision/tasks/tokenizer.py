@@ -28,7 +28,7 @@ from ..objectives.tokenizer import TokenizerLossConfig, TokenizerObjective, psnr
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import finished_results, prepare_run, seed_everything
+from .common import prepare_run, resume_run, seed_everything
 
 
 class UnitRange:
@@ -146,11 +146,9 @@ def run(cfg, out=None, resume=False) -> dict:
              f"({model.grid_size(d.img_size)}x{model.grid_size(d.img_size)} tokens)")
     objective = TokenizerObjective(model, TokenizerLossConfig.from_dict(dict(cfg.objective)))
     trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers, preset=cfg.model.name)
-    if resume:
-        trainer.resume()
-        done = finished_results(trainer, run_dir)
-        if done is not None:
-            return done
+    done = resume_run(trainer, run_dir, resume)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     trainer.fit()
     results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
