@@ -223,7 +223,7 @@ class Heptapod(nn.Module):
             mask = mask | torch.eye(context + self.num_tokens, dtype=torch.bool, device=device)  # no empty rows
         return mask
 
-    def head_constants(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def head_constants(self, dtype: Optional[torch.dtype] = None) -> tuple:
         """What the head computes identically for every condition: the queries q_j = mask token + position j
         (1, N, D) and their block-0 attention inputs (q, k, v), each (1, H, N, d). ``dtype``: that of the head's
         input (the state projection's output; under autocast its dtype). Computed once per sampling call and
@@ -231,7 +231,42 @@ class Heptapod(nn.Module):
         if dtype is None:
             dtype = self.state_proj(self.query_pos[:, :1]).dtype
         queries = (self.mask_token + self.query_pos).to(dtype)
-        return queries, _attention_inputs(self.head.blocks[0], queries)
+        q, k, v = _attention_inputs(self.head.blocks[0], queries)
+        # for _first_block_for_one_state: each query's log-normaliser over the query keys and its attention over
+        # them through the output projection, per head
+        attn = self.head.blocks[0].attn
+        logits = (q[0] @ k[0].transpose(-2, -1)) * attn.scale  # (H, N, N)
+        D, H = queries.shape[-1], attn.num_heads
+        own = torch.einsum("hnd,chd->hnc", logits.softmax(-1).to(v.dtype) @ v[0],
+                           attn.proj.weight.view(D, H, attn.head_dim).to(v.dtype))
+        return queries, (q, k, v), (logits.logsumexp(-1)[None], own)
+
+    def _first_block_for_one_state(self, ctx: torch.Tensor, queries, query_inputs, terms) -> torch.Tensor:
+        """Block 0 of the global head over [one context row (M, 1, D); the N constant queries], without a mask.
+
+        Each query i attends to the N constant keys and to the one context key c, so per head its attention output
+        is w v_c + (1 - w) a_i, with a_i its (constant) attention over the query keys alone and w =
+        sigmoid(q_i k_c * scale - logsumexp_j(q_i k_j * scale)): the query rows cost O(N H D) per condition up to
+        the MLP instead of the projection's O(N D^2), and the same up to float rounding."""
+        block = self.head.blocks[0]
+        attn, M = block.attn, ctx.shape[0]
+        q_q, k_q, v_q = query_inputs
+        q_c, k_c, v_c = _attention_inputs(block, ctx)
+        # the context row: the ordinary attention over every key
+        out_c = attention(q_c, torch.cat([k_c, k_q.expand(M, -1, -1, -1)], dim=2),
+                          torch.cat([v_c, v_q.expand(M, -1, -1, -1)], dim=2))
+        x_c = ctx + block.drop_path1(block.ls1(attn.proj(out_c.transpose(1, 2).reshape(M, 1, -1))))
+        # the query rows
+        lse, own = terms  # (1, H, N), (H, N, D): a_i through the projection
+        weight = torch.sigmoid((q_q[0] @ k_c.transpose(-2, -1))[..., 0] * attn.scale - lse)  # (M, H, N)
+        D, H = ctx.shape[-1], attn.num_heads
+        state = torch.einsum("mhd,chd->mhc", v_c[:, :, 0], attn.proj.weight.view(D, H, attn.head_dim))  # (M, H, D)
+        mixed = own.sum(0) + torch.einsum("mhn,mhc->mnc", weight, state) - torch.einsum("mhn,hnc->mnc", weight, own)
+        if attn.proj.bias is not None:
+            mixed = mixed + attn.proj.bias
+        x_q = queries + block.drop_path1(block.ls1(mixed))
+        x = torch.cat([x_c, x_q], dim=1)
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     def _local_reach(self, t: int, device) -> Optional[torch.Tensor]:
         """The grid positions query t of the local head depends on, in order (None: every position, or not a local
@@ -259,7 +294,7 @@ class Heptapod(nn.Module):
             raise ValueError("head_type='none' has no 2D head: the prediction for timestep t is h_t itself")
         ctx = self.state_proj(states if states.dim() == 3 else states[:, None])
         M, S = ctx.shape[:2]
-        queries, query_inputs = constants if constants is not None else self.head_constants(ctx.dtype)
+        queries, query_inputs, terms = constants if constants is not None else self.head_constants(ctx.dtype)
         mask = self._head_attention_mask(S, ctx.device, context_mask)
         last = len(self.head.blocks) - 1
         reach = self._local_reach(t, ctx.device)
@@ -272,6 +307,9 @@ class Heptapod(nn.Module):
         for i, block in enumerate(self.head.blocks):
             if 0 < i < last:
                 x = block(x, None, False, mask)
+                continue
+            if i == 0 < last and S == 1 and mask is None:
+                x = self._first_block_for_one_state(ctx, queries, query_inputs, terms)
                 continue
             row = S + t
             if i == 0:
