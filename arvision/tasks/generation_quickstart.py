@@ -68,7 +68,7 @@ def run_quickstart(cfg, out=None, resume=False) -> dict:
     cfg.online.update(judge=str(judge_path), reference=DIGITS)
     if cfg.sample.num_per_class < 1:
         raise ValueError("the quick start scores its final samples: set sample.num_per_class >= 1")
-    results = train_generator(cfg, cache, run_dir, resume)
+    results = train_generator(cfg, cache, run_dir, resume=latest_checkpoint(run_dir) is not None)
     results["total_minutes"] = (time.perf_counter() - t0) / 60
     write_json(run_dir / "results.json", results)
     log.info(f"samples: {run_dir / 'samples.png'}; {results['total_minutes']:.1f} minutes in all")

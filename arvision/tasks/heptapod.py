@@ -93,7 +93,7 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
     seed_everything(cfg.train.seed)
     model = build_generator(cfg, cache)  # before the run directory exists: a mismatch leaves nothing behind
     env, run_dir = prepare_run(cfg, "heptapod", out, resume)
-    log.info(f"data: {len(cache)} token grids from {cfg.data.source} ({cache.info['token_type']}, "
+    log.info(f"data: {len(cache)} token grids from {cache.path} ({cache.info['token_type']}, "
              f"{cache.info['grid_size']}x{cache.info['grid_size']}, {cache.info['num_classes']} classes)")
     objective = HeptapodObjective(model, HeptapodLossConfig(**cfg.objective))
     judge = load_judge(cfg.online.judge) if cfg.online.judge else None
@@ -109,7 +109,7 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
     t0 = time.perf_counter()
     trainer.fit()
     results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
-               "data": str(cfg.data.source)}
+               "data": str(cache.path)}
     generator = trainer.full_model()
     if env.is_main and generator.config.head_condition == "state":
         results["next_loss_by_row"] = next_loss_by_row(objective, generator, cache)
