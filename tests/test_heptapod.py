@@ -336,3 +336,23 @@ def test_local_head_runs_only_the_queries_in_its_receptive_field():
         model.forward_head_at(torch.randn(2, 32), t)
         assert rows[-1] == 1 + reach  # the state and the queries within reach
     hook.remove()
+
+
+def test_sampling_a_model_sharded_with_fsdp2_uses_the_full_head(tmp_path):
+    """Under FSDP2 (online evaluation of a sharded run) a head block's parameters exist only inside its own forward:
+    the sampler must not read its layers directly."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny(head_depth=2).eval()
+    labels = torch.tensor([0, 1])
+    expected = sample_tokens(model, labels, SamplingConfig(), seed=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for unit in model.shard_units():
+            fully_shard(unit)
+        fully_shard(model)
+        model.unshard()  # the root's own parameters, as Trainer.gathered() does
+        assert torch.equal(sample_tokens(model, labels, SamplingConfig(), seed=1), expected)
+    finally:
+        dist.destroy_process_group()

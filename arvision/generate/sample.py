@@ -98,6 +98,17 @@ def draw_categorical(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor
     return torch.where(probs.gather(-1, index[:, None])[:, 0] > 0, index, last)
 
 
+def _sharded_head(model) -> bool:
+    """Whether the 2D head's blocks are FSDP2 shard units: their parameters are gathered only around the block's own
+    forward, which the fast head (reading block 0's and the last block's layers directly) does not call."""
+    blocks = getattr(getattr(model, "head", None), "blocks", ())
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return False
+    return any(isinstance(block, FSDPModule) for block in blocks)
+
+
 class _Predictor:
     """z_{t,t} from the backbone state(s) for the model's head type and conditioning.
 
@@ -108,10 +119,10 @@ class _Predictor:
 
     def __init__(self, model, batch: int, device, dtype, fast: bool = True):
         self.model, cfg = model, model.config
-        self.fast = fast
+        self.fast = fast and not _sharded_head(model)
         self.prefix = cfg.head_type != "none" and cfg.head_condition == "prefix"
         self.states = torch.zeros(batch, model.num_tokens, cfg.embed_dim, device=device, dtype=dtype) if self.prefix else None
-        self.constants = model.head_constants() if fast and cfg.head_type != "none" else None
+        self.constants = model.head_constants() if self.fast and cfg.head_type != "none" else None
 
     def __call__(self, h: torch.Tensor, t: int) -> torch.Tensor:
         model = self.model
