@@ -54,6 +54,8 @@ def test_every_packaged_recipe_builds_its_objective_and_trainer(recipe, caches, 
 
     task = yaml.safe_load(resources.files("arvision.configs").joinpath(f"{recipe}.yaml").read_text())["task"]
     overrides = [*OVERRIDES[task], "data.num_workers=0"]
+    if recipe == "heptapod_quickstart":  # a CPU-sized model already: fewer blocks would leave the embeddings the bulk
+        overrides = [o for o in overrides if "depth" not in o]
     if task == "heptapod":
         preset = load_config(task, recipe).model.name
         kind = arvision.models.model_config(preset).token_type if "_vq" not in recipe else "discrete"

@@ -124,9 +124,12 @@ def test_synthetic_data_and_padding_take_a_negative_ignore_index(tmp_path):
           "data.crop_size=40", "model.backbone_args={depth: 2, embed_dim: 32, num_heads: 2}",
           "model.args={channels: 8, aux_channels: 8}", "eval.max_samples=2"])
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 1
-    ds = build_segmentation_dataset("synthetic", "train", seg_train_transform(40, scale=(32, 32), ignore_index=-1),
+    # ratio 1: the 32 px image is padded to 40 (a random ratio of up to 2 would crop it instead)
+    ds = build_segmentation_dataset("synthetic", "train", seg_train_transform(40, scale=(32, 32), ratio_range=(1, 1),
+                                                                              ignore_index=-1),
                                     num_samples=2, ignore_index=-1)
-    assert ds.ignore_index == -1 and (ds[0][1][32:] == -1).all()
+    mask = ds[0][1]
+    assert ds.ignore_index == -1 and (mask[32:] == -1).all() and not (mask == 255).any()
 
 
 def _one_line_error(argv, capsys, match):
