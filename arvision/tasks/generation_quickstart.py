@@ -22,8 +22,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from ..config import load_config
@@ -108,20 +106,6 @@ def encode_digits(tokenizer, q, out: Path) -> TokenCache:
     return TokenCache(out)
 
 
-class _JudgeImages(Dataset):
-    """Real digits normalised as ``ClassifierExtractor`` normalises its inputs (so the judge sees the same pixels)."""
-
-    def __init__(self, split: str, num: int):
-        norm = T.Compose([T.ToTensor(), T.Normalize(NEPA_MEAN, NEPA_STD)])
-        self.ds = build_dataset(DIGITS, split, transform=norm, img_size=IMG_SIZE, num_samples=num)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        return self.ds[i]
-
-
 def train_judge(q, out: Path, seed: int) -> Path:
     """A classifier of real digits (a ``timm_classifier`` preset), trained by the one Trainer with plain
     cross-entropy; reused when ``out`` already holds its final checkpoint. Returns that checkpoint."""
@@ -135,7 +119,10 @@ def train_judge(q, out: Path, seed: int) -> Path:
         model = create_model(q.judge, num_classes=10)
         objective = ClassificationObjective(model, 10, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
         out.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(objective, _JudgeImages("train", q.num_images), train, out, env, num_workers=0,
+        # normalised as ClassifierExtractor normalises its inputs, so the judge sees the pixels it will score
+        norm = T.Compose([T.ToTensor(), T.Normalize(NEPA_MEAN, NEPA_STD)])
+        images = build_dataset(DIGITS, "train", transform=norm, img_size=IMG_SIZE, num_samples=q.num_images)
+        trainer = Trainer(objective, images, train, out, env, num_workers=0,
                           preset=q.judge)
         if latest_checkpoint(out) is not None:
             trainer.resume()
