@@ -8,11 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import arvision
 from arvision.cli import main
-from arvision.data.token_cache import build_token_cache
 
 TRAIN_COMMANDS = [["pretrain"], ["finetune"], ["tokenizer", "train"], ["segment", "train"], ["heptapod", "train"]]
 
@@ -28,12 +26,8 @@ def one_line(argv, capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clv")
-    torch.manual_seed(0)
-    tok = arvision.create_model("vq_f4_32px").eval()
-    build_token_cache(tok, "synthetic", root / "cache", img_size=32, limit=24, num_workers=0, progress=False)
-    return root / "cache"
+def cache(vq_token_cache):
+    return vq_token_cache
 
 
 @pytest.mark.parametrize("command", TRAIN_COMMANDS, ids=lambda c: " ".join(c))

@@ -12,12 +12,8 @@ from arvision.generate.outputs import class_labels
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hp")
-    torch.manual_seed(0)
-    tok = arvision.create_model("vq_f4_32px").eval()
-    build_token_cache(tok, "synthetic", root / "cache", img_size=32, limit=24, num_workers=0, progress=False)
-    return root / "cache"
+def cache(vq_token_cache):
+    return vq_token_cache
 
 
 def test_train_then_sample(cache, tmp_path, capsys):

@@ -5,20 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
-import arvision
 from arvision.cli import main
-from arvision.data.token_cache import TokenCache, build_token_cache
+from arvision.data.token_cache import TokenCache
 
 
 @pytest.fixture(scope="module")
-def good_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tc")
-    torch.manual_seed(0)
-    tok = arvision.create_model("vq_f4_32px").eval()
-    build_token_cache(tok, "synthetic", root / "cache", img_size=32, limit=24, num_workers=0, progress=False)
-    return root / "cache"
+def good_cache(vq_token_cache):
+    return vq_token_cache
 
 
 def _copy(good_cache, tmp_path):
