@@ -127,8 +127,24 @@ def test_generation_quickstart_chain(tmp_path, capsys):
     online = [r for r in online if r.get("split") == "eval"]
     assert online and all("sample_accuracy" in r and "fd" in r for r in online), online
     assert sorted(p.name for p in (run / "samples").glob("step_*.png"))[-1] == "step_00000004.png"
+    # the generator's sample grids and the tokenizer's reconstruction grids, as files and as TensorBoard images
+    tok_online = [json.loads(r) for r in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
+    tok_online = [r for r in tok_online if r.get("split") == "eval"]
+    assert tok_online and all(0 < r["psnr"] < 60 and 0 < r["codebook_usage"] <= 1 for r in tok_online), tok_online
+    assert (run / "tokenizer" / "samples" / "step_00000002.png").is_file()
+    for directory, tag, last in ((run, "eval/samples", 4), (run / "tokenizer", "eval/reconstructions", 2)):
+        images = tensorboard_images(directory / "tb", tag)
+        assert images and images[-1].step == last and images[-1].width > 0, (directory, tag)
     tok_mtime = (run / "tokenizer" / "results.json").stat().st_mtime
     main(["heptapod", "train", "--out", str(run), "--resume", *tiny])
     assert (run / "tokenizer" / "results.json").stat().st_mtime == tok_mtime
     again = json.loads((run / "results.json").read_text())["score"]
     assert again["sample_accuracy"] == score["sample_accuracy"] and again["fd"] == pytest.approx(score["fd"])
+
+
+def tensorboard_images(tb_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"images": 0})
+    events.Reload()
+    return events.Images(tag) if tag in events.Tags()["images"] else []

@@ -52,17 +52,30 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor, path) -> Path:
     return Path(path)
 
 
-def save_grid(images: torch.Tensor, labels: torch.Tensor, path, per_row: Optional[int] = None) -> Path:
-    """One row per class (in label order), ``per_row`` samples each (default: as many as the rarest class)."""
-    path = Path(path)
-    classes = labels.unique().tolist()
-    rows = [images[labels.cpu() == c] for c in classes]
-    n = per_row or min(len(r) for r in rows)
-    H, W = images.shape[1:3]
-    canvas = np.full((len(rows) * (H + 2), n * (W + 2), 3), 255, dtype=np.uint8)
+def tile_images(rows: list, per_row: int) -> np.ndarray:
+    """uint8 (H', W', 3) of ``rows`` (each uint8 (n, H, W, 3), up to ``per_row`` shown) with 2-pixel white gutters."""
+    H, W = rows[0].shape[1:3]
+    canvas = np.full((len(rows) * (H + 2), per_row * (W + 2), 3), 255, dtype=np.uint8)
     for i, row in enumerate(rows):
-        for j, img in enumerate(row[:n]):
-            canvas[i * (H + 2):i * (H + 2) + H, j * (W + 2):j * (W + 2) + W] = img.numpy()
+        for j, img in enumerate(row[:per_row]):
+            canvas[i * (H + 2):i * (H + 2) + H, j * (W + 2):j * (W + 2) + W] = np.asarray(img)
+    return canvas
+
+
+def class_grid(images: torch.Tensor, labels: torch.Tensor, per_row: Optional[int] = None) -> np.ndarray:
+    """One row per class (in label order), ``per_row`` samples each (default: as many as the rarest class)."""
+    rows = [images[labels.cpu() == c] for c in labels.unique().tolist()]
+    return tile_images(rows, per_row or min(len(r) for r in rows))
+
+
+def save_image(canvas: np.ndarray, path) -> Path:
+    """A uint8 (H, W, 3) array as a PNG, written atomically."""
+    path = Path(path)
     with atomic_write(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")
     return path
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path, per_row: Optional[int] = None) -> Path:
+    """``class_grid`` written to ``path``."""
+    return save_image(class_grid(images, labels, per_row), path)

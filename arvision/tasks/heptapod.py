@@ -155,9 +155,9 @@ def sampling_config(scfg):
 
 
 def online_evaluation(cache: TokenCache, cfg, run_dir: Path, judge, step):
-    """The Trainer's ``evaluate``: a small per-class grid of the current weights (samples/step_*.png) and, with a
-    judge, sample accuracy / FD (MAR's --online_eval). Its own seed: the same weights give the same samples."""
-    from ..generate.outputs import class_labels, generate_images, save_grid
+    """The Trainer's ``evaluate``: a small per-class grid of the current weights (samples/step_*.png and the
+    tracker's ``eval/samples`` image) and, with a judge, sample accuracy / FD (MAR's --online_eval). Its own seed: the same weights give the same samples."""
+    from ..generate.outputs import class_grid, class_labels, generate_images, save_image
 
     tokenizer = cache.load_tokenizer().eval()
     score = OnlineScore(judge, cfg.online.reference, cfg.online.num_ref) if judge is not None else None
@@ -171,8 +171,9 @@ def online_evaluation(cache: TokenCache, cfg, run_dir: Path, judge, step):
         images = generate_images(net, tokenizer, labels, sampling_config(cfg.sample), cfg.sample.batch_size,
                                  cfg.sample.seed, cache.scale_factor, progress=False)
         net.train(was_training)
-        save_grid(images, labels, run_dir / "samples" / f"step_{step():08d}.png")
-        return score(images, labels) if score is not None else {}
+        grid = class_grid(images, labels)
+        save_image(grid, run_dir / "samples" / f"step_{step():08d}.png")
+        return {**(score(images, labels) if score is not None else {}), "samples": grid}
 
     return evaluate
 

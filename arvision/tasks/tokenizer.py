@@ -116,6 +116,36 @@ def _rfid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_
     return {name: float(frechet_distance(mu1, s1, mu2, s2)), "rfid_extractor": ext.name, "rfid_images": len(real)}
 
 
+def online_reconstruction(val_set, num: int, run_dir: Path, step, write: bool, grid_n: int = 16):
+    """The Trainer's ``evaluate`` for a tokenizer: PSNR (and for VQ the codebook usage) of ``num`` fixed held-out
+    images, and a grid of ``grid_n`` originals beside their reconstructions (samples/step_*.png and the tracker's
+    ``eval/reconstructions`` image), so a run can be watched as it learns. Every rank computes the same numbers;
+    ``write``: this rank writes the grid."""
+    from ..generate.outputs import save_image, tile_images
+
+    images = torch.stack([val_set[i][0] for i in range(min(num, len(val_set)))])
+
+    @torch.no_grad()
+    def evaluate(model, ema_model=None) -> dict:
+        net = ema_model if ema_model is not None else model
+        was_training = net.training
+        net.eval()
+        x = images.to(next(net.parameters()).device)
+        codes = torch.cat([net.encode(x[s:s + 64]) for s in range(0, len(x), 64)])
+        y = torch.cat([net.decode(codes[s:s + 64]).float() for s in range(0, len(x), 64)])
+        net.train(was_training)
+        res = {"psnr": float(psnr(y, x))}
+        if net.token_type == "discrete":
+            res["codebook_usage"] = float(codes.unique().numel() / net.codebook_size)
+        pairs = torch.stack([_to_uint8(x[:grid_n]), _to_uint8(y[:grid_n])], 1).permute(0, 1, 3, 4, 2)  # n, 2, HWC
+        grid = tile_images([pairs[r:r + 4].flatten(0, 1) for r in range(0, len(pairs), 4)], per_row=8)
+        if write:
+            save_image(grid, Path(run_dir) / "samples" / f"step_{step():08d}.png")
+        return {**res, "reconstructions": grid}
+
+    return evaluate
+
+
 def build_tokenizer(model_cfg):
     """A registered tokenizer preset with overrides, or (``model.init``) a tokenizer to fine-tune."""
     from ..models import create_model
@@ -145,7 +175,12 @@ def run(cfg, out=None, resume=False) -> dict:
     log.info(f"data: {len(train_set)} training images from {d.source} at {d.img_size} px "
              f"({model.grid_size(d.img_size)}x{model.grid_size(d.img_size)} tokens)")
     objective = TokenizerObjective(model, TokenizerLossConfig.from_dict(dict(cfg.objective)))
-    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers, preset=cfg.model.name)
+    evaluate = None
+    if cfg.train.eval_every and cfg.eval.online_images:
+        held_out = fixed_subset(image_set(d.source, "val", d.img_size), cfg.eval.online_images)
+        evaluate = online_reconstruction(held_out, cfg.eval.online_images, run_dir, lambda: trainer.step, env.is_main)
+    trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers, preset=cfg.model.name,
+                      evaluate=evaluate)
     done = resume_run(trainer, run_dir, resume)
     if done is not None:
         return done

@@ -56,7 +56,11 @@ from .run_directory import create_run_directory
 from .optim import SCHEDULES, build_adamw, set_lr
 from .sampler import ResumableSampler, SeededDataset
 
-EvaluateFn = Callable[[nn.Module, Optional[nn.Module]], dict]
+EvaluateFn = Callable[[nn.Module, Optional[nn.Module]], dict]  # scalars, and images as uint8 (H, W, 3) arrays
+
+
+def is_image(value) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3 and value.shape[-1] == 3
 
 
 class Trainer:
@@ -388,6 +392,9 @@ class Trainer:
     def _evaluate(self) -> None:
         results = self._run_evaluate()
         self.evaluated_step = self.step
+        images = {k: v for k, v in results.items() if is_image(v)}
+        results = {k: v for k, v in results.items() if k not in images}
+        self.writer.write_images(self.step, images)
         if not results:
             return
         self.writer.write(self.step, results, prefix="eval")

@@ -99,6 +99,10 @@ class _WandbRun:
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self.run.log({tag: value}, step=step)
 
+    def add_image(self, tag: str, image, step: int) -> None:
+        import wandb
+        self.run.log({tag: wandb.Image(image)}, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -151,6 +155,16 @@ class MetricWriter:
             f.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
         if tb is not None:
             self._add_scalars(step, metrics, prefix)
+
+    def write_images(self, step: int, images: dict, prefix: str = "eval") -> None:
+        """uint8 (H, W, 3) arrays (sample or reconstruction grids) to the tracker as images ``prefix/name``; on
+        resume, TensorBoard drops the images of the purged steps with the scalars."""
+        tb = self._tensorboard() if self.enabled else None
+        for name, image in images.items():
+            if isinstance(tb, _WandbRun):
+                tb.add_image(f"{prefix}/{name}", image, step)
+            elif tb is not None:
+                tb.add_image(f"{prefix}/{name}", image, step, dataformats="HWC")
 
     def size(self) -> int:
         """Bytes of metrics.jsonl written so far (0 on the processes that do not write)."""
