@@ -13,14 +13,17 @@ on the real images beside them: a sample cannot be judged more reliably than the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
+
+import numpy as np
 
 import torch
 from torchvision import transforms as T
 
 from ..data import build_dataset, fixed_subset, is_synthetic
-from ..metrics import feature_statistics, frechet_distance, sample_accuracy
-from ..metrics.extractors import ClassifierExtractor
+from ..metrics import feature_statistics, frechet_distance, sample_accuracy, save_stats
+from ..metrics.extractors import ClassifierExtractor, FeatureExtractor
+from ..metrics.frechet import stats_extractor_tag
 from .generative import evaluate_generative
 
 IMG_BATCH = 200
@@ -41,7 +44,7 @@ def real_images(source, split: str, num: int, img_size: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def judge_features(judge: ClassifierExtractor, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def judge_features(judge: FeatureExtractor, images: torch.Tensor) -> dict[str, torch.Tensor]:
     parts = [judge.features(images[s:s + IMG_BATCH]) for s in range(0, len(images), IMG_BATCH)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -53,19 +56,49 @@ def judge_accuracy(judge: ClassifierExtractor, source, split: str = "val", num: 
 
 
 class OnlineScore:
-    """``score(images uint8 NHWC, labels) -> {"sample_accuracy" (%), "fd"}`` against reference statistics of ``num``
-    real images, computed once: the cheap evaluation during training (MAR's --online_eval)."""
+    """``score(images uint8 NHWC, labels) -> {"fd", and for a classifier "sample_accuracy" (%)}`` against reference
+    statistics computed once: the cheap evaluation during training (MAR's --online_eval). ``extractor``: a judge
+    (sample accuracy and FD-<judge>) or any feature extractor, e.g. the FID Inception (FD-1k on a folder).
+    ``reference``: a dataset / image folder (``num`` images of its ``split``) or a statistics ``.npz`` of this
+    extractor (``arvision eval fid --save-ref-stats``, ADM's). ``stats_file``: where the folder's statistics are
+    kept, so a resumed run does not extract them again."""
 
-    def __init__(self, judge: ClassifierExtractor, source, num: int = 500, split: str = "val", img_size: int = 32):
-        self.judge = judge
-        images, _ = real_images(source, split, num, img_size)
-        self.mu, self.sigma = feature_statistics(judge_features(judge, images)["pool"])
+    def __init__(self, extractor: FeatureExtractor, reference, num: int = 500, split: str = "val", img_size: int = 32,
+                 stats_file: Optional[Path] = None):
+        self.extractor = extractor
+        self.mu, self.sigma = reference_statistics(extractor, reference, num, split, img_size, stats_file)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        feats = judge_features(self.judge, images.permute(0, 3, 1, 2).contiguous())
+        feats = judge_features(self.extractor, images.permute(0, 3, 1, 2).contiguous())
         mu, sigma = feature_statistics(feats["pool"])
-        return {"sample_accuracy": 100 * sample_accuracy(feats["logits"], labels),
-                "fd": float(frechet_distance(mu, sigma, self.mu, self.sigma))}
+        out = {"fd": float(frechet_distance(mu, sigma, self.mu, self.sigma))}
+        if isinstance(self.extractor, ClassifierExtractor):
+            out["sample_accuracy"] = 100 * sample_accuracy(feats["logits"], labels)
+        return out
+
+
+def reference_statistics(extractor: FeatureExtractor, reference, num: int, split: str, img_size: int,
+                         stats_file: Optional[Path] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of ``extractor``'s pooled features of the reference: read from a statistics .npz, from
+    ``stats_file`` when it holds the same reference, or extracted from ``num`` real images (and kept there)."""
+    meta = dict(reference=str(reference), num=num, split=split, img_size=img_size)
+    if str(reference).endswith(".npz"):
+        arrays = dict(np.load(reference, allow_pickle=False))
+        tag = stats_extractor_tag(arrays)
+        if "mu" not in arrays or not ((tag is None and extractor.standard) or tag == extractor.stats_tag):
+            raise ValueError(f"{reference} holds no statistics of {extractor.name} (extractor {tag or 'standard'}); "
+                             "make them with arvision eval fid --save-ref-stats and the same extractor")
+        return arrays["mu"], arrays["sigma"]
+    if stats_file is not None and Path(stats_file).is_file():
+        arrays = dict(np.load(stats_file, allow_pickle=False))
+        if stats_extractor_tag(arrays) == extractor.stats_tag and all(str(arrays.get(k)) == str(v)
+                                                                        for k, v in meta.items()):
+            return arrays["mu"], arrays["sigma"]
+    images, _ = real_images(reference, split, num, img_size)
+    mu, sigma = feature_statistics(judge_features(extractor, images)["pool"])
+    if stats_file is not None:
+        save_stats(stats_file, {"mu": mu, "sigma": sigma}, extractor.stats_tag, **meta)
+    return mu, sigma
 
 
 def score_npz(npz, judge: ClassifierExtractor, source, num_ref: int = 1000, split: str = "val") -> dict:

@@ -160,7 +160,14 @@ def online_evaluation(cache: TokenCache, cfg, run_dir: Path, judge, step):
     from ..generate.outputs import class_grid, class_labels, generate_images, save_image
 
     tokenizer = cache.load_tokenizer().eval()
-    score = OnlineScore(judge, cfg.online.reference, cfg.online.num_ref) if judge is not None else None
+    score = None
+    if cfg.online.reference:
+        from ..metrics.extractors import build_extractor
+
+        extractor = judge if judge is not None else build_extractor(cfg.online.extractor or "fid-helper")
+        size = cache.info.get("img_size") or 32
+        score = OnlineScore(extractor, cfg.online.reference, cfg.online.num_ref, img_size=size,
+                            stats_file=run_dir / "online_reference_stats.npz")
     n = cfg.online.num_per_class
 
     def evaluate(model, ema_model=None) -> dict:
