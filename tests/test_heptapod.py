@@ -356,3 +356,51 @@ def test_sampling_a_model_sharded_with_fsdp2_uses_the_full_head(tmp_path):
         assert torch.equal(sample_tokens(model, labels, SamplingConfig(), seed=1), expected)
     finally:
         dist.destroy_process_group()
+
+
+def test_remaining_queries_head_predicts_from_the_queries_of_unobserved_positions_only():
+    """head_queries=remaining: the head's input at timestep t is [Proj(h_t); q_t .. q_{N-1}] (about half the tokens
+    of the full head over all timesteps); the fast sampler gives the reference samples; the objective's loss is the
+    mean cross-entropy over every (t, j >= t) pair of that head; the `all` target set is a one-line error."""
+    model = tiny(head_depth=2, head_queries="remaining").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    N = model.num_tokens
+    states = torch.randn(3, N, model.config.embed_dim)
+    for t in (0, 4, N - 1):
+        z = model.forward_head(states[:, t], first=t)
+        assert z.shape == (3, N - t, model.config.embed_dim)
+        at = model.forward_head_at(states[:, t], t, constants=model.head_constants())
+        torch.testing.assert_close(at, z[:, 0], atol=1e-5, rtol=1e-5)
+    labels = torch.tensor([0, 1, 3, 2])
+    fast = sample_tokens(model, labels, SamplingConfig(top_k=8), seed=3)
+    assert torch.equal(fast, sample_tokens(model, labels, SamplingConfig(top_k=8), seed=3, fast=False))
+
+    tokens, labels = torch.randint(0, 16, (4, N)), torch.randint(0, 4, (4,))
+    obj = HeptapodObjective(model, HeptapodLossConfig(target_set="remaining", timesteps_per_image=0))
+    head_tokens = []
+    hook = model.head.blocks[0].mlp.register_forward_hook(lambda m, i, o: head_tokens.append(i[0].shape[-2]))
+    with torch.no_grad():
+        loss, metrics = obj(tokens, labels)
+    hook.remove()
+    assert sum(head_tokens) == sum(N - t + 1 for t in range(N)) < N * (N + 1)
+    with torch.no_grad():
+        h = model.forward_backbone(tokens, labels)
+        ce = [F.cross_entropy(model.logits(model.forward_head(h[:, t], first=t)).flatten(0, 1),
+                              tokens[:, t:].flatten(), reduction="none") for t in range(N)]
+        nxt = [F.cross_entropy(model.logits(model.forward_head(h[:, t], first=t)[:, 0]), tokens[:, t]) for t in range(N)]
+    torch.testing.assert_close(loss, torch.cat(ce).mean())
+    torch.testing.assert_close(metrics["next_loss"], torch.stack(nxt).mean())
+    torch.testing.assert_close(obj.next_loss_by_position(tokens, labels).mean(), metrics["next_loss"])
+    for averaging in ("pairs", "timestep"):  # K = 2 timesteps shared by the batch: two head calls
+        head_tokens.clear()
+        hook = model.head.blocks[0].mlp.register_forward_hook(lambda m, i, o: head_tokens.append(i[0].shape[-2]))
+        cfg = HeptapodLossConfig(target_set="remaining", timesteps_per_image=2, averaging=averaging)
+        loss, _ = HeptapodObjective(model, cfg)(tokens, labels)
+        hook.remove()
+        assert len(head_tokens) == 2 and torch.isfinite(loss) and loss.requires_grad
+    with pytest.raises(ValueError, match="cannot predict them: set objective.target_set=remaining"):
+        HeptapodObjective(model, HeptapodLossConfig(target_set="all"))
+    with pytest.raises(ValueError, match="head_queries='remaining' needs head_type='global'"):
+        tiny(head_type="local", head_queries="remaining")

@@ -136,7 +136,8 @@ class _Predictor:
         if self.prefix:
             mask = (torch.arange(model.num_tokens, device=h.device) <= t).expand(h.shape[0], -1)
             return model.forward_head(self.states, mask)[:, t]
-        return model.forward_head(h)[:, t]
+        first = t if model.config.head_queries == "remaining" else 0
+        return model.forward_head(h, first=first)[:, t - first]
 
 
 @torch.no_grad()

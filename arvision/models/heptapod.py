@@ -10,7 +10,9 @@ head** turns h_t into predictions z_{t,j} for grid positions j (spec §2.1, §3.
   (cross-attention and windowed self-attention, written as one masked attention over [context; queries]);
 - ``none``: no 2D head, z_{t,t} = h_t: the plain next-token (LlamaGen-style) baseline.
 
-``head_condition="prefix"`` conditions the head on h_0 .. h_t instead of h_t alone. z is then read by the
+``head_condition="prefix"`` conditions the head on h_0 .. h_t instead of h_t alone. ``head_queries="remaining"``
+drops the queries of observed positions (j < t) from the global head: [Proj(h_t); q_t .. q_{N-1}], about half the
+head tokens in training and sampling, predictions only for j >= t (issue 18's knob). z is then read by the
 distribution head: logits over the codebook (VQ tokens) or the condition of a diffusion MLP (continuous latents).
 
     model = arvision.create_model("heptapod_tiny", codebook_size=1024, grid_size=8, num_classes=10)
@@ -50,6 +52,7 @@ class HeptapodConfig(ConfigDict):
     head_depth: int = 12  # 2D head blocks (width embed_dim, bidirectional)
     head_condition: str = "state"  # state: h_t only [G default] | prefix: h_0 .. h_t
     local_window: int = 3  # k of the local head's k x k query window
+    head_queries: str = "all"  # all: q_0 .. q_{N-1} | remaining: q_t .. q_{N-1} only (global head, state condition)
     pos_embed: str = "learned"  # learned absolute positions [G] | rope (2D RoPE, prefix unrotated)
     mlp_type: str = "gelu"
     qk_norm: str = "off"
@@ -68,6 +71,10 @@ class HeptapodConfig(ConfigDict):
             raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {self.head_type!r}")
         if self.head_condition not in ("state", "prefix"):
             raise ValueError(f"head_condition must be 'state' or 'prefix', got {self.head_condition!r}")
+        if self.head_queries not in ("all", "remaining"):
+            raise ValueError(f"head_queries must be 'all' or 'remaining', got {self.head_queries!r}")
+        if self.head_queries == "remaining" and (self.head_type != "global" or self.head_condition != "state"):
+            raise ValueError("head_queries='remaining' needs head_type='global' and head_condition='state'")
         if self.pos_embed not in ("learned", "rope"):
             raise ValueError(f"pos_embed must be 'learned' or 'rope', got {self.pos_embed!r}")
         if self.class_tokens < 1:
@@ -202,13 +209,17 @@ class Heptapod(nn.Module):
         mask[context:, context:] = window
         return mask
 
-    def forward_head(self, states: torch.Tensor, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_head(self, states: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
+                     first: int = 0) -> torch.Tensor:
         """Predictions z (M, N, D) for every grid position, from M conditions: ``states`` (M, D) for h_t, or
-        (M, S, D) for a prefix of states with ``context_mask`` (M, S) marking the valid ones (h_0 .. h_t)."""
+        (M, S, D) for a prefix of states with ``context_mask`` (M, S) marking the valid ones (h_0 .. h_t).
+        With ``head_queries="remaining"`` the M conditions share the timestep ``first`` = t and z (M, N - t, D) holds
+        positions t .. N-1 only (the other queries are not in the head's input)."""
         if self.config.head_type == "none":
             raise ValueError("head_type='none' has no 2D head: the prediction for timestep t is h_t itself")
         ctx = self.state_proj(states if states.dim() == 3 else states[:, None])
-        q = (self.mask_token + self.query_pos).expand(ctx.shape[0], -1, -1).to(ctx.dtype)
+        first = first if self.config.head_queries == "remaining" else 0
+        q = (self.mask_token + self.query_pos[:, first:]).expand(ctx.shape[0], -1, -1).to(ctx.dtype)
         S = ctx.shape[1]
         mask = self._head_attention_mask(S, ctx.device, context_mask)
         z = self.head.forward_trunk(torch.cat([ctx, q], dim=1), attn_mask=mask)
@@ -298,17 +309,20 @@ class Heptapod(nn.Module):
         mask = self._head_attention_mask(S, ctx.device, context_mask)
         last = len(self.head.blocks) - 1
         reach = self._local_reach(t, ctx.device)
-        if reach is not None:  # the local head: only the queries z_{t,t} depends on
+        if self.config.head_queries == "remaining":  # the queries of positions t .. N-1 are the head's input
+            reach = torch.arange(t, self.num_tokens, device=ctx.device)
+        if reach is not None:  # only the queries z_{t,t} depends on
             queries, query_inputs = queries[:, reach], tuple(w[:, :, reach] for w in query_inputs)
-            keep = torch.cat([torch.arange(S, device=ctx.device), S + reach])
-            mask = mask.index_select(-2, keep).index_select(-1, keep)
+            if mask is not None:
+                keep = torch.cat([torch.arange(S, device=ctx.device), S + reach])
+                mask = mask.index_select(-2, keep).index_select(-1, keep)
             t = int((reach < t).sum())
         x = torch.cat([ctx, queries.expand(M, -1, -1)], dim=1)
         for i, block in enumerate(self.head.blocks):
             if 0 < i < last:
                 x = block(x, None, False, mask)
                 continue
-            if i == 0 < last and S == 1 and mask is None:
+            if i == 0 < last and S == 1 and mask is None and reach is None:  # its terms are over all N queries
                 x = self._first_block_for_one_state(ctx, queries, query_inputs, terms)
                 continue
             row = S + t

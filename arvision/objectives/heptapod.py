@@ -14,6 +14,10 @@ loss for continuous latents. Knobs (defaults [G] where the paper is silent):
   (a random subset of each timestep's targets, 0 = all);
 - ``averaging``: ``pairs`` (uniform over all pairs) or ``timestep`` (mean per timestep, then over timesteps).
 
+A model with ``head_queries="remaining"`` (the head's input holds only the queries j >= t) takes ``remaining``,
+``local`` or ``next`` targets; its K timesteps are drawn per batch rather than per image, so that each head call has
+one query count and nothing is padded (``remaining_query_loss``).
+
 Token grids are 0-indexed in raster order: h_t has seen tokens 0 .. t-1, so token t is "next".
 """
 from __future__ import annotations
@@ -91,6 +95,9 @@ class HeptapodObjective(Objective):
         if mcfg.head_type == "none" and self.config.target_set != "next":
             raise ValueError("a model with head_type='none' predicts only the next token; set "
                              "objective.target_set=next or give the model a 2D head (model.args.head_type=global)")
+        if mcfg.head_queries == "remaining" and self.config.target_set == "all":
+            raise ValueError("a head without the observed positions' queries (head_queries=remaining) cannot predict "
+                             "them: set objective.target_set=remaining (or local, next)")
         if self.config.label_dropout > 0 and not mcfg.null_class:
             raise ValueError("objective.label_dropout > 0 needs a model with null_class=true")
         self.diffusion = GaussianDiffusion() if mcfg.token_type == "continuous" else None
@@ -115,6 +122,8 @@ class HeptapodObjective(Objective):
             labels = torch.where(drop, torch.full_like(labels, model.null_class), labels)
         B, N = tokens.shape[:2]
         states = model.forward_backbone(tokens, labels)  # (B, N, D)
+        if model.config.head_queries == "remaining":
+            return self.remaining_query_loss(states, tokens)
         t = self.sample_timesteps(B, N, tokens.device)  # (B, K)
         K = t.shape[1]
         rows = torch.arange(B, device=tokens.device)[:, None].expand(B, K)
@@ -141,12 +150,43 @@ class HeptapodObjective(Objective):
             else:
                 per_row = sup.sum(dim=1, keepdim=True).clamp(min=1).float()
                 weights = (1.0 / (per_row * sup.shape[0])).expand_as(sup)[sup]
+        return self.weighted_loss(pred, target, is_next, weights)
+
+    def weighted_loss(self, pred, target, is_next, weights):
         losses = self.pair_losses(pred, target)
         loss = (losses * weights).sum()
         with torch.no_grad():  # masked mean: no host sync
             nxt = is_next.float()
             metrics = {"next_loss": (losses.detach() * nxt).sum() / nxt.sum().clamp(min=1)}
         return loss, metrics
+
+    def remaining_query_loss(self, states: torch.Tensor, tokens: torch.Tensor):
+        """The loss of a head whose input holds only the queries of positions t .. N-1: the K sampled timesteps are
+        shared by the batch (so each head call has one query count, without padding), the head runs once per
+        timestep over [Proj(h_t); q_t .. q_{N-1}], and (t, j) pairs are weighted as in ``forward``."""
+        model, cfg = self.model, self.config
+        B, N = tokens.shape[:2]
+        K = cfg.timesteps_per_image
+        steps = torch.arange(N) if K <= 0 or K >= N else torch.randperm(N)[:K].sort().values
+        preds, targets, nexts, counts = [], [], [], []
+        for t in steps.tolist():
+            z = model.forward_head(states[:, t], first=t)  # (B, N - t, D): positions t .. N-1
+            t_rows = torch.full((B,), t, device=tokens.device)
+            sup = supervision_mask(t_rows, model.config.grid_size, cfg.target_set, cfg.target_window)[:, t:]
+            next_pos = torch.zeros_like(sup)
+            next_pos[:, 0] = True
+            sup = subsample(sup, cfg.targets_per_timestep, always=next_pos)
+            preds.append(z[sup])
+            targets.append(tokens[:, t:][sup])
+            nexts.append(next_pos[sup])
+            counts.append(sup.sum(dim=1))
+        pred, target, is_next = torch.cat(preds), torch.cat(targets), torch.cat(nexts)
+        if cfg.averaging == "pairs":
+            weights = torch.full((pred.shape[0],), 1.0 / pred.shape[0], device=pred.device)
+        else:  # mean per (image, timestep), then over them; pairs are in (timestep, image, target) order
+            per_row = torch.stack(counts, 0).clamp(min=1).float()  # (T, B)
+            weights = (1.0 / (per_row * per_row.numel())).flatten().repeat_interleave(torch.stack(counts, 0).flatten())
+        return self.weighted_loss(pred, target, is_next, weights)
 
     @torch.no_grad()
     def next_loss_by_position(self, tokens: torch.Tensor, labels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -163,6 +203,8 @@ class HeptapodObjective(Objective):
             b, N = states.shape[:2]
             if model.config.head_type == "none":
                 z = states
+            elif model.config.head_queries == "remaining":
+                z = torch.stack([model.forward_head(states[:, t], first=t)[:, 0] for t in range(N)], dim=1)
             else:
                 ar = torch.arange(N, device=x.device)
                 z = model.forward_head(states.flatten(0, 1)).view(b, N, N, -1)[:, ar, ar]
