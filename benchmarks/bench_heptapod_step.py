@@ -1,5 +1,5 @@
-"""Training-step time of the Heptapod global 2D head against the next-token baseline of the same backbone, measured
-side by side in one process (interleaved steps, so both see the same machine load); prints the ratio.
+"""Training-step time of the Heptapod global 2D head (all queries, and ``head_queries=remaining``) against the
+next-token baseline of the same backbone, measured side by side in one process (interleaved steps, so both see the same machine load); prints the ratio.
 
     python benchmarks/bench_heptapod_step.py                                   # heptapod_mini, 64 codes, batch 64
     python benchmarks/bench_heptapod_step.py --model heptapod_tiny --codebook 1024 --timesteps 4 --threads 2
@@ -26,10 +26,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    runs = {f"global head, {args.target_set}, K={args.timesteps}":
+    runs = {"next-token baseline (no head, every timestep)":
+            (dict(head_type="none"), dict(target_set="next", timesteps_per_image=0)),
+            f"global head, {args.target_set}, K={args.timesteps}":
             (dict(), dict(target_set=args.target_set, timesteps_per_image=args.timesteps)),
-            "next-token baseline (no head, every timestep)":
-            (dict(head_type="none"), dict(target_set="next", timesteps_per_image=0))}
+            f"global head, remaining queries and targets, K={args.timesteps}":
+            (dict(head_queries="remaining"), dict(target_set="remaining", timesteps_per_image=args.timesteps))}
     objs = {}
     for name, (model_args, loss_args) in runs.items():
         torch.manual_seed(0)
@@ -52,8 +54,9 @@ def main(argv=None):
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     for k, v in med.items():
         print(f"{k}: {v:.3f} s/step (median of {args.repeats - 1}, batch {args.batch}, {args.threads} thread(s), bf16)")
-    head, base = med.values()
-    print(f"ratio global / next-token: {head / base:.2f}")
+    base, *heads = med.items()
+    for name, value in heads:
+        print(f"ratio {name} / next-token: {value / base[1]:.2f}")
 
 
 if __name__ == "__main__":
