@@ -22,8 +22,8 @@ def cmd_sample(args) -> None:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     model = load_model(args.checkpoint, family="heptapod", ema=args.ema)
     cache = _run_token_cache(args.checkpoint, required=not args.tokenizer)
-    classes = parse_classes(args.classes, model.config.num_classes, (cache.info.get("classes") if cache else None)
-                            or [])
+    class_names = (cache.info.get("classes") if cache else None) or []
+    classes = parse_classes(args.classes, model.config.num_classes, class_names)
     tokenizer, scale = _tokenizer(args, cache)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: one GPU each
@@ -37,7 +37,8 @@ def cmd_sample(args) -> None:
                                  args.shard_size, scale)
     model, tokenizer = model.to(device).eval(), tokenizer.to(device).eval()
     meta = {k: v for k, v in vars(args).items() if k != "func"}
-    res = sample_to_directory(model, tokenizer, labels, cfg, args.out, settings, resume=args.resume, meta=meta)
+    res = sample_to_directory(model, tokenizer, labels, cfg, args.out, settings, resume=args.resume, meta=meta,
+                              class_names=class_names)
     if res.get("already"):
         print(f"{args.out} already holds these {res['num_samples']} samples: {res['npz']}")
     elif res["complete"]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..train.logging import progress_bar
 from .features import FeatureSpec, run_frozen
 from .knn import _num_classes, topk_accuracy
 from .linear import candidate_lrs, choose_lr
@@ -60,7 +61,7 @@ class AttentivePooler(nn.Module):
 @torch.inference_mode()
 def extract_tokens(model: nn.Module, loader: Iterable, spec: Optional[FeatureSpec] = None,
                    device: Union[str, torch.device, None] = None, amp_dtype: Optional[torch.dtype] = None,
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   progress: bool = True, desc: str = "tokens") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen patch tokens of every sample: (bf16 (N, T, D), labels (N,)) on the CPU; several blocks are averaged.
     ``spec.pool`` is ignored (the probe pools); the prefix (CLS) token is dropped."""
     spec = spec or FeatureSpec()
@@ -69,13 +70,14 @@ def extract_tokens(model: nn.Module, loader: Iterable, spec: Optional[FeatureSpe
         outs = m.forward_intermediates(images, indices=spec.blocks, norm=spec.norm, causal=spec.causal)
         return torch.stack([o.float() for o in outs]).mean(dim=0)[:, m.num_prefix_tokens:].to(torch.bfloat16).cpu()
 
-    return run_frozen(model, loader, tokens, device, amp_dtype, progress, "tokens")
+    return run_frozen(model, loader, tokens, device, amp_dtype, progress, desc)
 
 
 def train_attentive(tokens: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 20, lr: float = 1e-3,
                     weight_decay: float = 0.05, batch_size: int = 256, num_heads: int = 4,
-                    seed: int = 0) -> AttentivePooler:
-    """Fit an AttentivePooler with AdamW, a linear warmup over the first epoch and a per-step cosine decay."""
+                    seed: int = 0, bar=None) -> AttentivePooler:
+    """Fit an AttentivePooler with AdamW, a linear warmup over the first epoch and a per-step cosine decay; ``bar``
+    (a progress bar) advances one per epoch."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = AttentivePooler(tokens.shape[-1], num_classes, num_heads).to(tokens.device)
@@ -99,6 +101,8 @@ def train_attentive(tokens: torch.Tensor, labels: torch.Tensor, num_classes: int
             loss.backward()
             opt.step()
             sched.step()
+        if bar is not None:
+            bar.update()
     return probe
 
 
@@ -111,11 +115,11 @@ def attentive_probe(train_tokens: torch.Tensor, train_labels: torch.Tensor, test
                     test_labels: torch.Tensor, num_classes: Optional[int] = None, epochs: int = 20,
                     lr: Union[float, Sequence[float], None] = None, weight_decay: float = 0.05,
                     batch_size: int = 256, num_heads: int = 4, seed: int = 0, val_fraction: float = 0.1,
-                    device: Union[str, torch.device, None] = None) -> dict:
+                    device: Union[str, torch.device, None] = None, progress: bool = False) -> dict:
     """Train an attentive probe on frozen tokens (N, T, D) and report test accuracy (percent).
 
     ``lr`` None sweeps DEFAULT_LRS on a held-out ``val_fraction`` of train; a list is swept the same way; a float is
-    used directly. Deterministic given ``seed``. Returns {'top1', 'top5', 'train_top1', 'best_lr', 'sweep', ...}."""
+    used directly. Deterministic given ``seed``; ``progress``: a bar with an ETA over every epoch trained. Returns {'top1', 'top5', 'train_top1', 'best_lr', 'sweep', ...}."""
     lrs = candidate_lrs(lr, DEFAULT_LRS)
     if train_tokens.dim() != 3 or test_tokens.dim() != 3:
         raise ValueError(f"attentive_probe takes token features (N, T, D); got {tuple(train_tokens.shape)} and "
@@ -124,17 +128,20 @@ def attentive_probe(train_tokens: torch.Tensor, train_labels: torch.Tensor, test
         raise ValueError("tokens and labels differ in length; extract them from the same loader")
     device = torch.device(device) if device is not None else train_tokens.device
     num_classes = num_classes or _num_classes(train_labels, test_labels)
+    bar = progress_bar(desc="attentive probe", total=epochs * (len(lrs) + 1 if len(lrs) > 1 else 1),
+                       enabled=progress, unit="epoch")
     fit = dict(num_classes=num_classes, epochs=epochs, weight_decay=weight_decay, batch_size=batch_size,
                num_heads=num_heads, seed=seed)
     with torch.inference_mode(False), torch.enable_grad():  # inference tensors cannot enter autograd: copy them
         x_train, x_test = (t.detach().to(device).clone() for t in (train_tokens, test_tokens))
         y_train, y_test = (t.detach().long().to(device).clone() for t in (train_labels, test_labels))
         def held_out_top1(one_lr: float, fit_idx: torch.Tensor, val_idx: torch.Tensor) -> float:
-            probe = train_attentive(x_train[fit_idx], y_train[fit_idx], lr=one_lr, **fit)
+            probe = train_attentive(x_train[fit_idx], y_train[fit_idx], lr=one_lr, bar=bar, **fit)
             return topk_accuracy(_predict(probe, x_train[val_idx]), y_train[val_idx], (1,))["top1"]
 
         best_lr, sweep = choose_lr(lrs, len(y_train), val_fraction, seed, device, held_out_top1)
-        probe = train_attentive(x_train, y_train, lr=best_lr, **fit)
+        probe = train_attentive(x_train, y_train, lr=best_lr, bar=bar, **fit)
+        bar.close()
         result = topk_accuracy(_predict(probe, x_test), y_test)
         train_top1 = topk_accuracy(_predict(probe, x_train), y_train, (1,))["top1"]
     return {**result, "train_top1": train_top1, "best_lr": best_lr, "sweep": sweep, **fit,
@@ -146,7 +153,8 @@ def attentive_eval(model: nn.Module, train_loader: Iterable, test_loader: Iterab
                    amp_dtype: Optional[torch.dtype] = None, progress: bool = True, **probe_kwargs) -> dict:
     """Extract frozen tokens of both splits, then run ``attentive_probe`` (keyword arguments pass through)."""
     spec = spec or FeatureSpec()
-    train = extract_tokens(model, train_loader, spec, device, amp_dtype, progress)
-    test = extract_tokens(model, test_loader, spec, device, amp_dtype, progress)
+    train = extract_tokens(model, train_loader, spec, device, amp_dtype, progress, "train tokens")
+    test = extract_tokens(model, test_loader, spec, device, amp_dtype, progress, "test tokens")
     probe_kwargs.setdefault("device", device)
+    probe_kwargs.setdefault("progress", progress)
     return {**attentive_probe(*train, *test, **probe_kwargs), "spec": spec.to_dict()}

@@ -11,16 +11,14 @@ Note: ``forward_features(x) == norm(last block output)``, so ``blocks=[-1], norm
 """
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from tqdm import tqdm
-
 from ..models.transformer import parse_blocks
+from ..train.logging import progress_bar
 
 POOLS = ("mean", "cls", "last")
 
@@ -118,7 +116,7 @@ def extract_features(model: nn.Module, loader: Iterable, spec: Optional[FeatureS
 
     Runs in eval mode under ``torch.inference_mode`` and restores the model's training mode afterwards. `device`
     None uses the model's device; otherwise the model is moved there. `amp_dtype` (e.g. torch.bfloat16) enables
-    autocast. The progress bar is shown only when `progress` is set and stderr is a terminal.
+    autocast. With `progress` a bar with an ETA (``desc``) shows on the main process.
     """
     spec = spec or FeatureSpec()
     return run_frozen(model, loader, lambda m, x: pooled_features(m, x, spec).float().cpu(), device, amp_dtype,
@@ -136,9 +134,7 @@ def run_frozen(model: nn.Module, loader: Iterable, per_batch, device=None, amp_d
     model.eval()
     feats, labels = [], []
     try:
-        total = len(loader) if hasattr(loader, "__len__") else None
-        bar = tqdm(loader, total=total, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty()))
-        for batch in bar:
+        for batch in progress_bar(loader, desc=desc, enabled=progress, unit="batch"):
             images, target = _unpack_batch(batch)
             with amp:
                 feats.append(per_batch(model, images.to(device, non_blocking=True)))

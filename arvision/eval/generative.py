@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from ..data.datasets import fixed_subset
 from ..data.images import IMG_EXTENSIONS, list_files, open_rgb, to_rgb
@@ -37,6 +36,7 @@ from ..metrics import (feature_statistics, frechet_distance, inception_score, lo
 from ..metrics.extractors import FeatureExtractor, build_extractor
 from ..metrics.frechet import stats_extractor_tag
 from ..metrics.kid import KID_SUBSET_SIZE, kernel_inception_distance, kid_subset_size
+from ..train.logging import progress_bar
 
 IS_SPLITS = 10
 
@@ -181,13 +181,13 @@ def extract_features(ds: Dataset, extractor: FeatureExtractor, batch_size: int =
                      amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
                      desc: str = "features") -> dict[str, torch.Tensor]:
     """Features of every image in ``ds`` (float32, CPU, dataset order). Under torch.distributed each rank takes
-    every world-th image and the features are all-gathered."""
+    every world-th image and the features are all-gathered. ``progress``: a bar with an ETA on rank 0."""
     rank, world = _dist()
     device = next(iter(extractor.parameters()), torch.empty(0)).device
     shard = Subset(ds, list(range(rank, len(ds), world))) if world > 1 else ds
     loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     parts: dict[str, list[torch.Tensor]] = {}
-    for images in tqdm(loader, desc=desc, disable=not progress or rank != 0, unit="batch"):
+    for images in progress_bar(loader, desc=f"{desc} features", enabled=progress and rank == 0, unit="batch"):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = extractor.features(images.to(device, non_blocking=True))
         for k, v in out.items():

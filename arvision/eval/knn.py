@@ -76,8 +76,8 @@ def knn_eval(model: nn.Module, train_loader: Iterable, test_loader: Iterable, sp
     Returns {'top1', 'top5', 'k', 'temperature', 'spec' (dict), 'n_train', 'n_test'}.
     """
     spec = spec or FeatureSpec()
-    train_feats, train_labels = extract_features(model, train_loader, spec, device, amp_dtype, progress, "train")
-    test_feats, test_labels = extract_features(model, test_loader, spec, device, amp_dtype, progress, "test")
+    train_feats, train_labels = extract_features(model, train_loader, spec, device, amp_dtype, progress, "train features")
+    test_feats, test_labels = extract_features(model, test_loader, spec, device, amp_dtype, progress, "test features")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     result = knn_classify(train_feats.to(dev), train_labels.to(dev), test_feats.to(dev), test_labels.to(dev),
                           k, temperature, num_classes)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..train.logging import progress_bar
 from .features import FeatureSpec, extract_features
 from .knn import _num_classes, topk_accuracy
 
@@ -61,8 +62,9 @@ def choose_lr(lrs: Sequence[float], n: int, val_fraction: float, seed: int, devi
 
 def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 1e-3,
                  weight_decay: float = 0.0, batch_size: int = 256, seed: int = 0,
-                 optimizer: str = "adamw") -> nn.Linear:
-    """Fit a zero-initialised nn.Linear to (already standardised) features with a cosine lr schedule."""
+                 optimizer: str = "adamw", bar=None) -> nn.Linear:
+    """Fit a zero-initialised nn.Linear to (already standardised) features with a cosine lr schedule; ``bar`` (a
+    progress bar) advances one per epoch."""
     gen = torch.Generator().manual_seed(seed)
     n, dim = feats.shape
     head = nn.Linear(dim, num_classes).to(feats.device)
@@ -85,6 +87,8 @@ def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ep
             loss.backward()
             opt.step()
             sched.step()
+        if bar is not None:
+            bar.update()
     return head
 
 
@@ -92,11 +96,12 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                  test_labels: torch.Tensor, num_classes: Optional[int] = None, epochs: int = 100,
                  lr: Union[float, Sequence[float], None] = None, weight_decay: float = 0.0, batch_size: int = 256,
                  seed: int = 0, optimizer: str = "adamw", val_fraction: float = 0.1,
-                 device: Union[str, torch.device, None] = None) -> dict:
+                 device: Union[str, torch.device, None] = None, progress: bool = False) -> dict:
     """Train a linear classifier on frozen training features and report test accuracy (percent).
 
     `lr` None sweeps DEFAULT_LRS[optimizer]; a list is swept on a held-out `val_fraction` of train (see the module
-    docstring); a single float is used directly. Deterministic given `seed`.
+    docstring); a single float is used directly. Deterministic given `seed`. `progress`: a bar over the epochs of
+    the sweep and the final fit, with an ETA.
     Returns {'top1', 'top5', 'train_top1', 'best_lr', 'sweep' ({lr: held-out top1}), and the settings}.
     """
     if optimizer not in DEFAULT_LRS:
@@ -106,6 +111,8 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         raise ValueError("features and labels differ in length; extract them from the same loader")
     device = torch.device(device) if device is not None else train_feats.device
     num_classes = num_classes or _num_classes(train_labels, test_labels)
+    bar = progress_bar(desc="linear probe", total=epochs * (len(lrs) + 1 if len(lrs) > 1 else 1), enabled=progress,
+                       unit="epoch")
     fit = dict(num_classes=num_classes, epochs=epochs, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                optimizer=optimizer)
     # Inference tensors (from extract_features) cannot enter autograd: copy them into normal ones.
@@ -115,14 +122,15 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
         def held_out_top1(one_lr: float, fit_idx: torch.Tensor, val_idx: torch.Tensor) -> float:
             x_fit, x_val = _standardise(x_train[fit_idx], x_train[val_idx])
-            head = train_linear(x_fit, y_train[fit_idx], lr=one_lr, **fit)
+            head = train_linear(x_fit, y_train[fit_idx], lr=one_lr, bar=bar, **fit)
             with torch.no_grad():
                 return topk_accuracy(head(x_val), y_train[val_idx], (1,))["top1"]
 
         best_lr, sweep = choose_lr(lrs, len(y_train), val_fraction, seed, device, held_out_top1)
 
         x_train, x_test = _standardise(x_train, x_test)
-        head = train_linear(x_train, y_train, lr=best_lr, **fit)
+        head = train_linear(x_train, y_train, lr=best_lr, bar=bar, **fit)
+        bar.close()
         with torch.no_grad():
             result = topk_accuracy(head(x_test), y_test)
             train_top1 = topk_accuracy(head(x_train), y_train, (1,))["top1"]
@@ -138,7 +146,8 @@ def linear_eval(model: nn.Module, train_loader: Iterable, test_loader: Iterable,
     Returns linear_probe's dict plus 'spec' (dict).
     """
     spec = spec or FeatureSpec()
-    train = extract_features(model, train_loader, spec, device, amp_dtype, progress, "train")
-    test = extract_features(model, test_loader, spec, device, amp_dtype, progress, "test")
+    train = extract_features(model, train_loader, spec, device, amp_dtype, progress, "train features")
+    test = extract_features(model, test_loader, spec, device, amp_dtype, progress, "test features")
     probe_kwargs.setdefault("device", device)
+    probe_kwargs.setdefault("progress", progress)
     return {**linear_probe(*train, *test, **probe_kwargs), "spec": spec.to_dict()}

@@ -27,7 +27,7 @@ import shutil
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -221,8 +221,8 @@ def _check_directory(directory: SampleDirectory, settings: dict, num_samples: in
 class _GridRows:
     """The first ``per_row`` samples of each of the first ``max_classes`` classes, collected shard by shard."""
 
-    def __init__(self, classes, per_row: int, max_classes: int):
-        self.per_row = per_row
+    def __init__(self, classes, per_row: int, max_classes: int, class_names: Optional[Sequence[str]] = None):
+        self.per_row, self.class_names = per_row, class_names
         shown = sorted({int(c) for c in classes})[:max_classes]
         self.rows: dict[int, list[np.ndarray]] = {c: [] for c in shown}
 
@@ -235,7 +235,7 @@ class _GridRows:
     def save(self, path: Path) -> Path:
         labels = torch.tensor([c for c, row in self.rows.items() for _ in row])
         images = torch.from_numpy(np.stack([im for row in self.rows.values() for im in row]))
-        return save_grid(images, labels, path, per_row=self.per_row)
+        return save_grid(images, labels, path, per_row=self.per_row, labelled=True, class_names=self.class_names)
 
 
 def _assemble(directory: SampleDirectory, manifest: dict, labels: np.ndarray, grid: _GridRows,
@@ -286,9 +286,11 @@ def _assemble(directory: SampleDirectory, manifest: dict, labels: np.ndarray, gr
 @torch.no_grad()
 def sample_to_directory(model, tokenizer, labels: torch.Tensor, config: SamplingConfig, out: PathLike,
                         settings: dict, resume: bool = False, progress: bool = True, meta: Optional[dict] = None,
-                        grid_per_row: int = 16, grid_max_classes: int = 64) -> dict:
+                        grid_per_row: int = 16, grid_max_classes: int = 64,
+                        class_names: Optional[Sequence[str]] = None) -> dict:
     """Draw the samples of ``labels`` into ``out`` as described in the module docstring, this process's share of
-    the shards under torchrun. ``settings`` (``sampling_settings``) holds the seed, batch and shard size. Returns
+    the shards under torchrun. ``settings`` (``sampling_settings``) holds the seed, batch and shard size. The grid's
+    rows are labelled with ``class_names`` (a token cache's ``classes``), else the class indices. Returns
     {"complete", "npz" (when complete), "num_samples", "shards_drawn" (by this process), "rank", "world_size"}."""
     shard_size, batch_size, seed = settings["shard_size"], settings["batch_size"], settings["seed"]
     total = int(labels.shape[0])
@@ -329,6 +331,7 @@ def sample_to_directory(model, tokenizer, labels: torch.Tensor, config: Sampling
     if len(done) != manifest["num_shards"]:
         raise ValueError(f"{len(done)} of {manifest['num_shards']} shards are in {directory.shard_dir} after "
                          "sampling; rerun the same command to draw the rest")
-    grid = _GridRows(settings["classes"], min(grid_per_row, settings["num_per_class"]), grid_max_classes)
+    grid = _GridRows(settings["classes"], min(grid_per_row, settings["num_per_class"]), grid_max_classes,
+                     class_names)
     files = _assemble(directory, manifest, labels_np, grid, meta)
     return dict(result, complete=True, **files)

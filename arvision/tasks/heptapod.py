@@ -193,7 +193,8 @@ def write_samples(model, cache: TokenCache, scfg, run_dir: Path) -> dict:
     labels = class_labels(range(model.config.num_classes), scfg.num_per_class, scfg.seed)
     images = generate_images(model, tokenizer, labels, sampling_config(scfg), scfg.batch_size, scfg.seed,
                              cache.scale_factor)
-    grid = save_grid(images, labels, run_dir / "samples.png", per_row=min(scfg.num_per_class, 16))
+    grid = save_grid(images, labels, run_dir / "samples.png", per_row=min(scfg.num_per_class, 16), labelled=True,
+                     class_names=cache.info.get("classes"))
     npz = save_npz(images, labels, run_dir / "samples.npz")
     log.info(f"samples: {grid} and {npz}")
     return {"grid": str(grid), "npz": str(npz), "count": int(labels.shape[0])}

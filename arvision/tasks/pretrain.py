@@ -76,15 +76,18 @@ def probe_report(cfg, model, img_size: int, device) -> dict:
         spec = FeatureSpec.parse(blocks=str(blocks), pool=e.pool, depth=len(model.blocks))
         row = {}
         for name, m in (("pretrained", model), ("random_init", random_model)):
-            tr = extract_features(m, loader(train_set), spec, device, amp, progress=False)
-            te = extract_features(m, loader(val_set), spec, device, amp, progress=False)
+            phase = f"probe block {blocks}, {name.replace('_', ' ')}:"
+            tr = extract_features(m, loader(train_set), spec, device, amp, desc=f"{phase} train features")
+            te = extract_features(m, loader(val_set), spec, device, amp, desc=f"{phase} {val_split} features")
             row[f"knn_{name}"] = knn_classify(*tr, *te, k=e.knn_k, temperature=e.knn_temperature)["top1"]
             if e.linear:
-                row[f"linear_{name}"] = linear_probe(*tr, *te, epochs=e.linear_epochs, seed=cfg.train.seed)["top1"]
+                row[f"linear_{name}"] = linear_probe(*tr, *te, epochs=e.linear_epochs, seed=cfg.train.seed,
+                                                     progress=True)["top1"]
             if e.attentive:
-                tr, te = (extract_tokens(m, loader(ds), spec, device, amp, progress=False) for ds in (train_set, val_set))
+                tr, te = (extract_tokens(m, loader(ds), spec, device, amp, desc=f"{phase} {split} tokens")
+                          for ds, split in ((train_set, "train"), (val_set, val_split)))
                 row[f"attentive_{name}"] = attentive_probe(*tr, *te, epochs=e.attentive_epochs,
-                                                           seed=cfg.train.seed)["top1"]
+                                                           seed=cfg.train.seed, progress=True)["top1"]
         report[str(blocks)] = row
         line = f"  block {str(blocks):>6}: kNN {row['knn_pretrained']:5.1f}% vs {row['knn_random_init']:5.1f}%"
         for probe in ("linear", "attentive"):

@@ -49,19 +49,30 @@ def image_set(source, split: str, img_size: int, random_flip: float = 0.0, num_s
 
 @torch.no_grad()
 def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2, device="cpu", fid: bool = False,
-                       extractor: str = "fid-helper", grid_path: Optional[Path] = None, grid_n: int = 16) -> dict:
-    """PSNR / L1 (and VQ usage, perplexity; rFID with ``fid``) of ``tok`` on ``dataset`` (images in [-1, 1])."""
+                       extractor: str = "fid-helper", grid_path: Optional[Path] = None, grid_n: int = 16,
+                       progress: bool = True) -> dict:
+    """PSNR / L1 (and VQ usage, perplexity; rFID with ``fid``) of ``tok`` on ``dataset`` (images in [-1, 1]).
+    The grid shows ``grid_n`` images spread evenly over the dataset (a class-sorted folder shows every class, not
+    the first one's), each original beside its reconstruction; ``progress``: a bar with an ETA on the main process."""
+    from ..train.logging import progress_bar
+
     tok = tok.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     n, psnr_sum, l1_sum = 0, 0.0, 0.0
     counts = torch.zeros(tok.codebook_size or 1, dtype=torch.float64)
     z_sum = z_sq = z_n = 0.0
-    real_u8, fake_u8, shown = [], [], None
-    for x, _ in loader:
+    real_u8, fake_u8, shown = [], [], []
+    grid_index = torch.zeros(0, dtype=torch.long)  # the dataset positions the grid shows
+    if grid_path is not None and len(dataset):
+        grid_index = torch.linspace(0, len(dataset) - 1, min(grid_n, len(dataset))).round().long().unique()
+    for x, _ in progress_bar(loader, desc="tokenizer eval", enabled=progress, unit="batch"):
         x = x.to(device)
         tokens = tok.encode(x)
         y = tok.decode(tokens)
         B = x.shape[0]
+        in_batch = grid_index[(grid_index >= n) & (grid_index < n + B)] - n
+        if len(in_batch):
+            shown.append(torch.stack([x[in_batch].cpu(), y[in_batch].float().cpu()], 1).flatten(0, 1))
         psnr_sum += float(psnr(y, x)) * B
         l1_sum += float((y.float().clamp(-1, 1) - x).abs().mean()) * B
         n += B
@@ -73,8 +84,6 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
         if fid:
             real_u8.append(_to_uint8(x))
             fake_u8.append(_to_uint8(y))
-        if shown is None and grid_path is not None:
-            shown = torch.stack([x[:grid_n].cpu(), y[:grid_n].float().cpu()], 1).flatten(0, 1)
     if n == 0:
         raise ValueError("no images to evaluate")
     res = dict(psnr=psnr_sum / n, l1=l1_sum / n, num_images=n)
@@ -87,11 +96,11 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
         res.update(latent_std=std, suggested_scale_factor=1.0 / std if std > 0 else 1.0)
     if fid:
         res.update(_rfid(torch.cat(real_u8), torch.cat(fake_u8), extractor, device, batch_size))
-    if shown is not None:
+    if shown:
         from torchvision.utils import save_image
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = grid_path.with_name(f".{grid_path.stem}.tmp.png")
-        save_image(shown.clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8)  # pairs: original, reconstruction
+        save_image(torch.cat(shown).clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8)  # pairs: original, reconstruction
         tmp.replace(grid_path)
         res["grid"] = str(grid_path)
     return res

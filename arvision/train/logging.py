@@ -52,6 +52,25 @@ def setup_logging(is_main: bool, run_dir: Optional[Path] = None, hold_file: bool
     logging.getLogger("arvision.data").setLevel(logging.WARNING)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of torch.distributed, or any process outside a process group."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def progress_bar(iterable=None, *, desc: str, total: Optional[int] = None, enabled: bool = True, unit: str = "it"):
+    """A tqdm bar with the rate and an ETA on stderr, on the main process only (``enabled=False``: none). In a
+    terminal it redraws in place and clears itself when done; into a file or a pipe it writes at most every 30 s and
+    keeps its last state, so a log shows how far a long phase got without filling up."""
+    from tqdm import tqdm
+
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    terminal = sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, total=total, unit=unit, file=sys.stderr, leave=not terminal,
+                dynamic_ncols=True, mininterval=0.1 if terminal else 30.0, disable=not (enabled and is_main_process()))
+
+
 def open_log_file(run_dir: Path) -> None:
     """Start RUN/log.txt with the lines held so far (``setup_logging(hold_file=True)``)."""
     for held in [h for h in log.handlers if isinstance(h, _Held)]:
