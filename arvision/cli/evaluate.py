@@ -70,7 +70,8 @@ def cmd_eval_classify(args) -> None:
                          "evaluate on data with the classes it was trained on (same class folders)")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     causal = None if args.attention == "default" else args.attention == "causal"
-    res = evaluate_classifier(model, loader, device, torch.bfloat16 if args.precision == "bf16" else None, causal)
+    res = evaluate_classifier(model, loader, device, torch.bfloat16 if args.precision == "bf16" else None, causal,
+                              progress=True)
     res.update(checkpoint=str(args.checkpoint), ema=args.ema, data=str(args.data), split=split,
                resize=args.resize, crop_pct=args.crop_pct,
                causal=model.config.causal if causal is None else causal, precision=args.precision)
