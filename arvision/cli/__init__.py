@@ -13,6 +13,7 @@
     arvision segment train | eval CHECKPOINT --data DIR | predict CHECKPOINT --images a.jpg --out DIR
     arvision heptapod train --data TOKEN_CACHE [key=value ...]
     arvision sample CHECKPOINT --out DIR [--num-per-class 50] [--temperature 1.0] [--top-k 0] [--cfg 1.0]
+    arvision data shard DIR OUT [--split train] [--shard-size N | --max-size MB]   # WebDataset tar shards
     arvision models | arvision recipes
 """
 from __future__ import annotations
@@ -22,9 +23,9 @@ import os
 import shlex
 import sys
 
-from . import catalog, evaluate, generate, segment, tokenizer, train, visualize
+from . import catalog, data, evaluate, generate, segment, tokenizer, train, visualize
 
-COMMANDS = (train, tokenizer, generate, segment, evaluate, catalog, visualize)  # each module adds its subcommands with register(subparsers)
+COMMANDS = (train, tokenizer, generate, segment, evaluate, data, catalog, visualize)  # each module adds its subcommands with register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

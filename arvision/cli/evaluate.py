@@ -122,7 +122,7 @@ def register(sub) -> None:
                        ("attentive", "attentive probe (AIM): a learned query cross-attends to a block's frozen tokens")):
         q = esub.add_parser(kind, help=text)
         q.add_argument("checkpoint", help="arvision or official checkpoint directory, or a Hub id")
-        q.add_argument("--data", required=True, help="labelled data: image folder with train/ and val/ or test/")
+        q.add_argument("--data", required=True, help="labelled data: image folder with train/ and val/ or test/, or WebDataset shards")
         q.add_argument("--split", default="val", help="evaluation split (val falls back to test)")
         q.add_argument("--blocks", default="last", help="blocks to read: an index, a comma list (averaged), a slice (-4:), middle, last, all")
         q.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="token pooling")
@@ -144,7 +144,7 @@ def register(sub) -> None:
 
     q = esub.add_parser("classify", help="top-1 / top-5 of a classifier checkpoint (fine-tuned or official -sft)")
     q.add_argument("checkpoint", help="arvision or official classifier checkpoint directory, or a Hub id")
-    q.add_argument("--data", required=True, help="image folder with val/ or test/ class folders, or HF save_to_disk")
+    q.add_argument("--data", required=True, help="image folder with val/ or test/ class folders, HF save_to_disk, or WebDataset shards")
     q.add_argument("--split", default="val", help="evaluation split (val falls back to test)")
     q.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default "
                    "img_size / 0.875, i.e. 256 for 224; none for img_size <= 64)")

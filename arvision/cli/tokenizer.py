@@ -126,7 +126,7 @@ def register(sub) -> None:
 
     q = tsub.add_parser("eval", help="reconstruction PSNR, codebook usage / perplexity, optional rFID")
     common(q)
-    q.add_argument("--data", required=True, help="image folder, HF save_to_disk folder or 'synthetic'")
+    q.add_argument("--data", required=True, help="image folder, HF save_to_disk folder, WebDataset shards or 'synthetic'")
     q.add_argument("--split", default="val", help="split to evaluate (val falls back to test)")
     q.add_argument("--num-images", type=int, help="evaluate a fixed random subset of this size")
     q.add_argument("--batch-size", type=int, default=64)
@@ -140,7 +140,7 @@ def register(sub) -> None:
     q = tsub.add_parser("encode", help="encode a dataset once into a token cache (with flip copies)")
     q.add_argument("--tokenizer", required=True, help="arvision tokenizer directory or published LlamaGen/MAR file")
     common(q, positional=False)
-    q.add_argument("--data", required=True, help="image folder, HF save_to_disk folder or 'synthetic'")
+    q.add_argument("--data", required=True, help="image folder, HF save_to_disk folder, WebDataset shards or 'synthetic'")
     q.add_argument("--out", required=True, help="cache directory (an interrupted encode resumes here)")
     q.add_argument("--split", default="train")
     q.add_argument("--batch-size", type=int, default=64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-DATA_HELP = "training data: image folder, HF save_to_disk folder, or 'synthetic'"
+DATA_HELP = "training data: image folder, HF save_to_disk folder, WebDataset shards (folder or 'DIR/train-{000000..000009}.tar'), or 'synthetic'"
 
 
 def _add_train_args(p: argparse.ArgumentParser, data_help: str = DATA_HELP) -> None:

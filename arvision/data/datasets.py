@@ -220,7 +220,8 @@ def _check_exists(source: str | os.PathLike) -> Path:
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(f"data path {path} {what}; pass a folder with train/ (and val/ or test/) class "
-                                f"subfolders, an HF save_to_disk folder, or '{SYNTHETIC}' / '{SYNTHETIC_DIGITS}'")
+                                f"subfolders, an HF save_to_disk folder, WebDataset shards (their folder or a pattern "
+                                f"'shards/train-{{000000..000009}}.tar'), or '{SYNTHETIC}' / '{SYNTHETIC_DIGITS}'")
     return path
 
 
@@ -228,6 +229,10 @@ def available_splits(source: str | os.PathLike) -> list[str]:
     """The split names a source offers (as named on disk)."""
     if is_synthetic(source):
         return list(_SPLIT_ALIASES)
+    from .shards import is_shard_source, shard_splits  # shards.py builds on this module's SkipCorruptDataset
+
+    if is_shard_source(source):
+        return shard_splits(source)
     path = _check_exists(source)
     if (path / "dataset_dict.json").is_file():
         return list(json.loads((path / "dataset_dict.json").read_text())["splits"])
@@ -253,13 +258,18 @@ def resolve_split(source: str | os.PathLike, split: str) -> str:
 
 def build_dataset(source: str | os.PathLike, split: str = "train", transform: Callable | None = None,
                   img_size: int = 32, num_samples: int | None = None) -> Dataset:
-    """'synthetic' (SyntheticShapes), 'synthetic-digits' (SyntheticDigits), a folder with train/ val/ test/ class-folder subfolders, or an HF save_to_disk
-    folder. A missing 'val' falls back to 'test' and vice versa (see `resolve_split`)."""
+    """'synthetic' (SyntheticShapes), 'synthetic-digits' (SyntheticDigits), a folder with train/ val/ test/ class-folder subfolders, an HF save_to_disk
+    folder, or WebDataset shards (a folder of them or a brace pattern, see arvision.data.shards). A missing 'val'
+    falls back to 'test' and vice versa (see `resolve_split`)."""
+    from .shards import is_shard_source, open_shards
+
     name = resolve_split(source, split)
     if is_synthetic(source):
         n = num_samples if num_samples is not None else _SYNTHETIC_SIZES[name]
         cls = SyntheticDigits if str(source) == SYNTHETIC_DIGITS else SyntheticShapes
         return cls(num_samples=n, img_size=img_size, split=name, transform=transform)
+    if is_shard_source(source):
+        return open_shards(source, name, transform=transform)
     if is_hf_disk(source):
         return HFDiskDataset(source, name, transform=transform)
     if (Path(source) / name).is_dir():

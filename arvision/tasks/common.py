@@ -35,12 +35,14 @@ def absolute_paths(cfg) -> None:
     """Make the config's relative file paths absolute (data.source, model.init, ..., *_path), so the saved config
     still finds them from any directory (``arvision sample`` reads the token cache of a run's config)."""
     from ..data import is_synthetic
+    from ..data.shards import is_shard_source
 
     for key, value in list(cfg.items()):
         if isinstance(value, dict):
             absolute_paths(value)
         elif ((key in PATH_KEYS or str(key).endswith("_path")) and isinstance(value, str) and value
-              and not is_synthetic(value) and not os.path.isabs(value) and os.path.exists(value)):
+              and not is_synthetic(value) and not os.path.isabs(value)
+              and (os.path.exists(value) or is_shard_source(value))):  # a brace pattern names no file
             cfg[key] = os.path.abspath(value)
 
 

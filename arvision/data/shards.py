@@ -1,0 +1,347 @@
+"""WebDataset tar shards: writing them from an image folder, and reading them as an indexed dataset.
+
+    write_shards("/data/in1k", "/data/in1k-wds", "train")   # OUT/train-000000.tar ... + OUT/train.json
+    build_dataset("/data/in1k-wds/train-{000000..000146}.tar", "train")   # or the folder "/data/in1k-wds"
+
+A shard holds samples in the WebDataset layout: members ``<key>.<ext>`` (the image's original encoded bytes under its
+lower-case extension) and ``<key>.cls`` (the class index as text), ``<key>`` = ``<class>/<stem>``. ``OUT/<split>.json``
+is the split's index: a wids shard list (``__kind__: wids-shard-index-v1``, ``shardlist`` of ``{url, nsamples}``, so
+``wids.ShardListDataset`` opens it too) plus the class names, the count of images per class and the images skipped.
+
+Reading is map-style: each shard's tar headers are read once (``tarfile``) into arrays of (shard, offset, size,
+label), and an image is one ``pread`` from an open shard. The Trainer's ``ResumableSampler`` therefore gives shards
+exactly what it gives image folders: one global permutation per epoch, disjoint per-rank slices, loader workers
+splitting the batches, and an exact resume (the same samples in the same order with the same augmentations). What
+this does not give is sequential reading: each image is a random read inside a shard, which avoids the per-file
+metadata cost of a million-file folder (the stall on network file systems) but relies on the shards' pages being
+reachable by seek (a local disk, a page cache, or a parallel file system), not on a streaming object store.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..files import atomic_write, read_json, write_json
+from .datasets import SkipCorruptDataset
+from .images import IMG_EXTENSIONS, open_rgb
+
+logger = logging.getLogger("arvision.data")
+
+INDEX_KIND = "wids-shard-index-v1"
+IMAGE_EXTS = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
+_MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset's key / extension split; hidden names never
+_TAR_BLOCK = 512
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError as e:
+        raise ImportError("reading or writing WebDataset shards needs the `webdataset` package; install with: "
+                          "pip install 'arvision[shards]'") from e
+    return webdataset
+
+
+# ------------------------------------------------------------------------------------------------ source names
+
+def is_shard_source(source) -> bool:
+    """A ``.tar`` path or brace pattern (``shards/train-{000000..000146}.tar``), or a folder holding ``.tar`` files."""
+    text = str(source)
+    if text.endswith(".tar"):
+        return True
+    path = Path(text)
+    return path.is_dir() and any(name.endswith(".tar") for name in os.listdir(path))
+
+
+def shard_folder(source) -> Path:
+    """The folder holding the shards and their ``<split>.json`` indexes."""
+    path = Path(str(source))
+    return path if not str(source).endswith(".tar") else path.parent
+
+
+def _indexes(folder: Path) -> dict[str, dict]:
+    """{split: index} of the shard indexes in ``folder`` (``<split>.json`` files of the wids kind)."""
+    found = {}
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        index = read_json(path)
+        if isinstance(index, dict) and index.get("__kind__") == INDEX_KIND:
+            found[path.stem] = index
+    return found
+
+
+def shard_splits(source) -> list[str]:
+    """The split names of a shard source: its folder's ``<split>.json`` indexes."""
+    folder = shard_folder(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"shard folder {folder} does not exist; pass a folder of shards written by "
+                                "`arvision data shard` or a pattern such as 'shards/train-{000000..000009}.tar'")
+    return sorted(_indexes(folder))
+
+
+def _pattern_files(pattern: str) -> list[Path]:
+    files = [Path(p) for p in _webdataset().shardlists.expand_urls(pattern)]
+    missing = [p for p in files if not p.is_file()]
+    if len(missing) == len(files):
+        raise FileNotFoundError(f"the shard pattern {pattern} matches no file; check the folder and the brace range "
+                                f"(e.g. 'train-{{000000..000009}}.tar' for 10 shards)")
+    if missing:
+        raise FileNotFoundError(f"shard {missing[0]} is missing ({len(missing)} of the {len(files)} shards of "
+                                f"{pattern} are); copy it or narrow the brace range")
+    return files
+
+
+def _index_shards(folder: Path, split: str, index: dict) -> list[Path]:
+    return [folder / entry["url"] for entry in index.get("shardlist", [])]
+
+
+def open_shards(source, split: str, transform: Optional[Callable] = None) -> "ShardDataset":
+    """The dataset of ``split`` of a shard source. A brace pattern's shards are read for the split whose index lists
+    them; any other split is read whole from its index in the same folder (a pattern of train shards still finds
+    ``val.json`` for evaluation)."""
+    folder = shard_folder(source)
+    indexes = _indexes(folder)
+    if split not in indexes:
+        raise FileNotFoundError(f"no shard index {folder / (split + '.json')} (indexes found: "
+                                f"{', '.join(indexes) or 'none'}); write shards with `arvision data shard DIR OUT "
+                                f"--split {split}`, which writes the index beside them")
+    shards = _index_shards(folder, split, indexes[split])
+    if str(source).endswith(".tar"):
+        chosen = _pattern_files(str(source))
+        owner = [s for s, index in indexes.items()
+                 if {p.resolve() for p in chosen} <= {p.resolve() for p in _index_shards(folder, s, index)}]
+        if not owner:
+            raise ValueError(f"the shards of {source} are not all listed in one index of {folder} "
+                             f"({', '.join(f'{s}.json' for s in indexes)}); name shards of one split")
+        if split in owner:
+            shards = chosen
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard {missing[0]} listed in {folder / (split + '.json')} is missing "
+                                f"({len(missing)} of {len(shards)}); copy it or write the shards again")
+    expected = {(folder / e["url"]).resolve(): e.get("nsamples") for e in indexes[split].get("shardlist", [])}
+    return ShardDataset(shards, indexes[split].get("classes", []), transform, expected_counts=expected)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def _scan(path: Path, num_classes: int) -> tuple[list, list, list, list, list]:
+    """(keys, offsets, sizes, labels, extensions) of the samples of one shard: its image member (the first one with
+    an image extension) and its ``cls`` member (the label, -1 without one)."""
+    keys, offsets, sizes, labels, exts = [], [], [], [], []
+    current = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name) if member.isfile() else None
+                if match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if key != current:
+                    current = key
+                    keys.append(key), offsets.append(-1), sizes.append(0), labels.append(-1), exts.append("")
+                if ext in IMAGE_EXTS and offsets[-1] < 0:
+                    offsets[-1], sizes[-1], exts[-1] = member.offset_data, member.size, ext
+                elif ext == "cls":
+                    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                    if not text.lstrip("-").isdigit() or not (0 <= int(text) < num_classes or not num_classes):
+                        raise ValueError(f"sample {key} of shard {path} has class {text!r}, not an index into its "
+                                         f"{num_classes} classes; write the shards again")
+                    labels[-1] = int(text)
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"shard {path} is not a readable tar file ({e}); it may be truncated: copy it again") from e
+    keep = [i for i, offset in enumerate(offsets) if offset >= 0]  # samples without an image are not samples
+    return ([keys[i] for i in keep], [offsets[i] for i in keep], [sizes[i] for i in keep],
+            [labels[i] for i in keep], [exts[i] for i in keep])
+
+
+class ShardDataset(SkipCorruptDataset):
+    """WebDataset tar shards as a map-style dataset (see the module docstring); ``classes`` from the shard index.
+    An image that does not decode is skipped and counted as in image folders (``SkipCorruptDataset``)."""
+
+    def __init__(self, shards: Sequence[str | os.PathLike], classes: Sequence[str], transform: Optional[Callable] = None,
+                 expected_counts: Optional[dict] = None):
+        self.shards, self.classes, self.transform = [Path(s) for s in shards], list(classes), transform
+        shard_ids, offsets, sizes, labels, keys = [], [], [], [], []
+        for shard_id, path in enumerate(self.shards):
+            k, o, s, lab, _ = _scan(path, len(self.classes))
+            expected = (expected_counts or {}).get(path.resolve())
+            if expected is not None and expected != len(k):
+                raise ValueError(f"shard {path} holds {len(k)} samples where its index lists {expected}; it is "
+                                 "truncated or was replaced: copy it again or write the shards again")
+            shard_ids += [shard_id] * len(k)
+            offsets += o
+            sizes += s
+            labels += lab
+            keys += k
+        if not keys:
+            raise FileNotFoundError(f"no images found in the shards {self.shards[0]} ... ({len(self.shards)} shards)")
+        self._shard_of = np.asarray(shard_ids, dtype=np.int32)
+        self._offset = np.asarray(offsets, dtype=np.int64)
+        self._size = np.asarray(sizes, dtype=np.int64)
+        self._keys = np.asarray([k.encode() for k in keys], dtype=np.bytes_)
+        self.targets = labels
+        self._files: dict[int, int] = {}
+        self._pid = os.getpid()
+        self._init_skipping(len(keys))
+
+    def _fd(self, shard_id: int) -> int:
+        if self._pid != os.getpid():  # a forked loader worker opens its own descriptors
+            self._files, self._pid = {}, os.getpid()
+        if shard_id not in self._files:
+            self._files[shard_id] = os.open(self.shards[shard_id], os.O_RDONLY)
+        return self._files[shard_id]
+
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded image bytes of sample ``index``."""
+        size = int(self._size[index])
+        data = os.pread(self._fd(int(self._shard_of[index])), size, int(self._offset[index]))
+        if len(data) != size:
+            raise OSError(f"read {len(data)} of {size} bytes: the shard is truncated")
+        return data
+
+    def key(self, index: int) -> str:
+        return self._keys[index].decode()
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        return open_rgb(io.BytesIO(self.read_bytes(index))), self.targets[index]
+
+    def _describe(self, index: int) -> str:
+        return f"{self.key(index)} in {self.shards[int(self._shard_of[index])]}"
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"], state["_pid"] = {}, None  # descriptors stay with the process that opened them
+        return state
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in getattr(self, "_files", {}).values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def __repr__(self) -> str:
+        return f"ShardDataset({len(self.shards)} shards from {self.shards[0].parent}, {len(self)} images)"
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+def _checked_bytes(path: str) -> tuple[Optional[bytes], str]:
+    """(the file's bytes, "") when it decodes as an image, else (None, why)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        open_rgb(io.BytesIO(data))
+        return data, ""
+    except Exception as e:  # noqa: BLE001 - any decode failure, as the folder reader skips them
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _sample_key(path: Path, root: Path, used: set[str]) -> str:
+    """``<class>/<stem>`` with dots of the stem made '_' (WebDataset keys end at the first dot); unique."""
+    rel = path.relative_to(root).with_suffix("")
+    key = "/".join([*rel.parts[:-1], rel.name.replace(".", "_")])
+    unique, n = key, 1
+    while unique in used:
+        unique, n = f"{key}_{n}", n + 1
+    used.add(unique)
+    return unique
+
+
+def _tar_bytes(members: dict[str, bytes]) -> int:
+    return sum(_TAR_BLOCK + -(-len(v) // _TAR_BLOCK) * _TAR_BLOCK for v in members.values())
+
+
+def write_shards(folder: str | os.PathLike, out: str | os.PathLike, split: str = "train",
+                 shard_size: Optional[int] = None, max_size_mb: Optional[float] = None, seed: Optional[int] = 0,
+                 workers: int = 1) -> dict:
+    """Write ``split`` of the image folder ``folder`` as shards ``out/<split>-NNNNNN.tar`` and the index
+    ``out/<split>.json`` (returned). Images are listed by the folder reader (hidden names, links, empty classes as
+    in training) and each is decoded once: those that fail are skipped and counted in one warning. ``seed``: the
+    samples in a fixed random order (None: the folder's order); a shard ends at ``shard_size`` samples or before
+    ``max_size_mb`` MB (default 1000 MB). Each shard is written atomically, the index last."""
+    from .datasets import ImageFolderDataset, check_split_classes, resolve_split
+    from .images import class_folders
+
+    wds = _webdataset()
+    folder, out = Path(folder), Path(out)
+    if shard_size is not None and shard_size < 1 or max_size_mb is not None and max_size_mb <= 0:
+        raise ValueError("--shard-size and --max-size must be positive")
+    name = resolve_split(folder, split)
+    if name != split:
+        logger.warning("%s has no %s/ split: writing %s/ instead", folder, split, name)
+    root = folder / name
+    check_split_classes(folder, name, class_folders(root, folder))
+    existing = sorted(out.glob(f"{name}-*.tar")) + sorted(out.glob(f"{name}.json")) if out.is_dir() else []
+    if existing:
+        raise FileExistsError(f"{out} already holds {name} shards ({existing[0].name}, ...); write to another folder "
+                              f"or delete them first")
+    listing = ImageFolderDataset(root, dataset_root=folder)
+    order = list(range(len(listing.samples)))
+    if seed is not None:
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).tolist()
+    paths = [listing.samples[i][0] for i in order]
+    max_bytes = None if shard_size else int((max_size_mb or 1000) * 2 ** 20)
+    used_keys: set[str] = set()
+    skipped: list[tuple[str, str]] = []
+    shardlist: list[dict] = []
+    counts = dict.fromkeys(listing.classes, 0)
+
+    def checked() -> Iterator[tuple[int, Optional[bytes], str]]:
+        if workers > 1:
+            with multiprocessing.get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+                for i, (data, why) in zip(order, pool.imap(_checked_bytes, paths, chunksize=16)):
+                    yield i, data, why
+        else:
+            for i, path in zip(order, paths):
+                yield (i, *_checked_bytes(path))
+
+    def flush(samples: list[dict]) -> None:
+        shard = out / f"{name}-{len(shardlist):06d}.tar"
+        with atomic_write(shard) as tmp, open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, mtime=0)  # fixed dates: the same folder gives the same bytes
+            for sample in samples:
+                writer.write(sample)
+            writer.close()
+        shardlist.append({"url": shard.name, "nsamples": len(samples), "filesize": shard.stat().st_size})
+
+    out.mkdir(parents=True, exist_ok=True)
+    pending, pending_bytes = [], 0
+    for i, data, why in checked():
+        path, label = listing.samples[i]
+        if data is None:
+            skipped.append((path, why))
+            continue
+        ext = Path(path).suffix.lstrip(".").lower()
+        sample = {"__key__": _sample_key(Path(path), root, used_keys), ext: data, "cls": str(label).encode()}
+        size = _tar_bytes({k: v for k, v in sample.items() if k != "__key__"})
+        if pending and (len(pending) == shard_size if shard_size else pending_bytes + size > max_bytes):
+            flush(pending)
+            pending, pending_bytes = [], 0
+        pending.append(sample)
+        pending_bytes += size
+        counts[listing.classes[label]] += 1
+    if pending:
+        flush(pending)
+    if skipped:
+        logger.warning("skipped %d unreadable image%s of %s (not in the shards): %s", len(skipped),
+                       "" if len(skipped) == 1 else "s", root,
+                       "; ".join(f"{p} ({why})" for p, why in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    if not shardlist:
+        raise ValueError(f"no readable image in {root}: nothing to shard")
+    index = {"__kind__": INDEX_KIND, "wids_version": 1, "name": name, "shardlist": shardlist,
+             "classes": listing.classes, "class_counts": counts, "num_samples": sum(counts.values()),
+             "skipped": len(skipped), "source": str(root.resolve())}
+    write_json(out / f"{name}.json", index)
+    return index
