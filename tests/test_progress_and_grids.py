@@ -65,6 +65,16 @@ def test_eval_linear_command_shows_extraction_and_epoch_bars(tmp_path, capsys):
     assert [d for d in ("train features", "test features", "linear probe") if not any(d in c for c in closing)] == []
 
 
+def test_eval_classify_command_shows_a_bar(tmp_path, capsys):
+    data = _class_folder(tmp_path / "data", COLOURS, per_class=3)
+    torch.manual_seed(0)
+    ckpt = arvision.save_model(arvision.create_model("nepa_tiny_patch4_32", depth=1, num_classes=4), tmp_path / "cls")
+    main(["eval", "classify", str(ckpt), "--data", str(data), "--batch-size", "5", "--num-workers", "0",
+          "--out", str(tmp_path / "res.json")])
+    closing = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err) if ETA.search(line)]
+    assert any(line.startswith("classify") and "3/3" in line for line in closing)
+
+
 def test_eval_fid_reference_stage_shows_a_bar_and_the_bars_stay_off_other_ranks(tmp_path, capsys, monkeypatch):
     np.savez(tmp_path / "samples.npz", arr_0=_class_images(3, seed=0)[0])
     np.savez(tmp_path / "ref.npz", arr_0=_class_images(6, seed=1)[0])

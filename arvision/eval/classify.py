@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from ..train.logging import progress_bar
+
 
 class EvalShard(Dataset):
     """Samples rank, rank + world, ... of ``dataset`` as ``(inputs, targets, weight)``, padded to ceil(n / world)
@@ -52,11 +54,13 @@ def unpack_weighted(batch) -> tuple:
 
 @torch.inference_mode()
 def evaluate_classifier(model: nn.Module, loader: Iterable, device: Union[str, torch.device, None] = None,
-                        amp_dtype: Optional[torch.dtype] = None, causal: Optional[bool] = None) -> dict:
+                        amp_dtype: Optional[torch.dtype] = None, causal: Optional[bool] = None,
+                        progress: bool = False) -> dict:
     """{'top1', 'top5' (percent), 'loss' (mean NLL), 'n'} over the samples of ``loader`` (``(images, labels)`` or
     ``EvalShard``'s weighted triples; weight-0 padding is skipped), summed over all processes when torch.distributed
     is initialised. Runs in eval mode and restores the mode. Under FSDP every rank must call it (the forward passes
-    gather the sharded parameters)."""
+    gather the sharded parameters). ``progress``: a bar with an ETA on the main process (off by default: the
+    Trainer's evaluations run under its own bar)."""
     device = next(model.parameters()).device if device is None else torch.device(device)
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     was_training = model.training
@@ -64,7 +68,7 @@ def evaluate_classifier(model: nn.Module, loader: Iterable, device: Union[str, t
     # correct@1, correct@5, summed NLL, count; float64 so large sums stay exact
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     try:
-        for batch in loader:
+        for batch in progress_bar(loader, desc="classify", enabled=progress, unit="batch"):
             images, labels, keep = unpack_weighted(batch)
             images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
             with amp:
