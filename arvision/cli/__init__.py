@@ -14,6 +14,7 @@
     arvision heptapod train --data TOKEN_CACHE [key=value ...]
     arvision sample CHECKPOINT --out DIR [--num-per-class 50] [--temperature 1.0] [--top-k 0] [--cfg 1.0]
     arvision data shard DIR OUT [--split train] [--shard-size N | --max-size MB]   # WebDataset tar shards
+    arvision demo CHECKPOINT [--port 7860] [--share false]      # Gradio page: sample a grid / NEPA maps
     arvision models | arvision recipes
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ import os
 import shlex
 import sys
 
-from . import catalog, data, evaluate, generate, segment, tokenizer, train, visualize
+from . import catalog, data, demo, evaluate, generate, segment, tokenizer, train, visualize
 
-COMMANDS = (train, tokenizer, generate, segment, evaluate, data, catalog, visualize)  # each module adds its subcommands with register(subparsers)
+COMMANDS = (train, tokenizer, generate, segment, evaluate, data, catalog, visualize, demo)  # each module adds its subcommands with register(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +74,10 @@ def _traceback_wanted() -> bool:
 def error_line(error: BaseException) -> str:
     """The message of ``error`` on one line. An exception re-raised by a DataLoader worker carries the worker's whole
     traceback in its message ('Caught DataError in DataLoader worker process 0. Original Traceback ...'): its last
-    exception line is the original message."""
-    msg = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    exception line is the original message. An error that names a Python call or keyword carries the command-line
+    form of its advice (``arvision.files.command_line_error``): that is printed."""
+    msg = getattr(error, "command_line_message", None) or (
+        error.args[0] if isinstance(error, KeyError) and error.args else str(error))
     msg = str(msg)
     if "Original Traceback (most recent call last)" in msg:
         tail = msg.rsplit(f"{type(error).__name__}: ", 1)

@@ -21,7 +21,10 @@ def cmd_sample(args) -> None:
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     model = load_model(args.checkpoint, family="heptapod", ema=args.ema)
-    cache = _run_token_cache(args.checkpoint, required=not args.tokenizer)
+    if args.cfg != 1.0 and not model.config.null_class:
+        raise ValueError(f"--cfg {args.cfg} needs a generator trained with a null class (`arvision heptapod train "
+                         f"model.args.null_class=true`); {args.checkpoint} has none: drop --cfg")
+    cache = run_token_cache(args.checkpoint, required=not args.tokenizer)
     class_names = (cache.info.get("classes") if cache else None) or []
     classes = parse_classes(args.classes, model.config.num_classes, class_names)
     tokenizer, scale = _tokenizer(args, cache)
@@ -74,9 +77,10 @@ def parse_classes(text, num_classes: int, names: list) -> list[int]:
     return classes
 
 
-def _run_token_cache(checkpoint, required: bool):
-    """The token cache the generator's run trained on (named in RUN/config.yaml), or None where there is none (a
-    named cache that is missing is an error when ``required``: the tokenizer comes from it)."""
+def run_token_cache(checkpoint, required: bool):
+    """The token cache the generator's run trained on (named in RUN/config.yaml; a generation quick start run names
+    none and keeps it in RUN/cache), or None where there is none (a named cache that is missing is an error when
+    ``required``: the tokenizer comes from it)."""
     from ..data.token_cache import TokenCache
     from ..files import read_yaml
 
@@ -86,7 +90,8 @@ def _run_token_cache(checkpoint, required: bool):
         return None
     source = ((read_yaml(run_cfg) or {}).get("data") or {}).get("source")
     if not source:
-        return None
+        quickstart_cache = run_cfg.parent / "cache"
+        return TokenCache(quickstart_cache) if (quickstart_cache / "header.json").is_file() else None
     if not Path(source).exists():
         if not required:
             return None

@@ -143,6 +143,16 @@ def embedding_similarity_map(model, images: torch.Tensor, query: Query, temperat
     return _similarity_grid(model, *_features(model, images, causal), query, temperature, top_p)
 
 
+def query_maps(model, images: torch.Tensor, queries: Sequence[Query], layers: LayerSpec = "all",
+               head_reduce: str = "mean", causal: Optional[bool] = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """What ``visualize`` draws, from one forward pass per kind: for each query patch, the (B, G, G) attention maps
+    and the (B, G, G) embedding-similarity maps of every image."""
+    attn = _attention(model, images, layers, head_reduce, causal)
+    feats, embeds = _features(model, images, causal)
+    return ([_attention_grid(model, attn, q).cpu().numpy() for q in queries],
+            [_similarity_grid(model, feats, embeds, q, 1.0, 1.0).cpu().numpy() for q in queries])
+
+
 def display_map(m: np.ndarray, gamma: float) -> np.ndarray:
     """Official display scaling: near-zero values stay 0, the rest are min-max mapped to [floor, 1], then ** gamma."""
     m = np.asarray(m, dtype=np.float64)
@@ -155,7 +165,9 @@ def display_map(m: np.ndarray, gamma: float) -> np.ndarray:
     return out
 
 
-def _save_grid(path: Path, image: torch.Tensor, rows: list[tuple[Query, np.ndarray, np.ndarray]], patch: int):
+def save_query_grid(path: Path, image: torch.Tensor, rows: list[tuple[Query, np.ndarray, np.ndarray]], patch: int):
+    """One image's PNG: a row per (query, attention map, similarity map); columns: the input with the query box,
+    the attention overlay, the similarity overlay."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -190,17 +202,14 @@ def visualize(model, images: torch.Tensor, queries: QuerySpec, out_dir: Union[st
         raise ValueError(f"need {len(images)} distinct names for {len(images)} images, got {names}")
     qs = parse_queries(queries, model.grid_size, seed)
     block_ids = parse_blocks(layers, len(model.blocks))
-    attn = _attention(model, images, block_ids, head_reduce, causal)
-    feats, embeds = _features(model, images, causal)
-    att_maps = [_attention_grid(model, attn, q).cpu().numpy() for q in qs]
-    sim_maps = [_similarity_grid(model, feats, embeds, q, 1.0, 1.0).cpu().numpy() for q in qs]
+    att_maps, sim_maps = query_maps(model, images, qs, block_ids, head_reduce, causal)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     patch = model.config.patch_size
     paths = []
     for b, name in enumerate(names):
         path = out / f"{name}_grid.png"
-        _save_grid(path, images[b], [(q, a[b], s[b]) for q, a, s in zip(qs, att_maps, sim_maps)], patch)
+        save_query_grid(path, images[b], [(q, a[b], s[b]) for q, a, s in zip(qs, att_maps, sim_maps)], patch)
         paths.append(path)
     meta = {"queries": [list(q) for q in qs], "layers": block_ids, "head_reduce": head_reduce,
             "causal": model.config.causal if causal is None else causal, "images": names}
