@@ -1,6 +1,6 @@
 """Generative-model evaluation: FID / sFID / IS / precision-recall of samples against a reference.
 
-    arvision eval fid samples/ ../shared/data/cifar10 --extractor fid-helper --num-ref 10000 --out fid.json
+    arvision eval fid samples/ /path/to/cifar10 --extractor fid-helper --num-ref 10000 --out fid.json
     arvision eval fid samples.npz VIRTUAL_imagenet256_labeled.npz --extractor inception     # ADM protocol
     torchrun --nproc_per_node 8 -m arvision eval fid samples.npz ref_stats.npz              # sharded extraction
 

@@ -1,6 +1,6 @@
 """The denoiser of MAR's diffusion loss (Li et al. 2024, arXiv 2406.11838 §3.2): a small residual MLP with AdaLN
 that predicts the noise added to one continuous token, conditioned on a vector z (the generator's prediction for
-that position) and the diffusion timestep. Used by Heptapod for continuous latents (spec §2.2).
+that position) and the diffusion timestep. Used by Heptapod for continuous latents (docs/heptapod_spec.md §2.2).
 
     mlp = DiffusionMLP(channels=16, cond_dim=768, width=1024, depth=6)
     eps = mlp(x_t, t, z)            # (M, 16), (M,), (M, 768) -> (M, 16)

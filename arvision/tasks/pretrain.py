@@ -1,7 +1,7 @@
 """NEPA pretraining recipe: build the model, the objective and the data, train, then report kNN and
 linear-probe accuracy of the pretrained backbone next to the same architecture at random initialisation.
 
-    arvision pretrain                                         # built-in synthetic data, a few CPU minutes
+    arvision pretrain                                         # built-in synthetic data (README: measured times)
     arvision pretrain --data /data/cifar10 train.epochs=50    # an image folder with train/ and test/
     torchrun --nproc_per_node 8 -m arvision pretrain --config nepa_b14_in1k_pretrain --data /data/in1k_hf
 """
