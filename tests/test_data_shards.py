@@ -236,6 +236,29 @@ def test_missing_shards_and_patterns_that_match_nothing_are_one_line_errors(shar
     shutil.copy(shards / "train-000000.tar", no_index)
     err = one_line_error(base + ["--data", str(no_index)], capsys)
     assert "split 'train' not found" in err
+    truncated = tmp_path / "truncated"
+    shutil.copytree(shards, truncated)
+    with open(truncated / "train-000001.tar", "r+b") as f:  # a copy cut short inside its fourth sample
+        f.truncate(3 * 2 * 1024 + 700)
+    err = one_line_error(base + ["--data", str(truncated)], capsys)
+    assert "train-000001.tar" in err and ("truncated" in err or "cut short" in err)
     err = one_line_error(["data", "shard", str(shards.parent / "images"), str(shards), "--workers", "1"], capsys)
     assert "already holds train shards" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_shard_index_finds_the_members_tarfile_finds(tmp_path, fmt):
+    """The header reader that indexes shards (faster than tarfile) on long, non-ASCII and prefixed names."""
+    import io
+    from arvision.data.shards import _tar_files
+    names = ["a/b.jpg", "dir/" + "m" * 90 + "/x.cls", "k" * 150 + "/" + "\u00e9" * 60 + ".png"]
+    with tarfile.open(tmp_path / "t.tar", "w", format=fmt) as tar:
+        for i, name in enumerate(names[:2] if fmt == tarfile.USTAR_FORMAT else names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 1
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+    with tarfile.open(tmp_path / "t.tar") as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    with open(tmp_path / "t.tar", "rb") as f:
+        assert list(_tar_files(f)) == expected and len(expected) >= 2
