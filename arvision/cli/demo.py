@@ -206,8 +206,8 @@ def _generator_page(gr, generator: Generator, checkpoint, workdir: Path):
                 seed = gr.Number(value=0, precision=0, label="seed")
                 button = gr.Button("sample", variant="primary")
             with gr.Column(scale=2):
-                grid = gr.Image(label="samples: one row per class", type="numpy", interactive=False,
-                                image_mode="RGB")
+                grid = gr.Image(label="samples: one row per class", type="numpy", format="png", interactive=False,
+                                image_mode="RGB")  # png: gradio's default webp would blur the samples
                 download = gr.File(label="download the grid (PNG)")
         button.click(on_sample, [classes, num_per_class, temperature, top_k, seed], [grid, download])
     return demo
@@ -239,7 +239,7 @@ def _nepa_page(gr, model, checkpoint, workdir: Path):
                 button = gr.Button("show maps", variant="primary")
             with gr.Column(scale=2):
                 figure = gr.Image(label="query · attention · next-embedding similarity", type="filepath",
-                                  interactive=False)
+                                  interactive=False, show_label=False)  # the figure titles its own panels
         button.click(on_maps, [image, row, col, layers, head_reduce], [figure])
     return demo
 
