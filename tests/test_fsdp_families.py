@@ -134,7 +134,7 @@ def test_every_family_names_its_shard_units():
         model = arvision.create_model(name.split("/")[0], **kw)
         units = build_objective_units(model)
         ids = {id(u) for u in units}
-        for trunk in (getattr(model, "backbone", None), getattr(model, "head", None), getattr(model, "diffloss", None),
+        for trunk in (getattr(model, "backbone", None), getattr(model, "head", None), getattr(model, "denoiser", None),
                       model):
             for blk in getattr(trunk, "blocks", []):  # every transformer block (and diffusion MLP block) is one
                 assert id(blk) in ids, (name, type(blk).__name__)

@@ -48,7 +48,7 @@ def test_next_target_set_is_next_token_cross_entropy():
     obj = HeptapodObjective(model, HeptapodLossConfig(target_set="next", timesteps_per_image=0))
     loss, _ = obj(tokens, labels)
     states = model.forward_backbone(tokens, labels)
-    z = model.forward_head(states.flatten(0, 1)).view(5, 9, 9, -1)
+    z = model.forward_prediction_head(states.flatten(0, 1)).view(5, 9, 9, -1)
     z_tt = z[:, torch.arange(9), torch.arange(9)]
     torch.testing.assert_close(loss, F.cross_entropy(model.logits(z_tt).flatten(0, 1), tokens.flatten()))
     with pytest.raises(ValueError, match="predicts only the next token"):
@@ -61,7 +61,7 @@ def test_timestep_averaging_weights_each_timestep_equally():
     cfg = HeptapodLossConfig(timesteps_per_image=0, averaging="timestep")
     loss, _ = HeptapodObjective(model, cfg)(tokens, labels)
     states = model.forward_backbone(tokens, labels)
-    z = model.forward_head(states.flatten(0, 1)).view(2, 9, 9, -1)
+    z = model.forward_prediction_head(states.flatten(0, 1)).view(2, 9, 9, -1)
     ce = F.cross_entropy(model.logits(z).flatten(0, 2), tokens[:, None, :].expand(2, 9, 9).flatten(),
                          reduction="none").view(2, 9, 9)
     per_t = [ce[:, t, t:].mean(dim=1) for t in range(9)]
@@ -84,7 +84,7 @@ def test_backbone_is_causal(pos_embed):
 def test_global_head_sees_all_queries_local_head_a_window():
     for head_type, expect_all in (("global", True), ("local", False)):
         model = tiny(head_type=head_type, local_window=3)
-        z = model.forward_head(torch.randn(1, 32))
+        z = model.forward_prediction_head(torch.randn(1, 32))
         (z[0, 0] * torch.randn(32)).sum().backward()  # the prediction for position 0 ...
         reached = model.query_pos.grad[0].abs().sum(-1) > 0  # ... depends on which queries
         if expect_all:
@@ -150,7 +150,7 @@ def test_diffusion_loss_shapes_and_learning():
     tokens = torch.randn(4, 9, 2) * 0.1 + torch.tensor([1.0, -1.0])
     labels = torch.randint(0, 4, (4,))
     diff = GaussianDiffusion()
-    per = diff.loss(model.diffloss, tokens.flatten(0, 1), torch.randn(36, 32))
+    per = diff.loss(model.denoiser, tokens.flatten(0, 1), torch.randn(36, 32))
     assert per.shape == (36,)
     kept, betas = diff.respaced(10)
     assert len(kept) == 10 and kept[0] == 0 and kept[-1] == 999 and (betas > 0).all() and (betas < 1).all()
@@ -180,7 +180,7 @@ def test_bad_inputs_give_one_line_errors():
 def test_presets_parameter_counts():
     with torch.device("meta"):  # count without allocating 941M parameters
         counts = {name: arvision.models.count_parameters(arvision.create_model(name)) for name in ("heptapod_b", "heptapod_h")}
-    assert abs(counts["heptapod_h"] / 1e6 - 941) < 2  # the paper's 941M (spec §3.2 reading: 20 + 20 blocks at 1280)
+    assert abs(counts["heptapod_h"] / 1e6 - 941) < 2  # the paper's 941M (docs/heptapod_spec.md §3.2: 20 + 20 blocks at 1280)
     assert abs(counts["heptapod_b"] / 1e6 - 208) < 2
 
 
@@ -262,7 +262,7 @@ def test_next_loss_by_position_is_the_per_position_next_token_loss(head_type):
     with torch.no_grad():
         _, metrics = obj(tokens, labels)
         states = model.forward_backbone(tokens, labels)
-        z = states if head_type == "none" else model.forward_head(states.flatten(0, 1)).view(5, 9, 9, -1)[
+        z = states if head_type == "none" else model.forward_prediction_head(states.flatten(0, 1)).view(5, 9, 9, -1)[
             :, torch.arange(9), torch.arange(9)]
         ce = F.cross_entropy(model.logits(z).flatten(0, 1), tokens.flatten(), reduction="none").view(5, 9)
     torch.testing.assert_close(per, ce.mean(0))
@@ -280,13 +280,13 @@ def test_head_for_one_query_equals_the_full_head(kw):
     for t in (0, 4, N // 2 + 1, N - 1):
         if model.config.head_condition == "prefix":
             mask = (torch.arange(N) <= t).expand(M, -1)
-            full = model.forward_head(states, mask)[:, t]
-            at = model.forward_head_at(states, t, mask)  # the same masked context
-            shorter = model.forward_head_at(states[:, :t + 1], t, constants=model.head_constants())  # valid ones only
+            full = model.forward_prediction_head(states, mask)[:, t]
+            at = model.forward_prediction_head_at(states, t, mask)  # the same masked context
+            shorter = model.forward_prediction_head_at(states[:, :t + 1], t, constants=model.head_constants())  # valid ones only
             torch.testing.assert_close(shorter, full, atol=1e-5, rtol=1e-5)
         else:
-            full = model.forward_head(states[:, t])[:, t]
-            at = model.forward_head_at(states[:, t], t, constants=model.head_constants())
+            full = model.forward_prediction_head(states[:, t])[:, t]
+            at = model.forward_prediction_head_at(states[:, t], t, constants=model.head_constants())
         torch.testing.assert_close(at, full, atol=1e-5, rtol=1e-5)
 
 
@@ -333,7 +333,7 @@ def test_local_head_runs_only_the_queries_in_its_receptive_field():
     rows = []
     hook = model.head.blocks[0].mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[-2]))
     for t, reach in ((0, 3 * 3), (24, 5 * 5), (48, 3 * 3), (9, 4 * 5)):  # corner, centre, corner, (1, 2): 4 rows x 5 cols
-        model.forward_head_at(torch.randn(2, 32), t)
+        model.forward_prediction_head_at(torch.randn(2, 32), t)
         assert rows[-1] == 1 + reach  # the state and the queries within reach
     hook.remove()
 
@@ -369,9 +369,9 @@ def test_remaining_queries_head_predicts_from_the_queries_of_unobserved_position
     N = model.num_tokens
     states = torch.randn(3, N, model.config.embed_dim)
     for t in (0, 4, N - 1):
-        z = model.forward_head(states[:, t], first=t)
+        z = model.forward_prediction_head(states[:, t], first=t)
         assert z.shape == (3, N - t, model.config.embed_dim)
-        at = model.forward_head_at(states[:, t], t, constants=model.head_constants())
+        at = model.forward_prediction_head_at(states[:, t], t, constants=model.head_constants())
         torch.testing.assert_close(at, z[:, 0], atol=1e-5, rtol=1e-5)
     labels = torch.tensor([0, 1, 3, 2])
     fast = sample_tokens(model, labels, SamplingConfig(top_k=8), seed=3)
@@ -387,9 +387,9 @@ def test_remaining_queries_head_predicts_from_the_queries_of_unobserved_position
     assert sum(head_tokens) == sum(N - t + 1 for t in range(N)) < N * (N + 1)
     with torch.no_grad():
         h = model.forward_backbone(tokens, labels)
-        ce = [F.cross_entropy(model.logits(model.forward_head(h[:, t], first=t)).flatten(0, 1),
+        ce = [F.cross_entropy(model.logits(model.forward_prediction_head(h[:, t], first=t)).flatten(0, 1),
                               tokens[:, t:].flatten(), reduction="none") for t in range(N)]
-        nxt = [F.cross_entropy(model.logits(model.forward_head(h[:, t], first=t)[:, 0]), tokens[:, t]) for t in range(N)]
+        nxt = [F.cross_entropy(model.logits(model.forward_prediction_head(h[:, t], first=t)[:, 0]), tokens[:, t]) for t in range(N)]
     torch.testing.assert_close(loss, torch.cat(ce).mean())
     torch.testing.assert_close(metrics["next_loss"], torch.stack(nxt).mean())
     torch.testing.assert_close(obj.next_loss_by_position(tokens, labels).mean(), metrics["next_loss"])
@@ -404,3 +404,26 @@ def test_remaining_queries_head_predicts_from_the_queries_of_unobserved_position
         HeptapodObjective(model, HeptapodLossConfig(target_set="all"))
     with pytest.raises(ValueError, match="head_queries='remaining' needs head_type='global'"):
         tiny(head_type="local", head_queries="remaining")
+
+
+def test_checkpoints_from_before_the_denoiser_rename_load(tmp_path):
+    """The diffusion MLP was ``diffloss`` (MAR's name for the loss module around it); weights saved under that name
+    load into ``denoiser``, through load_model and through a plain load_state_dict (a resumed run)."""
+    from safetensors.torch import load_file, save_file
+
+    from arvision.checkpoints import load_model, save_model
+
+    model = tiny(token_type="continuous", latent_channels=3).eval()
+    save_model(model, tmp_path / "ckpt")
+    weights = next((tmp_path / "ckpt").glob("*.safetensors"))
+    old = {k.replace("denoiser.", "diffloss."): v for k, v in load_file(weights).items()}
+    assert any(k.startswith("diffloss.") for k in old)
+    save_file(old, weights)
+    loaded = load_model(tmp_path / "ckpt", family="heptapod")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    torch.manual_seed(1)
+    fresh = arvision.create_model("heptapod_tiny", **{**TINY, "token_type": "continuous", "latent_channels": 3})
+    fresh.load_state_dict(old)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from ..files import command_line_error
 from ..models.registry import get_family, list_families, list_models, model_config
 from ..models.tokenizers import TOKENIZER_FAMILIES, KLTokenizer, Tokenizer, read_published, tokenizer_from_state_dict
 from .arvision_format import (
@@ -28,8 +29,18 @@ from .arvision_format import (
 )
 from .official_nepa import OFFICIAL_CONFIG, OFFICIAL_EMA, read_official
 
-HEAD_KEYS = ("head.", "fc_norm.")  # the nepa_vit classifier: replaced when num_classes or global_pool change
-_HEADS = {"nepa_vit": (HEAD_KEYS, ("num_classes", "global_pool"))}  # family -> (head key prefixes, head fields)
+HEAD_KEYS = ("head.", "fc_norm.")  # the nepa_vit classifier (NepaViT.classifier_keys), for the official converters
+
+# the commands that take each family's checkpoints, named in the command line's wrong-family errors
+FAMILY_COMMANDS = {
+    "nepa_vit": "`arvision eval knn | linear | attentive | classify`, `arvision visualize`, `arvision finetune "
+                "model.init=PATH`",
+    "heptapod": "`arvision sample`",
+    "vq_tokenizer": "`arvision tokenizer eval | encode | reconstruct`",
+    "kl_tokenizer": "`arvision tokenizer eval | encode | reconstruct`",
+    "segmentor": "`arvision segment eval | predict`",
+    "timm_classifier": "`arvision eval fid --extractor PATH` (as a judge)",
+}
 
 
 # ------------------------------------------------------------------------------------------- fit check
@@ -39,56 +50,38 @@ def _fmt(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _nepa_summary(cfg) -> str:
-    return (f"embed_dim={cfg.embed_dim}, depth={cfg.depth}, num_heads={cfg.num_heads}, mlp_type={cfg.mlp_type}, "
-            f"mlp_hidden={cfg.mlp_hidden or 4 * cfg.embed_dim}, qk_norm={cfg.qk_norm}, "
-            f"layerscale={'on' if cfg.layerscale else 'off'}, num_classes={cfg.num_classes}, "
-            f"patch_size={cfg.patch_size}")
-
-
 def describe(model: torch.nn.Module) -> str:
     """``Class(short config summary)``: the config's ``summary()`` when it has one."""
     cfg = model.config
     if callable(getattr(cfg, "summary", None)):
         summary = cfg.summary()
-    elif getattr(model, "family", None) == "nepa_vit":
-        summary = _nepa_summary(cfg)
     else:
         summary = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
     return f"{type(model).__name__}({summary})"
 
 
-def _fill_qk_norm(model: torch.nn.Module, sd: StateDict) -> None:
-    """An affine QK-Norm NEPA model fed a checkpoint without QK-Norm weights (the official base pretraining
-    checkpoint into a fine-tune config) starts from weight 1 and bias 0, as the official init script."""
-    if any(".attn.q_norm." in k or ".attn.k_norm." in k for k in sd):
-        return
-    for key, value in model.state_dict().items():
-        if ".attn.q_norm." in key or ".attn.k_norm." in key:
-            sd[key] = torch.ones_like(value) if key.endswith(".weight") else torch.zeros_like(value)
-
-
 def _head_keys(model: torch.nn.Module) -> tuple[str, ...]:
-    family = getattr(model, "family", None)
-    if family not in _HEADS:
-        raise ValueError(f"skip_head applies to models with a replaceable classifier ({', '.join(_HEADS)}); "
-                         f"{type(model).__name__} has none: load it without skip_head")
-    return _HEADS[family][0]
+    keys = getattr(model, "classifier_keys", None)
+    if not keys:
+        raise ValueError(f"skip_head applies to models with a replaceable classifier; {type(model).__name__} has "
+                         "none: load it without skip_head")
+    return keys
 
 
 def load_state_dict_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint",
                             skip_head: bool = False, overrides: Optional[Mapping[str, Any]] = None):
     """Load a state dict (arvision keys), or raise one ValueError line naming what does not fit.
-    ``skip_head`` leaves the classifier (``head.``, ``fc_norm.``) as the model has it; ``overrides`` (the config
-    fields the caller changed) only shape the message."""
+    ``skip_head`` leaves the classifier (the family's ``classifier_keys``) as the model has it; the family's
+    ``checkpoint_filter_fn`` (timm's hook) adapts older or official layouts first; ``overrides`` (the config fields
+    the caller changed) only shape the message."""
     sd = dict(sd)
+    if callable(getattr(model, "checkpoint_filter_fn", None)):
+        sd = model.checkpoint_filter_fn(sd)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if skip_head:
         head = _head_keys(model)
         sd = {k: v for k, v in sd.items() if not k.startswith(head)}
         expected = {k: s for k, s in expected.items() if not k.startswith(head)}
-    if getattr(model, "family", None) == "nepa_vit":
-        _fill_qk_norm(model, sd)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     mismatched = [f"{k} {tuple(sd[k].shape)} in checkpoint vs {tuple(s)} in model"
@@ -104,7 +97,11 @@ def load_state_dict_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tenso
         else:
             hint = ("pass the preset/config the checkpoint was made with, or use arvision.checkpoints.load_model(path),"
                     " which reads it")
-        raise ValueError(f"{source} does not fit {describe(model)}: {'; '.join(parts)}; {hint}")
+        problem = f"{source} does not fit {describe(model)}: {'; '.join(parts)}"
+        # a command builds the model from the config saved with the weights: they disagree, the checkpoint is damaged
+        raise command_line_error(ValueError(f"{problem}; {hint}"), f"{problem}; " + (
+            hint if overrides else "its weights do not match the config saved with them: use an intact copy, or "
+            "convert the original again (`arvision convert`)"))
     model.load_state_dict(sd, strict=not skip_head)
     return model
 
@@ -161,7 +158,10 @@ def read_family_checkpoint(source: PathLike, ema: bool = False) -> tuple[StateDi
     path = _resolve(source, ema)
     if path.is_file():
         if ema:
-            raise ValueError(f"ema=True needs a checkpoint directory, got the file {path}; pass the EMA file itself")
+            raise command_line_error(
+                ValueError(f"ema=True needs a checkpoint directory, got the file {path}; pass the EMA file itself"),
+                f"--ema needs a checkpoint directory, got the file {path}; drop --ema, or pass the EMA weights file "
+                "itself")
         directory, weights = path.parent, path
     else:
         directory, weights = path, None
@@ -179,8 +179,11 @@ def _check_family(source: PathLike, stored: str, expected: Optional[str]) -> Non
     if expected is None or expected == stored:
         return
     get_family(expected)  # an unknown name says so first
-    raise ValueError(f"{source} is a {stored} checkpoint, not {expected}; load it with "
-                     f"arvision.load_model(path, family={stored!r})")
+    problem = f"{source} is a {stored} checkpoint, not {expected}"
+    raise command_line_error(
+        ValueError(f"{problem}; load it with arvision.load_model(path, family={stored!r})"),
+        f"{problem}, which this command takes; {stored} checkpoints go to "
+        f"{FAMILY_COMMANDS.get(stored, '`arvision models --family ' + stored + '`')}")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -200,7 +203,7 @@ def load_model(source: PathLike, family: Optional[str] = None, ema: bool = False
     stored = config.to_dict()
     cfg = fam.config_cls.from_dict({**stored, **overrides})
     changed = {k: v for k, v in overrides.items() if stored[k] != v}
-    head_fields = _HEADS.get(stored_family, ((), ()))[1]
+    head_fields = getattr(fam.model_cls, "classifier_fields", ())
     model = fam.model_cls(cfg)
     load_state_dict_checked(model, sd, f"checkpoint {source}", skip_head=any(k in changed for k in head_fields),
                             overrides=changed)

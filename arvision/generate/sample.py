@@ -1,4 +1,5 @@
-"""Raster autoregressive sampling from a Heptapod generator, with a KV cache in the causal backbone (spec §5).
+"""Raster autoregressive sampling from a Heptapod generator, with a KV cache in the causal backbone
+(docs/heptapod_spec.md §5).
 
 The class prefix is prefilled once; then, for t = 0 .. N-1, the 2D head turns h_t into z_{t,t}, token t is drawn
 (VQ: softmax(logits / temperature) with top-k / top-p; latents: reverse diffusion with ``diffusion_steps`` and a
@@ -113,7 +114,7 @@ class _Predictor:
     """z_{t,t} from the backbone state(s) for the model's head type and conditioning.
 
     The fast path (``fast``) gives the reference path's z up to float rounding: the head runs query t alone through
-    its last block (``Heptapod.forward_head_at``), block 0's query inputs are computed once per call, and a prefix
+    its last block (``Heptapod.forward_prediction_head_at``), block 0's query inputs are computed once per call, and a prefix
     condition passes only the valid states h_0 .. h_t (the reference masks the others out as keys; their own rows
     are never read)."""
 
@@ -132,12 +133,12 @@ class _Predictor:
             self.states[:, t] = h
         if self.fast:
             states = self.states[:, :t + 1] if self.prefix else h
-            return model.forward_head_at(states, t, constants=self.constants)
+            return model.forward_prediction_head_at(states, t, constants=self.constants)
         if self.prefix:
             mask = (torch.arange(model.num_tokens, device=h.device) <= t).expand(h.shape[0], -1)
-            return model.forward_head(self.states, mask)[:, t]
+            return model.forward_prediction_head(self.states, mask)[:, t]
         first = t if model.config.head_queries == "remaining" else 0
-        return model.forward_head(h, first=first)[:, t - first]
+        return model.forward_prediction_head(h, first=first)[:, t - first]
 
 
 @torch.no_grad()
@@ -190,7 +191,7 @@ def _sample(model, labels, cfg: SamplingConfig, noise: SampleNoise, guided: bool
             nxt = torch.cat([nxt, nxt]) if guided else nxt
         else:
             eps = noise.normal(diffusion.num_draws(cfg.diffusion_steps), mcfg.latent_channels)
-            nxt = diffusion.sample(model.diffloss, z, mcfg.latent_channels, cfg.diffusion_steps,
+            nxt = diffusion.sample(model.denoiser, z, mcfg.latent_channels, cfg.diffusion_steps,
                                    cfg.diffusion_temperature, cfg_scale=cfg.cfg_scale,
                                    variance=cfg.diffusion_variance, noise=eps).to(dtype)
             nxt = torch.cat([nxt, nxt]) if guided else nxt

@@ -1,9 +1,9 @@
 """Heptapod: class-conditional generation by next-2D-distribution prediction (arXiv 2510.06673; spec in
-shared/spec/heptapod.md, every guessed choice a config field).
+docs/heptapod_spec.md, every guessed choice a config field).
 
 A causal transformer (the shared trunk) reads ``[class prefix; x_0 .. x_{N-2}]`` over raster-ordered visual tokens
 and gives states h_0 .. h_{N-1}, where h_t has seen the class and x_0 .. x_{t-1}. At every timestep a **2D prediction
-head** turns h_t into predictions z_{t,j} for grid positions j (spec §2.1, §3.3):
+head** turns h_t into predictions z_{t,j} for grid positions j (docs/heptapod_spec.md §2.1, §3.3):
 
 - ``global``: a bidirectional transformer over [Proj(h_t); q_0 .. q_{N-1}], q_j = mask token + position j;
 - ``local``: the same queries attend to the context and, among themselves, only to a k x k spatial window
@@ -17,7 +17,7 @@ distribution head: logits over the codebook (VQ tokens) or the condition of a di
 
     model = arvision.create_model("heptapod_tiny", codebook_size=1024, grid_size=8, num_classes=10)
     states = model.forward_backbone(tokens, labels)            # (B, N, D): h_0 .. h_{N-1}
-    z = model.forward_head(states[:, t_idx] ...)               # see objectives/heptapod.py
+    z = model.forward_prediction_head(states[:, t_idx])        # (M, N, D): z_{t,j}; see objectives/heptapod.py
 """
 from __future__ import annotations
 
@@ -112,8 +112,14 @@ class Heptapod(nn.Module):
         if cfg.token_type == "discrete":
             self.logits = nn.Linear(D, cfg.codebook_size)
         else:
-            self.diffloss = DiffusionMLP(cfg.latent_channels, D, cfg.diffloss_width, cfg.diffloss_depth)
+            self.denoiser = DiffusionMLP(cfg.latent_channels, D, cfg.diffloss_width, cfg.diffloss_depth)
         self.init_weights()
+        self.register_load_state_dict_pre_hook(lambda module, sd, prefix, *args: _rename_denoiser_keys(sd, prefix))
+
+    def checkpoint_filter_fn(self, state_dict: dict) -> dict:
+        state_dict = dict(state_dict)
+        _rename_denoiser_keys(state_dict)
+        return state_dict
 
     @property
     def null_class(self) -> int:
@@ -123,8 +129,8 @@ class Heptapod(nn.Module):
         """The modules FSDP2 shards one by one: each block of the backbone and of the 2D head, and each residual
         block of the diffusion MLP."""
         head = self.head.shard_units() if hasattr(self, "head") else []
-        diffloss = list(self.diffloss.blocks) if hasattr(self, "diffloss") else []
-        return [*self.backbone.shard_units(), *head, *diffloss]
+        denoiser = list(self.denoiser.blocks) if hasattr(self, "denoiser") else []
+        return [*self.backbone.shard_units(), *head, *denoiser]
 
     def init_weights(self):
         def _init(m):
@@ -135,7 +141,7 @@ class Heptapod(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
         for name, child in self.named_children():
-            if name != "diffloss":  # the diffusion MLP has its own (zero AdaLN) initialisation
+            if name != "denoiser":  # the diffusion MLP has its own (zero AdaLN) initialisation
                 child.apply(_init)
         for p in (self.prefix_pos, self.pos_embed, getattr(self, "mask_token", None), getattr(self, "query_pos", None)):
             if p is not None:
@@ -209,7 +215,7 @@ class Heptapod(nn.Module):
         mask[context:, context:] = window
         return mask
 
-    def forward_head(self, states: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
+    def forward_prediction_head(self, states: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
                      first: int = 0) -> torch.Tensor:
         """Predictions z (M, N, D) for every grid position, from M conditions: ``states`` (M, D) for h_t, or
         (M, S, D) for a prefix of states with ``context_mask`` (M, S) marking the valid ones (h_0 .. h_t).
@@ -238,7 +244,7 @@ class Heptapod(nn.Module):
         """What the head computes identically for every condition: the queries q_j = mask token + position j
         (1, N, D) and their block-0 attention inputs (q, k, v), each (1, H, N, d). ``dtype``: that of the head's
         input (the state projection's output; under autocast its dtype). Computed once per sampling call and
-        passed to ``forward_head_at``."""
+        passed to ``forward_prediction_head_at``."""
         if dtype is None:
             dtype = self.state_proj(self.query_pos[:, :1]).dtype
         queries = (self.mask_token + self.query_pos).to(dtype)
@@ -294,9 +300,9 @@ class Heptapod(nn.Module):
         near = ((positions // G - t // G).abs() <= radius) & ((positions % G - t % G).abs() <= radius)
         return positions[near]
 
-    def forward_head_at(self, states: torch.Tensor, t: int, context_mask: Optional[torch.Tensor] = None,
+    def forward_prediction_head_at(self, states: torch.Tensor, t: int, context_mask: Optional[torch.Tensor] = None,
                         constants=None) -> torch.Tensor:
-        """z_{t,t} (M, D) alone: ``forward_head(states, context_mask)[:, t]`` (equal up to float rounding) at a
+        """z_{t,t} (M, D) alone: ``forward_prediction_head(states, context_mask)[:, t]`` (equal up to float rounding) at a
         fraction of the cost, for sampling. Block 0 takes the queries' attention inputs from ``constants``
         (``head_constants``), and the last block and the final norm run only for query t: the other queries'
         outputs of the last block are never read, while every position's keys and values still are. The local
@@ -337,6 +343,12 @@ class Heptapod(nn.Module):
                 mask = None if mask is None else mask[..., row:row + 1, :]
             x = _attention_outputs(block, x, q, k, v, mask)
         return self.head.norm(x[:, 0])
+
+
+def _rename_denoiser_keys(state_dict: dict, prefix: str = "") -> None:
+    """Checkpoints written before the diffusion MLP was named ``denoiser`` (MAR's ``diffloss``) load unchanged."""
+    for key in [k for k in state_dict if k.startswith(prefix + "diffloss.")]:
+        state_dict[prefix + "denoiser." + key[len(prefix + "diffloss."):]] = state_dict.pop(key)
 
 
 def _attention_inputs(block, x: torch.Tensor, query_row: Optional[int] = None):
@@ -387,7 +399,7 @@ def heptapod_small():
                 diffloss_depth=3, diffloss_width=512)
 
 
-# ImageNet 256 (16x16 KL-16 latents). Layouts follow the spec's MAR-analogy reading [I/G], not a released config.
+# ImageNet 256 (16x16 KL-16 latents). Layouts: MAR-analogy reading of docs/heptapod_spec.md [I/G], not a released config.
 def _imagenet(width: int, depth: int, heads: int, dl_depth: int, dl_width: int) -> dict:
     return dict(token_type="continuous", latent_channels=16, grid_size=16, num_classes=1000, embed_dim=width,
                 depth=depth, num_heads=heads, head_depth=depth, diffloss_depth=dl_depth, diffloss_width=dl_width)

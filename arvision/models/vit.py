@@ -55,10 +55,27 @@ class NepaConfig(ConfigDict):
         if self.global_pool not in ("avg", "last"):
             raise ValueError(f"global_pool must be 'avg' or 'last', got {self.global_pool!r}")
 
+    def summary(self) -> str:
+        return (f"embed_dim={self.embed_dim}, depth={self.depth}, num_heads={self.num_heads}, "
+                f"mlp_type={self.mlp_type}, mlp_hidden={self.mlp_hidden or 4 * self.embed_dim}, "
+                f"qk_norm={self.qk_norm}, layerscale={'on' if self.layerscale else 'off'}, "
+                f"num_classes={self.num_classes}, patch_size={self.patch_size}")
+
 
 class NepaViT(Transformer):
     """Patch embedding + CLS, the shared trunk (``blocks``, ``norm``), and the classifier head (timm API)."""
     num_prefix_tokens = 1
+    classifier_keys = ("head.", "fc_norm.")  # the classifier: replaced when a classifier field changes on loading
+    classifier_fields = ("num_classes", "global_pool")
+
+    def checkpoint_filter_fn(self, state_dict: dict) -> dict:
+        """A checkpoint without QK-Norm weights (the official base pretraining one) loaded into an affine QK-Norm
+        model (a fine-tune config) starts them at weight 1 and bias 0, as the official init script."""
+        if any(".attn.q_norm." in k or ".attn.k_norm." in k for k in state_dict):
+            return state_dict
+        fill = {k: torch.ones_like(v) if k.endswith(".weight") else torch.zeros_like(v)
+                for k, v in self.state_dict().items() if ".attn.q_norm." in k or ".attn.k_norm." in k}
+        return {**state_dict, **fill}
 
     def __init__(self, config: Optional[NepaConfig] = None, **kwargs):
         cfg = config or NepaConfig(**kwargs)

@@ -1,4 +1,4 @@
-"""The Heptapod objective: next 2D distribution prediction (spec §2.2).
+"""The Heptapod objective: next 2D distribution prediction (docs/heptapod_spec.md §2.2).
 
     L = 1/|P| sum_{(t, j) in P} l(x_j ; z_{t,j}),   z_{t,j} = Head(h_t, position j)
 
@@ -105,7 +105,7 @@ class HeptapodObjective(Objective):
     def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
         # no weight decay on the diffusion MLP (MAR), biases, norms
         return weight_decay_groups(self, lr, weight_decay, warmup_steps,
-                                   no_decay=lambda name: ".diffloss." in f".{name}")
+                                   no_decay=lambda name: ".denoiser." in f".{name}")
 
     def sample_timesteps(self, batch: int, num: int, device) -> torch.Tensor:
         """(B, K) distinct timesteps per image (all N in order when K is 0 or >= N)."""
@@ -134,10 +134,10 @@ class HeptapodObjective(Objective):
             weights = torch.full((pred.shape[0],), 1.0 / pred.shape[0], device=z.device)
         else:
             if model.config.head_condition == "state":
-                z = model.forward_head(states[rows, t].flatten(0, 1))  # (B K, N, D)
+                z = model.forward_prediction_head(states[rows, t].flatten(0, 1))  # (B K, N, D)
             else:
                 ctx_mask = torch.arange(N, device=t.device)[None, :] <= t.flatten()[:, None]
-                z = model.forward_head(states.repeat_interleave(K, dim=0), ctx_mask)
+                z = model.forward_prediction_head(states.repeat_interleave(K, dim=0), ctx_mask)
             t_flat = t.flatten()
             next_pos = torch.arange(N, device=t.device)[None, :] == t_flat[:, None]
             sup = subsample(supervision_mask(t_flat, model.config.grid_size, cfg.target_set, cfg.target_window),
@@ -170,7 +170,7 @@ class HeptapodObjective(Objective):
         steps = torch.arange(N) if K <= 0 or K >= N else torch.randperm(N)[:K].sort().values
         preds, targets, nexts, counts = [], [], [], []
         for t in steps.tolist():
-            z = model.forward_head(states[:, t], first=t)  # (B, N - t, D): positions t .. N-1
+            z = model.forward_prediction_head(states[:, t], first=t)  # (B, N - t, D): positions t .. N-1
             t_rows = torch.full((B,), t, device=tokens.device)
             sup = supervision_mask(t_rows, model.config.grid_size, cfg.target_set, cfg.target_window)[:, t:]
             next_pos = torch.zeros_like(sup)
@@ -204,10 +204,10 @@ class HeptapodObjective(Objective):
             if model.config.head_type == "none":
                 z = states
             elif model.config.head_queries == "remaining":
-                z = torch.stack([model.forward_head(states[:, t], first=t)[:, 0] for t in range(N)], dim=1)
+                z = torch.stack([model.forward_prediction_head(states[:, t], first=t)[:, 0] for t in range(N)], dim=1)
             else:
                 ar = torch.arange(N, device=x.device)
-                z = model.forward_head(states.flatten(0, 1)).view(b, N, N, -1)[:, ar, ar]
+                z = model.forward_prediction_head(states.flatten(0, 1)).view(b, N, N, -1)[:, ar, ar]
             per = self.pair_losses(z.flatten(0, 1), x.flatten(0, 1)).view(b, N).sum(0)
             total = per if total is None else total + per
         return total / tokens.shape[0]
@@ -217,7 +217,7 @@ class HeptapodObjective(Objective):
         model = self.model
         if self.diffusion is not None:
             m = self.config.diffusion_batch_mul
-            per = self.diffusion.loss(model.diffloss, target.repeat(m, 1), pred.repeat(m, 1))
+            per = self.diffusion.loss(model.denoiser, target.repeat(m, 1), pred.repeat(m, 1))
             return per.view(m, -1).mean(dim=0)
         head = model.logits
 
