@@ -11,13 +11,17 @@ import os
 def cmd_shard(args) -> None:
     from ..data.shards import write_shards
 
+    from functools import partial
+
     from ..data.datasets import available_splits
+    from ..train.logging import progress_bar
 
     splits = ([{"validation": "val"}.get(s, s) for s in available_splits(args.folder)] if args.split == "all"
               else [args.split])
     for split in splits:
         index = write_shards(args.folder, args.out, split, shard_size=args.shard_size, max_size_mb=args.max_size,
-                             seed=None if args.no_shuffle else args.seed, workers=args.workers)
+                             seed=None if args.no_shuffle else args.seed, workers=args.workers,
+                             progress=partial(progress_bar, unit="img"))
         total = sum(s["filesize"] for s in index["shardlist"])
         print(f"wrote {index['num_samples']} images of {len(index['classes'])} classes in "
               f"{len(index['shardlist'])} shards ({total / 2 ** 20:.1f} MiB) to {args.out}/{index['name']}-*.tar, "

@@ -330,12 +330,13 @@ def _tar_bytes(members: dict[str, bytes]) -> int:
 
 def write_shards(folder: str | os.PathLike, out: str | os.PathLike, split: str = "train",
                  shard_size: Optional[int] = None, max_size_mb: Optional[float] = None, seed: Optional[int] = 0,
-                 workers: int = 1) -> dict:
+                 workers: int = 1, progress: Optional[Callable] = None) -> dict:
     """Write ``split`` of the image folder ``folder`` as shards ``out/<split>-NNNNNN.tar`` and the index
     ``out/<split>.json`` (returned). Images are listed by the folder reader (hidden names, links, empty classes as
     in training) and each is decoded once: those that fail are skipped and counted in one warning. ``seed``: the
     samples in a fixed random order (None: the folder's order); a shard ends at ``shard_size`` samples or before
-    ``max_size_mb`` MB (default 1000 MB). Each shard is written atomically, the index last."""
+    ``max_size_mb`` MB (default 1000 MB). Each shard is written atomically, the index last. ``progress(iterable,
+    total=, desc=)`` wraps the images as they are read (a progress bar)."""
     from .datasets import ImageFolderDataset, check_split_classes, resolve_split
     from .images import class_folders
 
@@ -383,7 +384,8 @@ def write_shards(folder: str | os.PathLike, out: str | os.PathLike, split: str =
 
     out.mkdir(parents=True, exist_ok=True)
     pending, pending_bytes = [], 0
-    for i, data, why in checked():
+    images = checked() if progress is None else progress(checked(), total=len(order), desc=f"shard {name}")
+    for i, data, why in images:
         path, label = listing.samples[i]
         if data is None:
             skipped.append((path, why))
