@@ -74,8 +74,9 @@ def test_sample_grid_has_one_named_row_per_chosen_class_and_is_fixed_by_the_seed
     np.testing.assert_array_equal(grid, again)
     other = demo_cli.sample_grid(generator, [7, 2], num_per_class=3, temperature=1.0, top_k=0, seed=6)
     assert not np.array_equal(grid, other)
-    path = demo_cli.grid_file(grid, tmp_path, [7, 2], 5)
-    assert path.name == "samples_c2-7_seed5.png"
+    path = demo_cli.grid_file(grid, tmp_path, [7, 2], 3, 1.0, 0, 5)
+    assert path.name == "samples_c2-7_n3_t1_k0_seed5.png"
+    assert demo_cli.grid_file(grid, tmp_path, [7, 2], 3, 0.9, 0, 5) != path  # other settings, another file
     np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)
 
 

@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -104,7 +104,8 @@ def sampling_config(model, temperature: float = 1.0, top_k: int = 0):
 def sample_grid(generator: Generator, classes: Sequence[int], num_per_class: int = 4, temperature: float = 1.0,
                 top_k: int = 0, seed: int = 0, batch_size: int = 64) -> np.ndarray:
     """uint8 (H, W, 3): ``num_per_class`` samples of each class, one row per class in index order, named on the
-    left (``class_grid``); the same arguments give the same grid (every sample's randomness comes from the seed and its index)."""
+    left (``class_grid``); the same arguments give the same grid (every sample's randomness comes from the seed and
+    its index)."""
     from ..generate.outputs import class_grid, class_labels, generate_images
 
     classes = sorted({int(c) for c in classes})
@@ -122,11 +123,14 @@ def sample_grid(generator: Generator, classes: Sequence[int], num_per_class: int
     return class_grid(images, labels, per_row=int(num_per_class), labelled=True, class_names=generator.class_names)
 
 
-def grid_file(canvas: np.ndarray, directory, classes: Sequence[int], seed: int) -> Path:
-    """The grid as a PNG in ``directory``, named after what it shows (``samples_c0-3-7_seed0.png``)."""
+def grid_file(canvas: np.ndarray, directory, classes: Sequence[int], num_per_class: int, temperature: float,
+              top_k: int, seed: int) -> Path:
+    """The grid as a PNG in ``directory``, named after the settings that drew it
+    (``samples_c0-3-7_n4_t1_k0_seed0.png``), so grids of other settings never overwrite it."""
     from ..generate.outputs import save_image
 
-    name = f"samples_c{'-'.join(str(c) for c in sorted({int(c) for c in classes}))}_seed{int(seed)}.png"
+    name = (f"samples_c{'-'.join(str(c) for c in sorted({int(c) for c in classes}))}_n{int(num_per_class)}"
+            f"_t{float(temperature):g}_k{int(top_k)}_seed{int(seed)}.png")
     return save_image(canvas, Path(directory) / name)
 
 
@@ -187,7 +191,7 @@ def _generator_page(gr, generator: Generator, checkpoint, workdir: Path):
         try:
             canvas = sample_grid(generator, classes or [], int(num_per_class), float(temperature), int(top_k),
                                  int(seed))
-            path = grid_file(canvas, workdir, classes, int(seed))
+            path = grid_file(canvas, workdir, classes, int(num_per_class), float(temperature), int(top_k), int(seed))
         except KNOWN_ERRORS as e:
             raise _one_line(gr, e) from e
         return canvas, str(path)
