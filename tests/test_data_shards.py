@@ -15,6 +15,8 @@ from PIL import Image
 
 import arvision
 from arvision.cli import main
+
+pytest.importorskip("webdataset")  # the optional extra .[shards] (in .[dev]): patterns, the writer
 from arvision.config import load_config
 from arvision.data import build_dataset, pretrain_transform
 from arvision.data.shards import ShardDataset, write_shards
