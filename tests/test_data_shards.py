@@ -108,6 +108,8 @@ def test_shard_command_writes_the_folder_and_reads_back_the_same_images_and_labe
     jpg = next(s for s in samples if s["__key__"] == "cat/000")
     assert jpg["jpg"] == (src / "train" / "cat" / "000.jpg").read_bytes() and jpg["cls"] == b"1"
     assert build_dataset(tmp_path / "wds", "val").classes == list(CLASSES)  # val falls back to test, as folders do
+    (src / "ILSVRC2012_img_train.tar").write_bytes(b"")  # an image folder beside its archive is still one
+    assert len(build_dataset(src, "train")) == 18
 
 
 def test_a_brace_pattern_reads_its_shards_and_the_folder_reads_every_split(folder, shards, monkeypatch):

@@ -54,12 +54,14 @@ def _webdataset():
 # ------------------------------------------------------------------------------------------------ source names
 
 def is_shard_source(source) -> bool:
-    """A ``.tar`` path or brace pattern (``shards/train-{000000..000146}.tar``), or a folder holding ``.tar`` files."""
+    """A ``.tar`` path or brace pattern (``shards/train-{000000..000146}.tar``), or a folder holding ``.tar`` files
+    and no split folder (an image folder beside its downloaded archives, ``ILSVRC2012_img_train.tar``, stays one)."""
     text = str(source)
     if text.endswith(".tar"):
         return True
     path = Path(text)
-    return path.is_dir() and any(name.endswith(".tar") for name in os.listdir(path))
+    return (path.is_dir() and any(name.endswith(".tar") for name in os.listdir(path))
+            and not any((path / split).is_dir() for split in ("train", "val", "validation", "test")))
 
 
 def shard_folder(source) -> Path:
