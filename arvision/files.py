@@ -7,6 +7,7 @@ traceback, and none unpickles code: ``torch.load`` runs only with ``weights_only
     meta = read_json(path)                            # FileFormatError: damaged JSON
     cfg = read_yaml_text(text, source=path)           # FileFormatError: !!python tags, syntax errors (with the line)
     if is_disk_full(error, directory): ...            # an exception from a write that ran out of space
+    raise command_line_error(ValueError("... ema=True ..."), "... --ema ...")  # each reader's own hint
     write_json(path, obj)                             # atomically: a temporary file beside it, then a rename
     with atomic_write(path, suffix=".png") as tmp:    # any other writer: tmp becomes path when the block ends
         image.save(tmp)
@@ -32,6 +33,14 @@ PathLike = Union[str, os.PathLike]
 class FileFormatError(ValueError):
     """A file that exists but cannot be read as what it should be: truncated, damaged, of another format, or holding
     something arvision refuses to load (pickled code, Python-object YAML tags)."""
+
+
+def command_line_error(error: BaseException, message: str) -> BaseException:
+    """``error`` carrying the line the command line prints instead of its own message (``arvision: error: ...``):
+    for a fault that a Python caller and a command-line user fix differently (a keyword argument there, a flag or a
+    command here). Raise what it returns."""
+    error.command_line_message = message
+    return error
 
 
 def _first_line(error: BaseException) -> str:

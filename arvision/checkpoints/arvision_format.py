@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import torch
 from safetensors.torch import save_file
 
-from ..files import is_disk_full, read_json, read_safetensors, read_torch_file
+from ..files import command_line_error, is_disk_full, read_json, read_safetensors, read_torch_file
 from ..models.registry import family_of, get_family, list_families, unwrap
 
 FORMAT = "arvision"
@@ -173,5 +173,7 @@ def arvision_weights(directory: Path, ema: bool) -> Path:
     weights = directory / (EMA_FILE if ema else WEIGHTS_FILE)
     if not weights.is_file():
         hint = "it was saved without EMA weights; load it without ema=True" if ema else "incomplete save?"
-        raise FileNotFoundError(f"no {weights.name} in arvision checkpoint {directory} ({hint})")
+        error = FileNotFoundError(f"no {weights.name} in arvision checkpoint {directory} ({hint})")
+        raise command_line_error(error, f"no {weights.name} in arvision checkpoint {directory} (" + (
+            "it was saved without EMA weights; drop --ema" if ema else hint) + ")")
     return weights

@@ -17,7 +17,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
-from ..files import read_json
+from ..files import command_line_error, read_json
 from ..models.registry import family_of, unwrap
 from ..models.vit import NepaConfig, NepaViT
 from .arvision_format import PathLike, StateDict, atomic_directory, read_weights_file, write_json, write_safetensors
@@ -202,8 +202,9 @@ def official_weights(directory: Path, ema: bool) -> Path:
     if ema:
         path = directory / OFFICIAL_EMA
         if not path.is_file():
-            raise FileNotFoundError(f"no {OFFICIAL_EMA} in {directory} (official EMA weights exist only in trainer "
-                                    "checkpoints); load it without ema=True")
+            problem = f"no {OFFICIAL_EMA} in {directory} (official EMA weights exist only in trainer checkpoints)"
+            raise command_line_error(FileNotFoundError(f"{problem}; load it without ema=True"),
+                                     f"{problem}; drop --ema")
         return path
     for name in OFFICIAL_WEIGHTS:
         if (directory / name).is_file():
