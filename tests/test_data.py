@@ -192,6 +192,30 @@ def test_hf_save_to_disk_round_trip(tmp_path):
         build_dataset(tmp_path / "single", "val")
 
 
+def test_hf_hub_name_is_read_through_load_dataset(tmp_path, monkeypatch):
+    """--data hf://NAME: datasets.load_dataset(NAME) (here a local data folder, offline; on a machine with the Hub,
+    owner/name), as a map-style dataset (the sampler resumes it exactly, as a folder)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee"])})
+    colours = [COLOURS["ant"], COLOURS["bee"]] * 6
+    rows = {"image": [{"bytes": _png_bytes(c), "path": None} for c in colours], "label": [0, 1] * 6}
+    data = tmp_path / "hub_data" / "data"
+    data.mkdir(parents=True)
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    ds.to_parquet(str(data / "train-00000-of-00001.parquet"))
+    ds.select(range(4)).to_parquet(str(data / "test-00000-of-00001.parquet"))
+    source = f"hf://{tmp_path / 'hub_data'}"
+    assert resolve_split(source, "val") == "test"
+    train = build_dataset(source, "train", transform=T.PILToTensor())
+    assert isinstance(train, HFDiskDataset) and train.classes == ["ant", "bee"] and len(train) == 12
+    assert train[1][1] == 1 and torch.equal(
+        train[1][0], torch.tensor(COLOURS["bee"], dtype=torch.uint8)[:, None, None].expand(3, 8, 8))
+    with pytest.raises(FileNotFoundError, match="could not be loaded"):
+        build_dataset(f"hf://{tmp_path / 'nothing_here'}", "train")
+
+
 def test_hf_missing_dependency_message(tmp_path, monkeypatch):
     (tmp_path / "state.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "datasets", None)

@@ -2,6 +2,7 @@
 `build_dataset`, which picks one from a source string."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -138,8 +139,35 @@ def _import_datasets():
     return datasets
 
 
+HF_HUB = "hf://"
+
+
+def is_hf_hub(source: str | os.PathLike) -> bool:
+    return str(source).startswith(HF_HUB)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_dataset(spec: str) -> dict[str, Any]:
+    """``hf://owner/name[:config][@revision]`` through ``datasets.load_dataset``: downloaded once into the Hugging
+    Face cache and read as memory-mapped Arrow, a map-style dataset, so the sampler's exact resume holds (a streamed
+    IterableDataset would not give it). Any name ``load_dataset`` takes works, a local data folder included."""
+    name, _, revision = spec[len(HF_HUB):].partition("@")
+    name, _, config = name.partition(":")
+    if not name:
+        raise ValueError(f"{spec!r} names no dataset; use hf://owner/name[:config][@revision]")
+    try:
+        ds = _import_datasets().load_dataset(name, config or None, revision=revision or None)
+    except (FileNotFoundError, ConnectionError) as e:
+        raise FileNotFoundError(f"Hugging Face dataset {spec} could not be loaded ({str(e).splitlines()[0]}); check "
+                                "the name, or download it where the Hub is reachable and pass its folder") from None
+    return dict(ds) if hasattr(ds, "keys") else {"train": ds}
+
+
 def _hf_load(path: str | os.PathLike) -> dict[str, Any]:
-    """{split name: datasets.Dataset} of a `save_to_disk` folder (a single Dataset is the 'train' split)."""
+    """{split name: datasets.Dataset} of a `save_to_disk` folder (a single Dataset is the 'train' split) or of a
+    Hub dataset ``hf://owner/name``."""
+    if is_hf_hub(path):
+        return _hub_dataset(str(path))
     ds = _import_datasets().load_from_disk(str(path))
     return dict(ds) if hasattr(ds, "keys") else {"train": ds}
 
@@ -166,7 +194,7 @@ class HFDiskDataset(SkipCorruptDataset):
     def __init__(self, path: str | os.PathLike, split: str, transform: Callable | None = None,
                  image_key: str | None = None, label_key: str | None = None):
         datasets = _import_datasets()
-        self.path, self.split, self.transform = Path(path), split, transform
+        self.path, self.split, self.transform = (path if is_hf_hub(path) else Path(path)), split, transform
         splits = _hf_load(path)
         if split not in splits:
             raise ValueError(f"split {split!r} not found in {path}; available splits: {', '.join(splits)}")
@@ -221,7 +249,8 @@ def _check_exists(source: str | os.PathLike) -> Path:
         what = "is not a folder" if path.exists() else "does not exist"
         raise FileNotFoundError(f"data path {path} {what}; pass a folder with train/ (and val/ or test/) class "
                                 f"subfolders, an HF save_to_disk folder, WebDataset shards (their folder or a pattern "
-                                f"'shards/train-{{000000..000009}}.tar'), or '{SYNTHETIC}' / '{SYNTHETIC_DIGITS}'")
+                                f"'shards/train-{{000000..000009}}.tar'), a Hub dataset 'hf://owner/name', or '{SYNTHETIC}' / "
+                                f"'{SYNTHETIC_DIGITS}'")
     return path
 
 
@@ -233,6 +262,8 @@ def available_splits(source: str | os.PathLike) -> list[str]:
 
     if is_shard_source(source):
         return shard_splits(source)
+    if is_hf_hub(source):
+        return list(_hf_load(source))
     path = _check_exists(source)
     if (path / "dataset_dict.json").is_file():
         return list(json.loads((path / "dataset_dict.json").read_text())["splits"])
@@ -270,7 +301,7 @@ def build_dataset(source: str | os.PathLike, split: str = "train", transform: Ca
         return cls(num_samples=n, img_size=img_size, split=name, transform=transform)
     if is_shard_source(source):
         return open_shards(source, name, transform=transform)
-    if is_hf_disk(source):
+    if is_hf_hub(source) or is_hf_disk(source):
         return HFDiskDataset(source, name, transform=transform)
     if (Path(source) / name).is_dir():
         check_split_classes(source, name, class_folders(Path(source) / name, source))
