@@ -148,19 +148,10 @@ def _qk_joint():
         arv_layers.Attention.forward = _ORIGINAL_ATTN_FORWARD
 
 
-@contextmanager
-def _attention_kernel(kernel: str):
-    previous = arv_layers.set_attention_kernel(kernel)
-    try:
-        yield
-    finally:
-        arv_layers.set_attention_kernel(previous)
-
-
 EXPERIMENTS: dict[str, Callable[[], ContextManager]] = {
     "qk-joint": _qk_joint,
     # The attention kernel before the matmul path became the CPU default for short sequences: SDPA (CPU flash).
-    "attn-sdpa": lambda: _attention_kernel("sdpa"),
+    "attn-sdpa": lambda: arv_layers.attention_kernel("sdpa"),
     # The math SDPA backend (matmul + softmax) instead of the CPU flash kernel, whose bf16 backward is slow at short T.
     "sdpa-math": lambda: sdpa_kernel(SDPBackend.MATH),
 }
@@ -188,11 +179,8 @@ def attention_kernels(device: torch.device, repeats: int = 5) -> list[dict]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def matmul(q, k, v):
-        previous = arv_layers.set_attention_kernel("matmul")
-        try:
+        with arv_layers.attention_kernel("matmul"):
             return arv_layers.attention(q, k, v, is_causal=True)
-        finally:
-            arv_layers.set_attention_kernel(previous)
 
     rows = []
     for shape in ATTENTION_SHAPES:

@@ -35,11 +35,9 @@ def test_matmul_attention_equals_sdpa(causal, bf16):
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        previous = layers.set_attention_kernel("matmul")
-        try:
+        with layers.attention_kernel("matmul"):
             out = layers.attention(q, k, v, is_causal=causal)
-        finally:
-            layers.set_attention_kernel(previous)
+        assert layers.set_attention_kernel("auto") == "auto"  # restored after the block
         ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
     assert out.dtype == ref.dtype == (torch.bfloat16 if bf16 else torch.float32)
     torch.testing.assert_close(out.float(), ref.float(), **tol)

@@ -8,11 +8,13 @@ Attention kernel (``attention``): on the CPU, for short sequences (at most ``SHO
 bidirectional attention runs as two batched matmuls and a softmax in the input dtype (bf16 under autocast, softmax
 accumulated in fp32 by the kernel), which is several times faster than torch's CPU flash kernel, whose backward is
 slow at short T (measured in benchmarks/README.md); elsewhere, and for explicit masks, it is
-``F.scaled_dot_product_attention``. ``set_attention_kernel("sdpa")`` forces SDPA everywhere.
+``F.scaled_dot_product_attention``. ``with attention_kernel("sdpa"):`` forces SDPA inside the block
+(``set_attention_kernel`` sets it for the process, e.g. from a benchmark's command line).
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,16 @@ def set_attention_kernel(kernel: str) -> str:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
     previous, _kernel = _kernel, kernel
     return previous
+
+
+@contextmanager
+def attention_kernel(kernel: str) -> Iterator[None]:
+    """``with attention_kernel("sdpa"): ...``: the kernel for the block, the previous one restored after it."""
+    previous = set_attention_kernel(kernel)
+    try:
+        yield
+    finally:
+        set_attention_kernel(previous)
 
 
 def _causal_additive_mask(T: int, dtype: torch.dtype, device) -> torch.Tensor:
