@@ -114,6 +114,29 @@ def test_tokenizer_eval_shows_a_bar_and_its_grid_spans_the_classes(tmp_path, cap
                       - np.array(COLOURS[c])).sum() < 6 for p, c in enumerate(shown))
 
 
+def test_tokenizer_eval_rfid_stage_shows_its_bars(tmp_path, capsys, monkeypatch):
+    """--fid extracts features of the originals and of the reconstructions after the reconstruction pass: each a bar."""
+    from arvision.metrics import extractors
+    from arvision.metrics.extractors import FeatureExtractor
+
+    class MeanColour(FeatureExtractor):
+        name = "mean-colour"
+
+        def features(self, images):
+            x = images.double() / 255
+            return {"pool": torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1)}
+
+    monkeypatch.setattr(extractors, "build_extractor", lambda spec, device="cpu": MeanColour())
+    data = _class_folder(tmp_path / "data", COLOURS, per_class=6)
+    torch.manual_seed(0)
+    tok = arvision.save_model(arvision.create_model("vq_f4_32px_lite"), tmp_path / "tok")
+    main(["tokenizer", "eval", str(tok), "--data", str(data), "--img-size", "32", "--num-workers", "0",
+          "--batch-size", "5", "--device", "cpu", "--fid", "--json", str(tmp_path / "r.json")])
+    closing = [line for line in re.split(r"[\r\n]+", capsys.readouterr().err) if ETA.search(line)]
+    for what in ("originals", "reconstructions"):
+        assert any(line.startswith(f"rFID features: {what}") and "5/5" in line for line in closing), closing
+
+
 # ------------------------------------------------------------------------------------------------- labelled grids
 def _dark_rows(column: np.ndarray, row_height: int, rows: int) -> list[int]:
     return [int((column[r * row_height:(r + 1) * row_height] < 100).any(-1).sum()) for r in range(rows)]

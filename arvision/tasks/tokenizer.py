@@ -95,7 +95,7 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
         std = math.sqrt(max(z_sq / z_n - (z_sum / z_n) ** 2, 0.0))
         res.update(latent_std=std, suggested_scale_factor=1.0 / std if std > 0 else 1.0)
     if fid:
-        res.update(_rfid(torch.cat(real_u8), torch.cat(fake_u8), extractor, device, batch_size))
+        res.update(_rfid(torch.cat(real_u8), torch.cat(fake_u8), extractor, device, batch_size, progress))
     if shown:
         from torchvision.utils import save_image
         grid_path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,15 +110,18 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def _rfid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_size: int) -> dict:
+def _rfid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_size: int,
+          progress: bool = True) -> dict:
     from ..metrics import feature_statistics, frechet_distance
     from ..metrics.extractors import build_extractor
+    from ..train.logging import progress_bar
 
     ext = build_extractor(extractor, device)
     feats = []
-    for imgs in (real, fake):
+    for what, imgs in (("originals", real), ("reconstructions", fake)):
+        starts = range(0, len(imgs), batch_size)
         chunks = [ext.features(imgs[i:i + batch_size].to(device))["pool"].double().cpu()
-                  for i in range(0, len(imgs), batch_size)]
+                  for i in progress_bar(starts, desc=f"rFID features: {what}", enabled=progress, unit="batch")]
         feats.append(torch.cat(chunks).numpy())
     (mu1, s1), (mu2, s2) = feature_statistics(feats[0]), feature_statistics(feats[1])
     name = "r" + ext.metric_name("FID")
