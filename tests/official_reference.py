@@ -119,6 +119,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The official rotation of (..., T, d) by per-token angles; cos/sin are (T, d), 1/0 on unrotated tokens."""
+    return x * cos + rotate_half(x) * sin
+
+
 def apply_rotary_pos_emb(q, k, cos, sin):
     """Rotate the patch tokens only; the leading T - N (CLS) tokens are left as they are."""
     num_patches = sin.shape[-2]

