@@ -16,8 +16,6 @@ from arvision.config import load_config
 from arvision.data import SyntheticShapes, pretrain_transform
 from arvision.data.transforms import normalize_uint8
 from arvision.models import layers
-from arvision.models.rope import apply_rope_signed, signed_sin
-from official_reference import apply_rope
 from arvision.objectives import NepaObjective
 from arvision.train import distributed
 from arvision.train.distributed import DistEnv, clip_grad_norm, has_state_buffers
@@ -75,13 +73,6 @@ def test_model_outputs_do_not_depend_on_the_attention_kernel():
         finally:
             layers.set_attention_kernel(previous)
     torch.testing.assert_close(out["sdpa"], out["matmul"], atol=1e-5, rtol=1e-5)
-
-
-def test_fused_rope_equals_rotate_half():
-    x = torch.randn(2, 3, 65, 16)
-    cos, sin = torch.randn(65, 16), torch.randn(65, 16)
-    torch.testing.assert_close(apply_rope_signed(x, cos, signed_sin(sin)), apply_rope(x, cos, sin),
-                               atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.5, 1e6])

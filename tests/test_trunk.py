@@ -5,7 +5,7 @@ import torch
 
 import arvision
 from arvision.models.layers import offset_causal_mask
-from arvision.models.rope import Rope2D, patch_coordinates
+from arvision.models.rope import Rope2D
 from arvision.models.transformer import Transformer, parse_blocks
 
 
@@ -95,17 +95,6 @@ def test_eager_attention_and_checkpointing_honour_masks():
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     out.sum().backward()
     assert x.grad is not None
-
-
-def test_rope_for_other_grids():
-    rope = Rope2D(16, 4).eval()
-    cos, _ = rope()
-    torch.testing.assert_close(rope(grid=(4, 4))[0], cos)
-    c2, s2 = rope(grid=(3, 5))
-    assert c2.shape == (1 + 15, 16)
-    coords = patch_coordinates(6, 10)
-    assert coords.shape == (60, 2) and coords.abs().max() < 1 and coords[:, 1].unique().numel() == 10
-    assert rope(grid=(4, 4)) is rope(grid=(4, 4))  # eval tables are cached
 
 
 def test_vit_on_larger_and_non_square_inputs():
