@@ -101,3 +101,22 @@ def test_every_packaged_recipe_loads_under_its_task():
             load_config(task, f.name[:-5])
             checked += 1
     assert checked >= 10
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config("pretrain", overrides=["train.epochs=3", "train.blr=1e-3", "model.args.depth=2",
+                                             "train.betas=[0.9, 0.99]"])
+    assert cfg.train.epochs == 3 and cfg.train.blr == 1e-3 and cfg.model.args == {"depth": 2}
+    assert cfg.train.betas == [0.9, 0.99]
+    with pytest.raises(ValueError, match="did you mean train.epochs"):
+        load_config("pretrain", overrides=["train.epoch=3"])
+    with pytest.raises(ValueError, match="expects int"):
+        load_config("pretrain", overrides=["train.epochs=many"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config("pretrain", overrides=["train.epochs"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  batch_size: 64\n  warmpu_ratio: 0.1\n")
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        load_config("pretrain", str(recipe))
+    with pytest.raises(FileNotFoundError):
+        load_config("pretrain", str(tmp_path / "missing.yaml"))
