@@ -73,7 +73,6 @@ def init_backbone_from_nepa(model, source) -> None:
                          f"{model.config.depth} blocks): {shape_bad[:3] or 'different depth'}; pick a NEPA model "
                          "with the same width, depth, heads, MLP and QK-Norm")
     model.backbone.load_state_dict(picked, strict=False)
-    log.info(f"causal backbone initialised from the NEPA blocks of {source}")
 
 
 def run(cfg, out=None, resume=False) -> dict:
@@ -93,6 +92,8 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
     seed_everything(cfg.train.seed)
     model = build_generator(cfg, cache)  # before the run directory exists: a mismatch leaves nothing behind
     env, run_dir = prepare_run(cfg, "heptapod", out, resume)
+    if cfg.model.backbone_init:  # said here, where the run's log exists (the model is built before it)
+        log.info(f"causal backbone initialised from the NEPA blocks of {cfg.model.backbone_init}")
     log.info(f"data: {len(cache)} token grids from {cache.path} ({cache.info['token_type']}, "
              f"{cache.info['grid_size']}x{cache.info['grid_size']}, {cache.info['num_classes']} classes)")
     objective = HeptapodObjective(model, HeptapodLossConfig(**cfg.objective))
