@@ -128,14 +128,14 @@ def _rfid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_
     return {name: float(frechet_distance(mu1, s1, mu2, s2)), "rfid_extractor": ext.name, "rfid_images": len(real)}
 
 
-def online_reconstruction(val_set, num: int, run_dir: Path, step, write: bool, grid_n: int = 16):
-    """The Trainer's ``evaluate`` for a tokenizer: PSNR (and for VQ the codebook usage) of ``num`` fixed held-out
-    images, and a grid of ``grid_n`` originals beside their reconstructions (samples/step_*.png and the tracker's
+def online_reconstruction(val_set, run_dir: Path, step, write: bool, grid_n: int = 16):
+    """The Trainer's ``evaluate`` for a tokenizer: PSNR (and for VQ the codebook usage) of the fixed held-out images
+    ``val_set``, and a grid of ``grid_n`` originals beside their reconstructions (samples/step_*.png and the tracker's
     ``eval/reconstructions`` image), so a run can be watched as it learns. Every rank computes the same numbers;
     ``write``: this rank writes the grid."""
     from ..generate.outputs import save_image, tile_images
 
-    images = torch.stack([val_set[i][0] for i in range(min(num, len(val_set)))])
+    images = torch.stack([val_set[i][0] for i in range(len(val_set))])
 
     @torch.no_grad()
     def evaluate(model, ema_model=None) -> dict:
@@ -190,7 +190,7 @@ def run(cfg, out=None, resume=False) -> dict:
     evaluate = None
     if cfg.train.eval_every and cfg.eval.online_images:
         held_out = fixed_subset(image_set(d.source, "val", d.img_size), cfg.eval.online_images)
-        evaluate = online_reconstruction(held_out, cfg.eval.online_images, run_dir, lambda: trainer.step, env.is_main)
+        evaluate = online_reconstruction(held_out, run_dir, lambda: trainer.step, env.is_main)
     trainer = Trainer(objective, train_set, cfg.train, run_dir, env, num_workers=d.num_workers, preset=cfg.model.name,
                       evaluate=evaluate)
     done = resume_run(trainer, run_dir, resume)
