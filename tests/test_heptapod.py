@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import arvision
 from arvision.generate.sample import SamplingConfig, filter_logits, sample_tokens
+from arvision.generate.diffusion import DiffusionSampler
 from arvision.objectives.diffusion_loss import GaussianDiffusion
 from arvision.objectives.heptapod import HeptapodLossConfig, HeptapodObjective, subsample, supervision_mask
 
@@ -152,7 +153,7 @@ def test_diffusion_loss_shapes_and_learning():
     diff = GaussianDiffusion()
     per = diff.loss(model.denoiser, tokens.flatten(0, 1), torch.randn(36, 32))
     assert per.shape == (36,)
-    kept, betas = diff.respaced(10)
+    kept, betas = DiffusionSampler().respaced(10)
     assert len(kept) == 10 and kept[0] == 0 and kept[-1] == 999 and (betas > 0).all() and (betas < 1).all()
     opt = torch.optim.AdamW(obj.parameters(), lr=3e-3)
     losses = []
@@ -214,7 +215,7 @@ def test_logits_start_uniform():
 def test_diffusion_sampler_spread_matches_the_data(steps, tolerance):
     """With the exact denoiser of N(0, 0.5^2) data the sampler must reproduce the spread: the posterior (small)
     variance under-disperses (0.481 at 100 steps, 0.440 at 25); the default (beta) gives 0.503 and 0.519."""
-    d, s = GaussianDiffusion(), 0.5
+    d, s = DiffusionSampler(), 0.5
 
     def exact_eps(x, t, cond):  # E[eps | x_t] for Gaussian x_0
         ab = d.alpha_bar[t].float()[:, None]

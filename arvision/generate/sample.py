@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..objectives.diffusion_loss import GaussianDiffusion
+from .diffusion import DiffusionSampler
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _sample(model, labels, cfg: SamplingConfig, noise: SampleNoise, guided: bool
     run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     dtype = next(model.parameters()).dtype
     predict = _Predictor(model, run_labels.shape[0], device, dtype, fast)
-    diffusion = GaussianDiffusion() if mcfg.token_type == "continuous" else None
+    diffusion = DiffusionSampler() if mcfg.token_type == "continuous" else None
     shape = (run_labels.shape[0], N) if diffusion is None else (run_labels.shape[0], N, mcfg.latent_channels)
     tokens = torch.zeros(shape, dtype=torch.long if diffusion is None else dtype, device=device)
     cache = model.new_cache(run_labels.shape[0], device, dtype) if cfg.use_cache else None
