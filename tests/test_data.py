@@ -11,8 +11,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from arvision.data import (
-    HFDiskDataset, ImageFolderDataset, SyntheticShapes, build_dataset, eval_transform, finetune_transform,
-    pretrain_transform, resolve_split,
+    HFDiskDataset, ImageFolderDataset, SyntheticShapes, build_dataset, center_crop_arr, eval_transform,
+    finetune_transform, generation_transform, pretrain_transform, resolve_split,
 )
 from arvision.data.synthetic import render_shape
 
@@ -271,6 +271,23 @@ def test_finetune_transform():
     assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
     assert ra.num_layers == 2 and all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
     assert erase.probability == 0.25 and erase.mode == "pixel" and norm.mean.tolist() == [0.5] * 3
+
+
+def test_generation_transform_gives_uint8_centre_crops():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    x = generation_transform(32)(img)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(generation_transform(32, flip=True)(img), x.flip(-1))
+    small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert torch.equal(generation_transform(32)(small), torch.from_numpy(np.array(small)).permute(2, 0, 1))
+    big = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # ADM: box-halved (2x2 means), not bicubic
+    out = np.asarray(center_crop_arr(Image.fromarray(big), 32)).astype(float)
+    assert np.abs(out - big.reshape(32, 2, 32, 2, 3).mean((1, 3))).max() <= 1
+    # the crop is centred: a 32x96 image keeps columns 32..63
+    wide = np.zeros((32, 96, 3), np.uint8)
+    wide[:, 32:64] = 200
+    assert (generation_transform(32)(Image.fromarray(wide)) == 200).all()
 
 
 def test_labelled_subset_is_class_balanced_and_fixed():

@@ -1,5 +1,5 @@
-"""Segmentation data: joint image + mask transforms (alignment, labels, cat_max_ratio, photometric distortion), the
-uint8 generation transform, ADE20K / generic folders / synthetic segmentation datasets and their bad-input errors."""
+"""Segmentation data: joint image + mask transforms (alignment, labels, cat_max_ratio, photometric distortion),
+ADE20K / generic folders / synthetic segmentation datasets and their bad-input errors."""
 import json
 
 import numpy as np
@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from arvision.data import (
-    ADE20KDataset, DataError, SyntheticSegmentation, build_segmentation_dataset, center_crop_arr, generation_transform,
-    read_class_list, seg_eval_transform, seg_train_transform,
+    ADE20KDataset, DataError, SyntheticSegmentation, build_segmentation_dataset, read_class_list, seg_eval_transform,
+    seg_train_transform,
 )
 from arvision.data.segmentation_transforms import (
     PhotoMetricDistortion, RandomCropCatMax, _scale_saturation, rescale_size,
@@ -134,23 +134,6 @@ def test_eval_transform_and_rescale():
         seg_eval_transform()(Image.fromarray(arr), mask[:30])
     # mmcv keep-ratio rescale: (2048, 512) bounds the long side by 2048 and the short side by 512
     assert rescale_size(375, 500, (2048, 512)) == (512, 683) and rescale_size(100, 3000, (2048, 512)) == (68, 2048)
-
-
-def test_generation_transform_gives_uint8_centre_crops():
-    rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))
-    x = generation_transform(32)(img)
-    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
-    assert torch.equal(generation_transform(32, flip=True)(img), x.flip(-1))
-    small = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    assert torch.equal(generation_transform(32)(small), torch.from_numpy(np.array(small)).permute(2, 0, 1))
-    big = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # ADM: box-halved (2x2 means), not bicubic
-    out = np.asarray(center_crop_arr(Image.fromarray(big), 32)).astype(float)
-    assert np.abs(out - big.reshape(32, 2, 32, 2, 3).mean((1, 3))).max() <= 1
-    # the crop is centred: a 32x96 image keeps columns 32..63
-    wide = np.zeros((32, 96, 3), np.uint8)
-    wide[:, 32:64] = 200
-    assert (generation_transform(32)(Image.fromarray(wide)) == 200).all()
 
 
 def test_synthetic_segmentation_masks_are_exact_and_deterministic():

@@ -204,7 +204,7 @@ def test_ten_crop_cache_holds_llamagen_ten_crops(tmp_path, capsys):
     from PIL import Image
     from torchvision.transforms import TenCrop
 
-    from arvision.data.segmentation_transforms import center_crop_arr
+    from arvision.data.transforms import center_crop_arr
 
     g = torch.Generator().manual_seed(0)
     for i in range(3):

@@ -232,7 +232,7 @@ def _folder(root, n_per_class=3, corrupt=1):
 
 @pytest.mark.parametrize("name", ["vq_f4_32px", "kl_f4_32px"])
 def test_token_cache_round_trip(tmp_path, name):
-    from arvision.data.segmentation_transforms import generation_transform
+    from arvision.data.transforms import generation_transform
     from arvision.data.token_cache import TokenCache, build_token_cache
     from arvision.data.datasets import ImageFolderDataset
     data = _folder(tmp_path / "data")

@@ -89,7 +89,7 @@ def cmd_reconstruct(args) -> None:
     from PIL import Image
     from torchvision.utils import save_image
 
-    from ..data.segmentation_transforms import generation_transform
+    from ..data.transforms import generation_transform
     from ..checkpoints import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer, ema=args.ema)

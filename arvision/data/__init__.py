@@ -7,11 +7,11 @@ from .datasets import (
 from .segmentation import (
     ADE20KDataset, SegmentationFolder, SyntheticSegmentation, build_segmentation_dataset, read_class_list,
 )
-from .segmentation_transforms import (
-    GenerationTransform, PairTransform, center_crop_arr, generation_transform, seg_eval_transform, seg_train_transform,
-)
+from .segmentation_transforms import PairTransform, seg_eval_transform, seg_train_transform
 from .synthetic import SyntheticDigits, SyntheticShapes
-from .transforms import eval_transform, finetune_transform, pretrain_transform
+from .transforms import (
+    GenerationTransform, center_crop_arr, eval_transform, finetune_transform, generation_transform, pretrain_transform,
+)
 
 __all__ = [
     "ADE20KDataset", "DataError", "GenerationTransform", "HFDiskDataset", "ImageFolderDataset", "PairTransform",

@@ -333,7 +333,7 @@ def build_token_cache(tokenizer, source: PathLike, out: PathLike, split: str = "
 
     from ..checkpoints import save_model
     from .datasets import build_dataset, fixed_subset_indices
-    from .segmentation_transforms import generation_transform
+    from .transforms import generation_transform
 
     out = Path(out)
     if ten_crop and not crop_range >= 1:

@@ -7,14 +7,21 @@ the batch's device (``NepaObjective`` does it for uint8 inputs):
 
     tf = pretrain_transform(32, uint8=True)          # PIL -> (3, 32, 32) uint8
     x = normalize_uint8(batch.to("cuda", non_blocking=True))   # float32 in [-1, 1]
+
+Generation (tokenizers, the token cache, FID reference batches) uses ADM's centre crop, ``center_crop_arr``, and
+``generation_transform`` keeps its pixels uint8 without normalisation.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+
+from .images import to_rgb
 
 NEPA_MEAN = (0.5, 0.5, 0.5)
 NEPA_STD = (0.5, 0.5, 0.5)
@@ -106,3 +113,40 @@ def _fix_posterize(tf) -> None:
         for op in getattr(t, "ops", ()):
             if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
                 op.aug_fn = _posterize
+
+
+def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
+    """ADM / LlamaGen / MAR centre crop: halve with a box filter while the shorter side is >= 2 * image_size, resize
+    the shorter side to image_size (bicubic), then crop the centre square."""
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    factor = image_size / min(image.size)
+    image = image.resize(tuple(round(x * factor) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top:top + image_size, left:left + image_size])
+
+
+class GenerationTransform:
+    """PIL image -> uint8 (3, img_size, img_size) tensor, not normalised, for tokenizers and the token cache:
+    `center_crop_arr`, then a horizontal mirror when `flip` (the cache's flip copies), or with probability
+    `random_flip`."""
+
+    def __init__(self, img_size: int, flip: bool = False, random_flip: float = 0.0):
+        if img_size < 1 or not 0 <= random_flip <= 1:
+            raise ValueError(f"need img_size >= 1 and random_flip in [0, 1], got {img_size} and {random_flip}")
+        self.img_size, self.flip, self.random_flip = img_size, flip, random_flip
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.array(center_crop_arr(to_rgb(image), self.img_size))).permute(2, 0, 1)
+        if self.flip ^ (self.random_flip > 0 and bool(torch.rand(()) < self.random_flip)):
+            arr = arr.flip(-1)
+        return arr.contiguous()
+
+    def __repr__(self) -> str:
+        return f"GenerationTransform(img_size={self.img_size}, flip={self.flip}, random_flip={self.random_flip})"
+
+
+def generation_transform(img_size: int, flip: bool = False, random_flip: float = 0.0) -> GenerationTransform:
+    """uint8 images without normalisation (see `GenerationTransform`); to [-1, 1] later with x.float() / 127.5 - 1."""
+    return GenerationTransform(img_size, flip, random_flip)

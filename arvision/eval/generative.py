@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.datasets import fixed_subset
 from ..data.images import IMG_EXTENSIONS, list_files, open_rgb, to_rgb
-from ..data.segmentation_transforms import center_crop_arr
+from ..data.transforms import center_crop_arr
 from ..metrics import (feature_statistics, frechet_distance, inception_score, load_npz, precision_recall,
                        sample_accuracy, save_stats)
 from ..metrics.extractors import FeatureExtractor, build_extractor

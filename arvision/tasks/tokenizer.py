@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import build_dataset, fixed_subset
-from ..data.segmentation_transforms import generation_transform
+from ..data.transforms import generation_transform
 from ..files import write_json
 from ..objectives.tokenizer import TokenizerLossConfig, TokenizerObjective, psnr
 from ..train.distributed import barrier
