@@ -79,7 +79,7 @@ def test_refused_pickle_in_published_tokenizer(tmp_path, capsys):
 
 def test_refused_pickle_in_lpips_weights(tmp_path):
     from arvision.files import FileFormatError
-    from arvision.objectives.tokenizer import LPIPS
+    from arvision.models.tokenizers.perceptual import LPIPS
 
     marker = tmp_path / "PWNED"
     torch.save({"features.0.weight": _RunsCode(marker)}, tmp_path / "vgg.pth")

@@ -324,7 +324,8 @@ def test_tokenizer_cli_train_eval_encode_reconstruct(tmp_path, capsys):
 
 def test_lpips_needs_weight_files_and_measures_distance(tmp_path):
     from torchvision.models.vgg import cfgs, make_layers
-    from arvision.objectives.tokenizer import LPIPS, TokenizerLossConfig, TokenizerObjective
+    from arvision.models.tokenizers.perceptual import LPIPS
+    from arvision.objectives.tokenizer import TokenizerLossConfig, TokenizerObjective
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth .*vgg.pth"):
         LPIPS(str(tmp_path / "none.pth"), str(tmp_path / "none2.pth"))
     with pytest.raises(FileNotFoundError, match="perceptual_weight=0"):
