@@ -364,7 +364,7 @@ def test_patchgan_terms_train_each_side_only():
 
 
 def test_eval_reports_psnr_and_the_kl_scale_factor():
-    from arvision.tasks.tokenizer import evaluate_tokenizer
+    from arvision.eval.tokenizer import evaluate_tokenizer
     from arvision.objectives.tokenizer import psnr
     tok = create_model("kl_f4_32px", ch=32).eval()
     x = _smooth_batch(n=6)

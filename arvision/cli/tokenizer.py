@@ -38,7 +38,8 @@ def _device(args) -> str:
 def cmd_eval(args) -> None:
     from ..checkpoints import load_tokenizer
     from ..data import fixed_subset
-    from ..tasks.tokenizer import evaluate_tokenizer, image_set
+    from ..eval.tokenizer import evaluate_tokenizer
+    from ..tasks.tokenizer import image_set
 
     tok = load_tokenizer(args.tokenizer, ema=args.ema)
     size = _img_size(args)

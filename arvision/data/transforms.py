@@ -150,3 +150,8 @@ class GenerationTransform:
 def generation_transform(img_size: int, flip: bool = False, random_flip: float = 0.0) -> GenerationTransform:
     """uint8 images without normalisation (see `GenerationTransform`); to [-1, 1] later with x.float() / 127.5 - 1."""
     return GenerationTransform(img_size, flip, random_flip)
+
+
+def unit_range_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (..., C, H, W) -> uint8 on the CPU, clamped and rounded (the inverse of x / 127.5 - 1)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
