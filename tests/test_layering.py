@@ -12,6 +12,7 @@ import arvision
 # Top to bottom, as in the README's Layout. A name is a sub-package or a module directly under arvision/.
 LAYERS = [
     ("files",),                   # readers of outside files: any layer may import it
+    ("typed_config",),            # ConfigDict, the typed-dataclass config mechanism: any layer may import it
     ("models",),
     ("checkpoints",),             # the arvision format and the load policy, over the model families
     ("data",),

@@ -13,26 +13,12 @@ A *preset* is a named config of one family (timm's registered model names):
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from torch import nn
 
-
-class ConfigDict:
-    """``from_dict`` / ``to_dict`` of a config dataclass, as checkpoints store it; an unknown key is one ValueError
-    line naming the valid ones (a checkpoint of another version, a typo in ``model.args``)."""
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown} for {cls.__name__}; valid keys: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from ..typed_config import ConfigDict  # noqa: F401  (re-exported: the model configs import it from here)
 
 
 @dataclass(frozen=True)
