@@ -19,7 +19,7 @@ from arvision.eval.segmentation import evaluate_segmentation, inference, slide_l
 from arvision.models import create_model
 from arvision.models.segmentation import Segmentor, SegmentorConfig
 from arvision.objectives.segmentation import SegmentationObjective
-from arvision.tasks.segment import load_segmentor
+from arvision.checkpoints import load_segmentor
 from arvision.train.engine import check_param_groups
 
 TINY_BB = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, qk_norm="affine", rope_rescale=None)

@@ -112,7 +112,8 @@ def test_one_ignore_index_from_the_config_reaches_every_part(tmp_path):
           "model.args={channels: 8, aux_channels: 8}", "eval.max_samples=2"])
     res = json.loads((run / "results.json").read_text())
     assert res["steps"] == 2 and np.isfinite(res["final"]["aAcc"])
-    from arvision.tasks.segment import evaluate_checkpoint, load_segmentor
+    from arvision.checkpoints import load_segmentor
+    from arvision.tasks.segment import evaluate_checkpoint
     assert load_segmentor(run / "best").config.ignore_index == 7  # the checkpoint remembers it for eval
     again = evaluate_checkpoint(run / "best", str(root), num_workers=0, max_samples=2)
     assert again["aAcc"] == pytest.approx(res["final"]["aAcc"], abs=1e-6)

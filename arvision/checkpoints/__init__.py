@@ -11,8 +11,8 @@
 """
 from .arvision_format import FORMAT, FORMAT_VERSION, atomic_directory, read_meta, read_weights_file, save_model
 from .loading import (
-    HEAD_KEYS, convert, describe, load_model, load_state_dict_checked, load_tokenizer, load_weights, matching_preset,
-    read_family_checkpoint,
+    HEAD_KEYS, convert, describe, load_model, load_segmentor, load_state_dict_checked, load_tokenizer, load_weights,
+    matching_preset, read_family_checkpoint,
 )
 from .official_nepa import (
     arvision_config_to_official, arvision_to_official_state_dict, export_official, official_config_to_arvision,
@@ -21,7 +21,8 @@ from .official_nepa import (
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "HEAD_KEYS", "arvision_config_to_official", "arvision_to_official_state_dict",
-    "atomic_directory", "convert", "describe", "export_official", "load_model", "load_state_dict_checked",
-    "load_tokenizer", "load_weights", "matching_preset", "official_config_to_arvision", "official_to_arvision_state_dict",
-    "read_family_checkpoint", "read_meta", "read_official", "read_weights_file", "save_model",
+    "atomic_directory", "convert", "describe", "export_official", "load_model", "load_segmentor",
+    "load_state_dict_checked", "load_tokenizer", "load_weights", "matching_preset", "official_config_to_arvision",
+    "official_to_arvision_state_dict", "read_family_checkpoint", "read_meta", "read_official", "read_weights_file",
+    "save_model",
 ]

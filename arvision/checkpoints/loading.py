@@ -23,6 +23,7 @@ import torch
 
 from ..files import command_line_error
 from ..models.registry import get_family, list_families, list_models, model_config
+from ..models.segmentation import Segmentor
 from ..models.tokenizers import TOKENIZER_FAMILIES, KLTokenizer, Tokenizer, read_published, tokenizer_from_state_dict
 from .arvision_format import (
     EMA_FILE, META_FILE, PathLike, StateDict, arvision_weights, read_meta, read_weights_file, save_model,
@@ -264,3 +265,14 @@ def load_tokenizer(source: PathLike, ema: bool = False, scale_factor: Optional[f
             model.config.scale_factor = float(scale_factor)
         return model.eval()
     return tokenizer_from_state_dict(read_published(path), scale_factor, source=str(path))
+
+
+def load_segmentor(source, ema: bool = False) -> Segmentor:
+    """A segmentor checkpoint, or one line saying that ``source`` holds another kind of model."""
+    sd, family, config = read_family_checkpoint(source, ema)
+    if family != "segmentor":
+        raise ValueError(f"{source} is a {family} checkpoint, not a segmentor; train one first with `arvision segment "
+                         f"train model.backbone_init={source}`")
+    model = Segmentor(config)
+    load_state_dict_checked(model, sd, f"checkpoint {source}")
+    return model.eval()

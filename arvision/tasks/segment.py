@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoints import load_segmentor
 from ..data import build_segmentation_dataset, fixed_subset, seg_eval_transform, seg_train_transform
 from ..eval.segmentation import evaluate_segmentation, inference, overlay_image, save_png
 from ..files import write_json
@@ -81,20 +82,6 @@ def _fit_out_indices(fields: dict, args, preset_depth: int, depth: int) -> None:
     (``default_out_indices``) unless ``model.args`` names the blocks."""
     if "out_indices" not in (args or {}) and depth != preset_depth:
         fields["out_indices"] = None
-
-
-def load_segmentor(source, ema: bool = False) -> Segmentor:
-    """A segmentor checkpoint, or one line saying that ``source`` holds another kind of model."""
-    from ..checkpoints import read_family_checkpoint
-    from ..checkpoints.loading import load_state_dict_checked
-
-    sd, family, config = read_family_checkpoint(source, ema)
-    if family != "segmentor":
-        raise ValueError(f"{source} is a {family} checkpoint, not a segmentor; train one first with `arvision segment "
-                         f"train model.backbone_init={source}`")
-    model = Segmentor(config)
-    load_state_dict_checked(model, sd, f"checkpoint {source}")
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------- data
