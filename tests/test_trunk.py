@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import arvision
-from arvision.models.layers import offset_causal_mask
+from arvision.models.layers import Block, offset_causal_mask
 from arvision.models.rope import Rope2D
 from arvision.models.transformer import Transformer, parse_blocks
+from arvision.models.vit import NepaViT
 
 
 def trunk(**kw):
@@ -110,3 +111,50 @@ def test_vit_on_larger_and_non_square_inputs():
     torch.testing.assert_close(model.forward_tokens(tokens, grid=(8, 8)), model.forward_features(x32))
     with pytest.raises(ValueError, match="do not match 1 CLS"):
         model.forward_tokens(model.embed(x))
+
+
+def test_trunk_is_built_with_keywords_only():
+    with pytest.raises(TypeError):
+        Transformer(64, 3, 4)  # noqa: the 12-positional-argument construction is gone
+    model = trunk(depth=2, final_norm=False)
+    assert len(model.blocks) == 2 and isinstance(model.norm, torch.nn.Identity)
+
+
+class CountingBlock(Block):
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        CountingBlock.calls += 1
+        return super().forward(*args, **kwargs)
+
+
+def test_block_fn_and_mlp_layer_hooks():
+    from timm.layers import GluMlp, Mlp
+
+    CountingBlock.calls = 0
+    model = trunk(block_fn=CountingBlock, mlp_layer=GluMlp)
+    assert all(isinstance(b, CountingBlock) and isinstance(b.mlp, GluMlp) for b in model.blocks)
+    model.forward_trunk(torch.randn(1, 5, 64), causal=True)
+    assert CountingBlock.calls == 3
+    # a family passes the hooks through: timm's Mlp is the default GELU MLP, so the same seed gives the same model
+    torch.manual_seed(0)
+    plain = arvision.create_model("nepa_tiny_patch4_32", depth=2)
+    torch.manual_seed(0)
+    hooked = NepaViT(plain.config, block_fn=CountingBlock, mlp_layer=Mlp)
+    assert isinstance(hooked.blocks[0], CountingBlock) and type(hooked.blocks[0].mlp) is Mlp
+    assert list(hooked.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(hooked.state_dict().values(), plain.state_dict().values()))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(hooked.eval().forward_features(x), plain.eval().forward_features(x), atol=0, rtol=0)
+
+
+def test_vit_keeps_the_official_parameter_order():
+    """Inputs, then the blocks, then the final norm and the classifier: the order the official model registers its
+    parameters in (the init draws follow it), kept while the trunk is built by ``Transformer.__init__``."""
+    model = arvision.create_model("nepa_tiny_patch4_32", depth=2, num_classes=3, use_mask_token=True)
+    keys = list(model.state_dict())
+    assert keys[:4] == ["cls_token", "mask_token", "patch_embed.weight", "patch_embed.bias"]
+    assert keys[4].startswith("blocks.0.") and keys[-6:] == ["norm.weight", "norm.bias", "fc_norm.weight",
+                                                            "fc_norm.bias", "head.weight", "head.bias"]
+    segmentor = arvision.create_model("upernet_nepa_tiny_patch4_32")
+    assert not hasattr(segmentor, "blocks")  # a model holding a model reaches its blocks through it

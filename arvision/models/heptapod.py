@@ -92,8 +92,8 @@ class Heptapod(nn.Module):
         cfg = self.config = config or HeptapodConfig(**kwargs)
         D, N, P = cfg.embed_dim, cfg.grid_size ** 2, cfg.class_tokens
         self.num_tokens, self.num_prefix = N, P
-        trunk_args = dict(num_heads=cfg.num_heads, mlp_type=cfg.mlp_type, qk_norm=cfg.qk_norm,
-                          layerscale=cfg.layerscale, norm_eps=cfg.norm_eps)
+        trunk_args = dict(dim=D, num_heads=cfg.num_heads, mlp_type=cfg.mlp_type, qk_norm=cfg.qk_norm,
+                          layerscale=cfg.layerscale, drop_path_rate=cfg.drop_path_rate, norm_eps=cfg.norm_eps)
         if cfg.token_type == "discrete":
             self.token_embed = nn.Embedding(cfg.codebook_size, D)
         else:
@@ -103,12 +103,12 @@ class Heptapod(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, N, D)) if cfg.pos_embed == "learned" else None
         self.rope = (Rope2D(D // cfg.num_heads, cfg.grid_size, cfg.rope_theta, P).eval()
                      if cfg.pos_embed == "rope" else None)
-        self.backbone = Transformer(D, cfg.depth, drop_path_rate=cfg.drop_path_rate, **trunk_args)
+        self.backbone = Transformer(depth=cfg.depth, **trunk_args)
         if cfg.head_type != "none":
             self.state_proj = nn.Linear(D, D)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
             self.query_pos = nn.Parameter(torch.zeros(1, N, D))
-            self.head = Transformer(D, cfg.head_depth, drop_path_rate=cfg.drop_path_rate, **trunk_args)
+            self.head = Transformer(depth=cfg.head_depth, **trunk_args)
         if cfg.token_type == "discrete":
             self.logits = nn.Linear(D, cfg.codebook_size)
         else:

@@ -14,7 +14,7 @@ slow at short T (measured in benchmarks/README.md); elsewhere, and for explicit 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -155,16 +155,21 @@ def build_mlp(dim: int, hidden: int, mlp_type: str) -> nn.Module:
 
 
 class Block(nn.Module):
+    """``mlp_layer``: builds the MLP as ``mlp_layer(in_features=dim, hidden_features=mlp_hidden)`` (timm's hook);
+    None builds the one ``mlp_type`` names."""
+
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, mlp_type: str = "gelu",
                  qkv_bias: bool = True, qk_norm: str = "off", qk_norm_bias: bool = False,
-                 layerscale: Optional[float] = 1e-5, drop_path: float = 0.0, norm_eps: float = 1e-12):
+                 layerscale: Optional[float] = 1e-5, drop_path: float = 0.0, norm_eps: float = 1e-12,
+                 mlp_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, qk_norm_bias, norm_eps)
         self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = build_mlp(dim, mlp_hidden, mlp_type)
+        self.mlp = (build_mlp(dim, mlp_hidden, mlp_type) if mlp_layer is None
+                    else mlp_layer(in_features=dim, hidden_features=mlp_hidden))
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

@@ -160,11 +160,6 @@ class Segmentor(nn.Module):
         model.backbone.load_state_dict(backbone.state_dict())
         return model
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The backbone's blocks (FSDP shard units, layer decay)."""
-        return self.backbone.blocks
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
 

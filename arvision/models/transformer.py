@@ -17,7 +17,7 @@ several, ``a:b`` is a Python slice (``-4:`` = the last four), and ``last``, ``mi
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -99,26 +99,32 @@ def parse_blocks(spec: BlockSpec, depth: int) -> list[int]:
 
 
 class Transformer(nn.Module):
-    """``depth`` pre-norm blocks (attention with QK-Norm and RoPE, MLP, LayerScale, DropPath) and a final norm."""
+    """``depth`` pre-norm blocks (attention with QK-Norm and RoPE, MLP, LayerScale, DropPath) and a final norm.
 
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_hidden: Optional[int] = None,
+    Built with keywords only. A model with one stack subclasses it (``NepaViT``: its ``blocks`` and ``norm`` sit at
+    the model's root, as in the official layout) and passes its input layers as ``input_layers`` ({name: module or
+    parameter}), registered before the blocks so that the state dict and the init draws read inputs -> blocks -> norm
+    -> head; a model with several stacks holds one ``Transformer`` per role (Heptapod's ``backbone`` and ``head``).
+
+    ``block_fn`` builds each block (timm's hook), called with the keywords of ``layers.Block``; a block's forward
+    takes ``(x, rope, causal, attn_mask, kv_cache, layer, return_attn=False)`` as ``Block.forward`` does.
+    ``mlp_layer`` builds each block's MLP as ``mlp_layer(in_features=dim, hidden_features=mlp_hidden)`` (timm's
+    ``Mlp``, ``SwiGLU``, ``GluMlp`` fit); None: the MLP that ``mlp_type`` names."""
+
+    def __init__(self, *, dim: int, depth: int, num_heads: int, mlp_hidden: Optional[int] = None,
                  mlp_type: str = "gelu", qkv_bias: bool = True, qk_norm: str = "off", qk_norm_bias: bool = False,
                  layerscale: Optional[float] = None, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 final_norm: bool = True):
+                 final_norm: bool = True, block_fn: Callable[..., nn.Module] = Block,
+                 mlp_layer: Optional[Callable[..., nn.Module]] = None,
+                 input_layers: Optional[dict[str, Union[nn.Module, nn.Parameter, None]]] = None):
         super().__init__()
-        self.build_trunk(dim, depth, num_heads, mlp_hidden, mlp_type, qkv_bias, qk_norm, qk_norm_bias, layerscale,
-                         drop_path_rate, norm_eps, final_norm)
-
-    def build_trunk(self, dim: int, depth: int, num_heads: int, mlp_hidden: Optional[int] = None,
-                    mlp_type: str = "gelu", qkv_bias: bool = True, qk_norm: str = "off", qk_norm_bias: bool = False,
-                    layerscale: Optional[float] = None, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                    final_norm: bool = True) -> None:
-        """Create ``blocks`` and ``norm``. A subclass that registers its own modules first (to keep its
-        state-dict order and init draws) calls ``nn.Module.__init__`` and then this instead of ``__init__``."""
+        for name, layer in (input_layers or {}).items():
+            setattr(self, name, layer)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
-            Block(dim, num_heads, mlp_hidden or 4 * dim, mlp_type, qkv_bias, qk_norm, qk_norm_bias, layerscale,
-                  dpr[i], norm_eps)
+            block_fn(dim=dim, num_heads=num_heads, mlp_hidden=mlp_hidden or 4 * dim, mlp_type=mlp_type,
+                     mlp_layer=mlp_layer, qkv_bias=qkv_bias, qk_norm=qk_norm, qk_norm_bias=qk_norm_bias,
+                     layerscale=layerscale, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)
         ])
         self.norm = nn.LayerNorm(dim, eps=norm_eps) if final_norm else nn.Identity()

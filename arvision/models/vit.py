@@ -14,11 +14,12 @@ The block stack, final norm, attention modes and KV cache come from the shared t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .layers import Block
 from .registry import ConfigDict, register_family, register_model
 from .rope import Rope2D
 from .transformer import BlockSpec, Transformer
@@ -77,20 +78,24 @@ class NepaViT(Transformer):
                 for k, v in self.state_dict().items() if ".attn.q_norm." in k or ".attn.k_norm." in k}
         return {**state_dict, **fill}
 
-    def __init__(self, config: Optional[NepaConfig] = None, **kwargs):
+    def __init__(self, config: Optional[NepaConfig] = None, *, block_fn: Callable[..., nn.Module] = Block,
+                 mlp_layer: Optional[Callable[..., nn.Module]] = None, **kwargs):
+        """``config`` or its fields as keywords; ``block_fn`` / ``mlp_layer``: the trunk's hooks (``Transformer``)."""
         cfg = config or NepaConfig(**kwargs)
-        nn.Module.__init__(self)  # embeddings first, then the trunk: the official state-dict order and init draws
+        D, grid_size = cfg.embed_dim, cfg.img_size // cfg.patch_size
+        super().__init__(
+            dim=D, depth=cfg.depth, num_heads=cfg.num_heads, mlp_hidden=cfg.mlp_hidden, mlp_type=cfg.mlp_type,
+            qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm, qk_norm_bias=cfg.qk_norm_bias, layerscale=cfg.layerscale,
+            drop_path_rate=cfg.drop_path_rate, norm_eps=cfg.norm_eps, block_fn=block_fn, mlp_layer=mlp_layer,
+            input_layers=dict(
+                patch_embed=nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size),
+                cls_token=nn.Parameter(torch.zeros(1, 1, D)),
+                mask_token=nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None,
+                rope=Rope2D(D // cfg.num_heads, grid_size, cfg.rope_theta, self.num_prefix_tokens, cfg.rope_rescale,
+                            cfg.rope_shift, cfg.rope_jitter)))
         self.config = cfg
-        D = self.embed_dim = self.num_features = cfg.embed_dim
-        self.grid_size = cfg.img_size // cfg.patch_size
-        self.num_patches = self.grid_size ** 2
-        self.patch_embed = nn.Conv2d(cfg.in_chans, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
-        self.rope = Rope2D(D // cfg.num_heads, self.grid_size, cfg.rope_theta, self.num_prefix_tokens,
-                           cfg.rope_rescale, cfg.rope_shift, cfg.rope_jitter)
-        self.build_trunk(D, cfg.depth, cfg.num_heads, cfg.mlp_hidden, cfg.mlp_type, cfg.qkv_bias, cfg.qk_norm,
-                         cfg.qk_norm_bias, cfg.layerscale, cfg.drop_path_rate, cfg.norm_eps)
+        self.embed_dim = self.num_features = D
+        self.grid_size, self.num_patches = grid_size, grid_size ** 2
         self.reset_classifier(cfg.num_classes, cfg.global_pool)
         self.init_weights()
 
