@@ -137,9 +137,9 @@ def test_sigterm_to_torchrun_with_loader_workers_stops_both_ranks(tmp_path):
 EVAL_DRIVER = '''
 import os, signal, subprocess, sys, time
 from arvision.cli import main
-from arvision.eval import classify
+from arvision.eval import sharding
 
-getitem = classify.EvalShard.__getitem__
+getitem = sharding.EvalShard.__getitem__
 
 def signalling_getitem(self, i):
     try:
@@ -151,7 +151,7 @@ def signalling_getitem(self, i):
     time.sleep(0.5)
     return getitem(self, i)
 
-classify.EvalShard.__getitem__ = signalling_getitem
+sharding.EvalShard.__getitem__ = signalling_getitem
 main(sys.argv[1:])
 '''
 

@@ -34,7 +34,7 @@ from ..data.workers import ignore_stop_signals
 from ..files import atomic_write
 from ..metrics import ConfusionMatrix
 from ..models.segmentation import IGNORE_INDEX
-from .classify import EvalShard, unpack_weighted
+from .sharding import EvalShard, unpack_weighted
 
 MODES = ("whole", "slide")
 

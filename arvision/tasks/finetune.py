@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from ..data import build_dataset, eval_transform, finetune_transform, fixed_subset, labelled_subset, resolve_split
 from ..data.workers import ignore_stop_signals
-from ..eval.classify import EvalShard, evaluate_classifier
+from ..eval.classify import evaluate_classifier
+from ..eval.sharding import EvalShard
 from ..files import write_json
 from ..objectives.classification import ClassificationObjective
 from ..train.distributed import DistEnv, barrier
