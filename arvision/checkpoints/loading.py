@@ -176,11 +176,13 @@ def read_family_checkpoint(source: PathLike, ema: bool = False) -> tuple[StateDi
     return sd, "nepa_vit", config
 
 
-def _check_family(source: PathLike, stored: str, expected: Optional[str]) -> None:
-    if expected is None or expected == stored:
+def _check_family(source: PathLike, stored: str, expected: Union[str, tuple[str, ...], None]) -> None:
+    wanted = (expected,) if isinstance(expected, str) else tuple(expected or ())
+    if not wanted or stored in wanted:
         return
-    get_family(expected)  # an unknown name says so first
-    problem = f"{source} is a {stored} checkpoint, not {expected}"
+    for name in wanted:
+        get_family(name)  # an unknown name says so first
+    problem = f"{source} is a {stored} checkpoint, not {' or '.join(wanted)}"
     raise command_line_error(
         ValueError(f"{problem}; load it with arvision.load_model(path, family={stored!r})"),
         f"{problem}, which this command takes; {stored} checkpoints go to "
@@ -189,12 +191,12 @@ def _check_family(source: PathLike, stored: str, expected: Optional[str]) -> Non
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def load_model(source: PathLike, family: Optional[str] = None, ema: bool = False,
+def load_model(source: PathLike, family: Union[str, tuple[str, ...], None] = None, ema: bool = False,
                map_location: Union[str, torch.device] = "cpu", **overrides) -> torch.nn.Module:
     """Rebuild the model a checkpoint holds (its stored family's class) with its weights, in eval mode.
 
-    ``family`` names the family the caller expects (e.g. ``"nepa_vit"``); a checkpoint of another family gives
-    one ValueError line. ``overrides`` replace config fields that do not change weight shapes (``causal=False``,
+    ``family`` names the family the caller expects (e.g. ``"nepa_vit"``), or a tuple of them; a checkpoint of
+    another family gives one ValueError line. ``overrides`` replace config fields that do not change weight shapes (``causal=False``,
     ``drop_path_rate=0.1``, ``rope_rescale=None``, ``img_size=...``). For ``nepa_vit``, changing ``num_classes``
     or ``global_pool`` gives a fresh classifier (zero head, as the official fine-tune init) on the checkpoint's
     backbone, and ``qk_norm="affine"`` on a checkpoint without QK-Norm weights starts them at 1 / 0."""

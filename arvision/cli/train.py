@@ -37,9 +37,10 @@ def _train_config(task: str, args):
             raise ValueError(f"--resume: {saved} is not readable YAML ({str(e).splitlines()[0]}); restore it or "
                              "start a new run with another --out") from None
     recipe = args.config
-    if task == "heptapod" and recipe is None and base is None and not any(o.startswith("data.source=")
-                                                                           for o in overrides):
-        recipe = "heptapod_quickstart"  # no token cache given: the generation quick start on the built-in digits
+    if recipe is None and base is None and not any(o.startswith("data.source=") for o in overrides):
+        from importlib import import_module
+
+        recipe = getattr(import_module(f"arvision.tasks.{task}"), "RECIPE_WITHOUT_DATA", None)
     return load_config(task, recipe, overrides, base=base)
 
 

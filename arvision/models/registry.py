@@ -21,12 +21,22 @@ from torch import nn
 from ..typed_config import ConfigDict  # noqa: F401  (re-exported: the model configs import it from here)
 
 
+# What the sampler (generate/, `arvision sample`) asks of a model: the class-conditional backbone over a token prefix
+# and its KV-cache step. A family whose model class has them generates, as timm tells the models that can give
+# features by hasattr(model, "forward_intermediates").
+GENERATOR_METHODS = ("forward_backbone", "new_cache", "step_backbone")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     model_cls: type
     config_cls: type
     description: str = ""
+
+    @property
+    def generates(self) -> bool:
+        return all(callable(getattr(self.model_cls, m, None)) for m in GENERATOR_METHODS)
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -48,6 +58,11 @@ def get_family(name: str) -> Family:
 
 def list_families() -> list[str]:
     return sorted(_FAMILIES)
+
+
+def generator_families() -> tuple[str, ...]:
+    """The families that ``arvision sample`` draws from (``Family.generates``), sorted."""
+    return tuple(n for n in sorted(_FAMILIES) if _FAMILIES[n].generates)
 
 
 def family_of(model: nn.Module) -> str:

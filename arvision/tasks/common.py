@@ -178,16 +178,17 @@ def resolve_best_metric(cfg, choices: tuple[str, ...], default: str) -> None:
                          f"train.best_metric={default}")
 
 
-def build_backbone(model_cfg, **extra):
-    """A registered preset with overrides, or (``model.init``) an existing checkpoint."""
+def build_backbone(model_cfg, families: tuple[str, ...], **extra):
+    """A registered preset of one of ``families`` (the ones the task trains) with overrides, or (``model.init``) an
+    existing checkpoint of one of them."""
     args = {**dict(model_cfg.args or {}), **extra}
     if model_cfg.init:
         from ..checkpoints import load_model
-        model = load_model(model_cfg.init, family="nepa_vit", **args)
+        model = load_model(model_cfg.init, family=families, **args)
         model.train()
         log.info(f"model initialised from {model_cfg.init}")
     else:
-        model = create_model(check_preset(model_cfg.name, ("nepa_vit",)), **args)
+        model = create_model(check_preset(model_cfg.name, families), **args)
     if model_cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     n = sum(p.numel() for p in model.parameters())

@@ -26,6 +26,8 @@ from ..train.engine import Trainer
 from ..train.logging import log
 from .common import build_backbone, prepare_run, resolve_best_metric, resume_run, seed_everything
 
+MODEL_FAMILIES = ("nepa_vit",)  # the classifiers fine-tuning trains: model.name and model.init must be one of them
+
 BEST_METRICS = ("top1", "top5", "ema_top1", "ema_top5")
 
 
@@ -91,7 +93,7 @@ def build_model(cfg):
     extra = dict(drop_path_rate=cfg.finetune.drop_path_rate, causal=cfg.finetune.causal)
     if cfg.model.init and cfg.model.init_ema:
         extra["ema"] = True  # load_model's argument: the checkpoint's EMA weights
-    return build_backbone(cfg.model, **extra)
+    return build_backbone(cfg.model, MODEL_FAMILIES, **extra)
 
 
 def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze_patch_embed: bool = True):

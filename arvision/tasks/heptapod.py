@@ -24,6 +24,10 @@ from ..train.engine import Trainer
 from ..train.logging import log
 from .common import finished_results, prepare_run, seed_everything
 
+# The recipe `arvision heptapod train` runs when no data is given (no --data, data.source or --config, not resuming):
+# the generation quick start on the built-in digits, which makes its own token cache.
+RECIPE_WITHOUT_DATA = "heptapod_quickstart"
+
 
 def generator_args(cache: TokenCache, model_cfg) -> dict:
     """Preset overrides that make the generator match the cache's tokens (token type, codebook / channels, grid,

@@ -22,12 +22,14 @@ from ..train.engine import Trainer
 from ..train.logging import log
 from .common import build_backbone, prepare_run, resume_run, seed_everything
 
+MODEL_FAMILIES = ("nepa_vit",)  # what the NEPA objective trains: model.name and model.init must be one of them
+
 
 def run(cfg, out=None, resume=False) -> dict:
     env, run_dir = prepare_run(cfg, "pretrain", out, resume)
     seed_everything(cfg.train.seed)
     ocfg = NepaLossConfig(**cfg.objective)
-    model = build_backbone(cfg.model, **({"use_mask_token": True} if ocfg.mask_ratio > 0 else {}))
+    model = build_backbone(cfg.model, MODEL_FAMILIES, **({"use_mask_token": True} if ocfg.mask_ratio > 0 else {}))
     img_size = cfg.data.img_size or model.config.img_size
     source = cfg.data.source
     if source == "synthetic":
