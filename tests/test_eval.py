@@ -65,8 +65,8 @@ def test_extract_single_block_matches_forward_intermediates(model, data):
     images, labels = data
     model.eval()
     with torch.no_grad():
-        tokens = model.forward_intermediates(images, indices=[1])[0]
-        tokens0 = model.forward_intermediates(images, indices=[0])[0]
+        tokens0, tokens = (torch.cat(pair[::-1], dim=1) for pair in model.forward_intermediates(
+            images, indices=[0, 1], return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True))
     for pool, ref in (("mean", tokens[:, 1:].mean(1)), ("cls", tokens[:, 0]), ("last", tokens[:, -1])):
         feats, out_labels = extract_features(model, loader(images, labels), FeatureSpec([1], pool), progress=False)
         assert feats.dtype == torch.float32 and feats.shape == (10, model.embed_dim)
@@ -100,8 +100,9 @@ def test_extract_averages_blocks(model, data):
     images, labels = data
     model.eval()
     with torch.no_grad():
-        b0, b1 = model.forward_intermediates(images, indices=[0, 1], norm=True)
-    ref = (b0[:, 0] + b1[:, 0]) / 2
+        (_, c0), (_, c1) = model.forward_intermediates(images, indices=[0, 1], return_prefix_tokens=True, norm=True,
+                                                       intermediates_only=True)
+    ref = (c0[:, 0] + c1[:, 0]) / 2
     feats, _ = extract_features(model, loader(images, labels), FeatureSpec([0, -1], "cls", norm=True), progress=False)
     torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-5)
 

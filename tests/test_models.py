@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 
@@ -75,9 +77,10 @@ def test_forward_api_shapes_and_errors():
     assert feats.shape == (2, 65, 192)
     assert model(x).shape == (2, 10)
     assert torch.equal(model(x), torch.zeros(2, 10))  # zero-initialised head
-    inter = model.forward_intermediates(x, indices=[0, -1])
-    torch.testing.assert_close(model.norm(inter[1]), feats)
-    grids = model.forward_intermediates(x, indices="-2:", output_fmt="NCHW")
+    final, inter = model.forward_intermediates(x, indices=[0, -1], return_prefix_tokens=True, output_fmt="NLC")
+    torch.testing.assert_close(final, feats)
+    torch.testing.assert_close(model.norm(torch.cat(inter[1][::-1], dim=1)), feats)
+    grids = model.forward_intermediates(x, indices=2, intermediates_only=True)
     assert [g.shape for g in grids] == [(2, 192, 8, 8)] * 2
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(x, indices=[3])
@@ -108,3 +111,40 @@ def test_compiled_model_keeps_causal_mask():
     out1, out2 = compiled(x), compiled(x2)
     torch.testing.assert_close(out1, model.forward_features(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out1[:, :-1], out2[:, :-1], atol=1e-6, rtol=0)
+
+
+def test_forward_intermediates_keeps_timms_meaning():
+    from timm.models.vision_transformer import VisionTransformer
+
+    ours = inspect.signature(arvision.models.vit.NepaViT.forward_intermediates).parameters
+    theirs = inspect.signature(VisionTransformer.forward_intermediates).parameters
+    for name in ("indices", "return_prefix_tokens", "norm", "stop_early", "output_fmt", "intermediates_only"):
+        assert ours[name].default == theirs[name].default, name
+    model = tiny().eval()  # 3 blocks
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        nlc = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)  # None: every block
+        last_two = model.forward_intermediates(x, indices=2, output_fmt="NLC", intermediates_only=True)
+        asked_backwards = model.forward_intermediates(x, indices=[-1, 1], output_fmt="NLC", intermediates_only=True)
+        grids = model.forward_intermediates(x, intermediates_only=True)
+        final, one = model.forward_intermediates(x, indices=[0])
+        early, _ = model.forward_intermediates(x, indices=[0], stop_early=True)
+    assert len(nlc) == 3 and [t.shape for t in nlc] == [(2, 64, 192)] * 3  # the CLS token is split off
+    assert len(last_two) == 2 and all(torch.equal(a, b) for a, b in zip(last_two, nlc[1:]))  # an int: the last n
+    assert all(torch.equal(a, b) for a, b in zip(asked_backwards, nlc[1:]))  # block order
+    assert [g.shape for g in grids] == [(2, 192, 8, 8)] * 3  # NCHW by default
+    torch.testing.assert_close(grids[0], nlc[0].transpose(1, 2).reshape(2, 192, 8, 8), atol=0, rtol=0)
+    torch.testing.assert_close(final, model.forward_features(x))  # (final, intermediates), all blocks run
+    assert torch.equal(one[0], grids[0]) and not torch.allclose(early, final)
+    for bad, match in ((0, "last 0 blocks"), (4, "last 4 blocks"), ("-2:", "parse_blocks")):
+        with pytest.raises(ValueError, match=match):
+            model.forward_intermediates(x, indices=bad)
+
+
+def test_global_pool_names_are_not_timms_token():
+    with pytest.raises(ValueError, match="timm's 'token'"):
+        tiny(num_classes=10, global_pool="token")
+    model = tiny(num_classes=10, global_pool="last").eval()
+    model.head.weight.data.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), model.head(model.forward_features(x)[:, -1]))

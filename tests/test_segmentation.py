@@ -97,7 +97,7 @@ def test_larger_inputs_use_rope_without_interpolation():
     p14 = Segmentor(SegmentorConfig(backbone=dict(TINY_BB, img_size=224, patch_size=14, depth=2),
                                     num_classes=3, head="linear"))
     with torch.no_grad():
-        grid = p14.backbone.forward_intermediates(p14.pad(torch.randn(1, 3, 512, 512)), [1], output_fmt="NCHW")[0]
+        grid = p14.backbone.forward_intermediates(p14.pad(torch.randn(1, 3, 512, 512)), [1], intermediates_only=True)[0]
         logits = p14.eval()(torch.randn(1, 3, 512, 512))
     assert grid.shape[-2:] == (37, 37) and logits.shape == (1, 3, 512, 512)
 

@@ -103,7 +103,7 @@ def test_vit_on_larger_and_non_square_inputs():
     x = torch.randn(2, 3, 48, 32)
     feats = model.forward_features(x, causal=False)
     assert feats.shape == (2, 1 + 12 * 8, 192) and feats.isfinite().all()
-    grids = model.forward_intermediates(x, indices="-2:", output_fmt="NCHW", causal=False)
+    grids = model.forward_intermediates(x, indices=2, intermediates_only=True, causal=False)
     assert [g.shape for g in grids] == [(2, 192, 12, 8)] * 2
     # the default-size path is unchanged by the grid argument
     x32 = torch.randn(1, 3, 32, 32)

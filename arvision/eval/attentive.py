@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..train.logging import progress_bar
-from .features import FeatureSpec, run_frozen
+from .features import FeatureSpec, block_tokens, run_frozen
 from .knn import _num_classes, topk_accuracy
 from .linear import candidate_lrs, choose_lr
 
@@ -67,8 +67,8 @@ def extract_tokens(model: nn.Module, loader: Iterable, spec: Optional[FeatureSpe
     spec = spec or FeatureSpec()
 
     def tokens(m: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        outs = m.forward_intermediates(images, indices=spec.blocks, norm=spec.norm, causal=spec.causal)
-        return torch.stack([o.float() for o in outs]).mean(dim=0)[:, m.num_prefix_tokens:].to(torch.bfloat16).cpu()
+        outs = block_tokens(m, images, spec, prefix=False)
+        return torch.stack([o.float() for o in outs]).mean(dim=0).to(torch.bfloat16).cpu()
 
     return run_frozen(model, loader, tokens, device, amp_dtype, progress, desc)
 

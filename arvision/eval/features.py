@@ -86,10 +86,20 @@ def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> 
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
+def block_tokens(model: nn.Module, images: torch.Tensor, spec: FeatureSpec, prefix: bool = True) -> list[torch.Tensor]:
+    """The token sequences (B, [P +] N, D) of the blocks ``spec`` names, in the order it names them, the prefix
+    (CLS) tokens first when ``prefix``; read through timm's ``forward_intermediates`` (block order, prefix split
+    off), stopping after the last."""
+    asked = parse_blocks(spec.blocks, len(model.blocks))
+    outs = model.forward_intermediates(images, indices=asked, return_prefix_tokens=prefix, norm=spec.norm,
+                                       stop_early=True, output_fmt="NLC", intermediates_only=True, causal=spec.causal)
+    outs = [outs[sorted(asked).index(i)] for i in asked]  # block order -> the order asked
+    return [torch.cat([cls, patches], dim=1) for patches, cls in outs] if prefix else outs
+
+
 def pooled_features(model: nn.Module, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """Features (B, D) in float32 for one batch: each chosen block pooled, then averaged over blocks."""
-    outs = model.forward_intermediates(images, indices=spec.blocks, norm=spec.norm, causal=spec.causal)
-    pooled = [pool_tokens(t.float(), spec.pool, model.num_prefix_tokens) for t in outs]
+    pooled = [pool_tokens(t.float(), spec.pool, model.num_prefix_tokens) for t in block_tokens(model, images, spec)]
     return torch.stack(pooled).mean(dim=0)
 
 

@@ -174,11 +174,12 @@ class Segmentor(nn.Module):
         pyramid (upernet) or [the last block's normed patch grid] (linear)."""
         cfg = self.config
         if cfg.head == "linear":
-            return self.backbone.forward_intermediates(x, [self.backbone.depth - 1], norm=True, output_fmt="NCHW",
+            return self.backbone.forward_intermediates(x, indices=1, norm=True, intermediates_only=True,
                                                        causal=cfg.causal)
-        unique = list(dict.fromkeys(cfg.out_indices))
-        grids = self.backbone.forward_intermediates(x, unique, output_fmt="NCHW", causal=cfg.causal)
-        return self.neck([grids[unique.index(i)] for i in cfg.out_indices])
+        taken = sorted(set(cfg.out_indices))  # forward_intermediates returns each block once, in block order
+        grids = self.backbone.forward_intermediates(x, indices=taken, stop_early=True, intermediates_only=True,
+                                                    causal=cfg.causal)
+        return self.neck([grids[taken.index(i)] for i in cfg.out_indices])
 
     def forward_head(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Logits at the finest feature resolution."""

@@ -10,10 +10,11 @@ attention by concatenation), and a `KVCache` gives step-by-step decoding with po
     h0 = trunk.forward_trunk(prefix, rope=rope_slice(0, 1), causal=True, kv_cache=cache)   # prefill
     h1 = trunk.forward_trunk(token, rope=rope_slice(1, 1), causal=True, kv_cache=cache)    # one step
 
-Block selections (``parse_blocks``) have one grammar everywhere (CLI ``--blocks`` / ``--layers``, feature specs,
-``forward_intermediates``): an integer is one block index (negative counts from the end), a comma list selects
+Block selections (``parse_blocks``) have one grammar everywhere in arvision (CLI ``--blocks`` / ``--layers``,
+feature specs, attention maps): an integer is one block index (negative counts from the end), a comma list selects
 several, ``a:b`` is a Python slice (``-4:`` = the last four), and ``last``, ``middle`` (index depth // 2) and
-``all`` name the obvious ones. Unlike timm, a bare integer never means "the last n".
+``all`` name the obvious ones. Only ``NepaViT.forward_intermediates``, which keeps timm's name, keeps timm's
+meaning: there an int n is the last n blocks.
 """
 from __future__ import annotations
 
@@ -172,16 +173,6 @@ class Transformer(nn.Module):
         """All blocks, then the final norm."""
         x, _ = self.run_blocks(x, rope, causal, attn_mask, kv_cache)
         return self.norm(x)
-
-    def intermediates(self, x: torch.Tensor, blocks: BlockSpec, rope=None, causal: bool = False,
-                      attn_mask: Optional[torch.Tensor] = None, norm: bool = False,
-                      stop_early: bool = True) -> list[torch.Tensor]:
-        """Outputs of the selected blocks (``parse_blocks`` grammar), in the order asked."""
-        indices = parse_blocks(blocks, len(self.blocks))
-        _, kept = self.run_blocks(x, rope, causal, attn_mask, keep=indices,
-                                  stop=max(indices) + 1 if stop_early else None)
-        kept = [kept[sorted(indices).index(i)] for i in indices]
-        return [self.norm(t) for t in kept] if norm else kept
 
     @torch.no_grad()
     def attention_probs(self, x: torch.Tensor, blocks: BlockSpec, rope=None, causal: bool = False,

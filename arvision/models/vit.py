@@ -7,14 +7,14 @@ NEPA pretraining and bidirectionally for fine-tuning; the attention mode is chos
     model = arvision.create_model("nepa_base_patch14_224")
     tokens = model.forward_features(images)      # (B, 1 + N, D) after the final norm, CLS at index 0
     targets = model.embed(images)                # (B, 1 + N, D) raw embeddings: the NEPA targets
-    feats = model.forward_intermediates(images, indices=[5, 11], output_fmt="NCHW")  # for dense heads
+    grids = model.forward_intermediates(images, indices=4, intermediates_only=True)  # last 4 blocks, (B, D, H, W)
 
 The block stack, final norm, attention modes and KV cache come from the shared trunk (transformer.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch import nn
 from .layers import Block
 from .registry import ConfigDict, register_family, register_model
 from .rope import Rope2D
-from .transformer import BlockSpec, Transformer
+from .transformer import BlockSpec, Transformer, parse_blocks
 
 
 @dataclass
@@ -48,13 +48,16 @@ class NepaConfig(ConfigDict):
     causal: bool = True  # default attention mode when a call does not choose
     use_mask_token: bool = False  # learnable token for the random input-masking ablation
     num_classes: int = 0  # 0: no classifier head
-    global_pool: str = "avg"  # avg: mean of patch tokens + fc_norm (official); last: last token, no fc_norm
+    global_pool: str = "avg"  # avg: mean of patch tokens + fc_norm (official); last: last token, no fc_norm (not timm's
+    # "token", which is the CLS token at position 0)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.global_pool not in ("avg", "last"):
-            raise ValueError(f"global_pool must be 'avg' or 'last', got {self.global_pool!r}")
+            raise ValueError(f"global_pool must be 'avg' (mean of the patch tokens + fc_norm) or 'last' (the last "
+                             f"token), got {self.global_pool!r}; timm's 'token' (the CLS token at position 0, which "
+                             "sees only itself under causal attention) is not offered")
 
     def summary(self) -> str:
         return (f"embed_dim={self.embed_dim}, depth={self.depth}, num_heads={self.num_heads}, "
@@ -181,23 +184,51 @@ class NepaViT(Transformer):
     def forward(self, x: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, causal))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: BlockSpec = None, norm: bool = False,
-                              output_fmt: str = "NLC", return_prefix_tokens: bool = False,
-                              causal: Optional[bool] = None, stop_early: bool = True):
-        """Outputs of chosen blocks (timm's method; the selection follows ``parse_blocks``: an int is one block,
-        ``"-4:"`` the last four, None all). NLC gives (B, 1 + N, D); NCHW gives the patch grid (B, D, H, W), with
-        the prefix tokens returned separately when ``return_prefix_tokens``."""
+    def take_indices(self, indices: Union[None, int, Sequence[int]]) -> list[int]:
+        """timm's block selection: None = every block, an int n = the last n, a sequence = those blocks (negative
+        from the end); sorted, each once."""
+        depth = self.depth
+        if isinstance(indices, str):
+            raise ValueError(f"indices={indices!r}: forward_intermediates takes None, an int (the last n blocks, as "
+                             "timm) or a list of block indices; read a selection string with "
+                             "arvision.models.transformer.parse_blocks(text, model.depth) first")
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices} asks for the last {indices} blocks of a model with {depth}; "
+                                 f"give 1..{depth}, or a list of block indices")
+            return list(range(depth - indices, depth))
+        return sorted(parse_blocks(indices, depth))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[None, int, Sequence[int]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              causal: Optional[bool] = None):
+        """Block outputs, with the arguments and meaning of timm's ``VisionTransformer.forward_intermediates``.
+
+        ``indices``: None = every block, an int n = the last n blocks, a list = those blocks (negative from the end);
+        the outputs come in block order. The prefix (CLS) token is split off: each output is the patch grid
+        (B, D, H, W) for ``output_fmt="NCHW"`` or the patch tokens (B, N, D) for "NLC", and with
+        ``return_prefix_tokens`` a (patches, prefix (B, 1, D)) pair. ``norm`` applies the final norm to each;
+        ``stop_early`` runs no block after the last one taken. Returns ``(final, outputs)``, ``final`` the normed
+        output of the last block run (B, 1 + N, D), or only ``outputs`` with ``intermediates_only``.
+        Beyond timm: ``causal`` chooses the attention (None: ``config.causal``); timm's ``output_dict``,
+        ``attn_mask`` and ``is_causal`` are not offered."""
         if output_fmt not in ("NLC", "NCHW"):
             raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        take = self.take_indices(indices)
         grid = self.patch_grid(x)
         tokens = self.embed(x)
-        kept = self.intermediates(tokens, indices, self.rope_tables(tokens, grid), self._causal(causal), norm=norm,
-                                  stop_early=stop_early)
-        if output_fmt == "NLC":
-            return kept
+        last, kept = self.run_blocks(tokens, self.rope_tables(tokens, grid), self._causal(causal), keep=take,
+                                     stop=take[-1] + 1 if stop_early else None)
+        if norm:
+            kept = [self.norm(t) for t in kept]
         B, P = x.shape[0], self.num_prefix_tokens
-        grids = [t[:, P:].transpose(1, 2).reshape(B, -1, *grid) for t in kept]
-        return list(zip(grids, [t[:, :P] for t in kept])) if return_prefix_tokens else grids
+        outputs = [t[:, P:] for t in kept]
+        if output_fmt == "NCHW":
+            outputs = [t.transpose(1, 2).reshape(B, -1, *grid) for t in outputs]
+        if return_prefix_tokens:
+            outputs = list(zip(outputs, [t[:, :P] for t in kept]))
+        return outputs if intermediates_only else (self.norm(last), outputs)
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, layers: BlockSpec = None,
