@@ -20,6 +20,7 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from .files import read_yaml_text, write_text
+from .typed_config import check_value, field_types
 
 CONFIG_PACKAGE = "arvision.configs"
 
@@ -91,12 +92,35 @@ def _unwrap(value: Any) -> Any:
 yaml.add_representer(Config, yaml.SafeDumper.represent_dict, Dumper=yaml.SafeDumper)
 
 
+def typed_sections() -> dict:
+    """The config sections that are a typed dataclass: a task YAML holds only the keys whose value differs from the
+    dataclass's default, and the resolved config has every field (in the dataclass's order)."""
+    from .train.config import TrainConfig
+
+    return {"train": TrainConfig}
+
+
 def default_config(task: str) -> dict:
+    """The task's default config: its YAML, each typed section (``train``) completed with the dataclass's defaults."""
     try:
         text = resources.files(CONFIG_PACKAGE).joinpath(f"{task}.yaml").read_text()
     except FileNotFoundError:
         raise ValueError(f"no default config for task {task!r}") from None
-    return read_yaml_text(text, f"{task}.yaml")
+    cfg = read_yaml_text(text, f"{task}.yaml")
+    for section, cls in typed_sections().items():
+        if section in cfg:
+            try:
+                cfg[section] = cls.from_dict(cfg[section] or {}).to_dict()
+            except ValueError as e:
+                raise ValueError(f"{task}.yaml, section {section}: {e}") from None
+    return cfg
+
+
+def _annotation(key: str) -> Any:
+    """The annotation of ``key`` when it is a field of a typed section (``train.lr``), else None."""
+    section, _, name = key.partition(".")
+    cls = typed_sections().get(section)
+    return field_types(cls).get(name) if cls is not None and "." not in name else None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -111,6 +135,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _check_type(key: str, default: Any, value: Any) -> Any:
+    annotation = _annotation(key)
+    if annotation is not None:  # a typed section: its field's annotation decides, as in the dataclass
+        return check_value(key, annotation, value, default=default)
     if default is None or value is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
@@ -217,6 +244,9 @@ def load_config(task: str, config_file: Optional[str] = None, overrides: Iterabl
         merge(cfg, recipe, flat)
     for key, value in parse_overrides(overrides).items():
         _set(cfg, key, value, flat)
+    for section, cls in typed_sections().items():  # the dataclass's own checks (e.g. train.schedule's values)
+        if section in cfg:
+            cls.from_dict(cfg[section])
     return Config(cfg)
 
 

@@ -54,14 +54,20 @@ def _field_types(cls: type) -> dict:
     return cached
 
 
-def check_value(key: str, annotation: Any, value: Any, owner: str = "config") -> Any:
+def check_value(key: str, annotation: Any, value: Any, owner: str = "config", default: Any = None) -> Any:
     """``value`` converted to the type ``annotation`` names (an int for a float field becomes a float, a list for a
-    tuple field a tuple), or one ValueError line. Annotations other than the plain ones (bool, int, float, str, list,
-    tuple, dict, Optional / unions of them) are not checked."""
+    tuple field a tuple), or one ValueError line (naming ``default`` when one is given). Annotations other than the
+    plain ones (bool, int, float, str, list, tuple, dict, Optional / unions of them) are not checked."""
     converted = _convert(annotation, value)
     if converted is _MISMATCH:
-        raise ValueError(f"{owner} key {key!r} expects {_type_name(annotation)}, got {value!r}")
+        shown = f" (default {default!r})" if default is not None else ""
+        raise ValueError(f"{owner} key {key!r} expects {type_name(annotation)}{shown}, got {value!r}")
     return converted
+
+
+def field_types(cls: type) -> dict:
+    """The resolved annotation of each field of the config dataclass ``cls``."""
+    return dict(_field_types(cls))
 
 
 _MISMATCH = object()
@@ -106,9 +112,9 @@ def _convert(annotation: Any, value: Any) -> Any:
     return value
 
 
-def _type_name(annotation: Any) -> str:
+def type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        name = " or ".join(_type_name(a) for a in options)
+        name = " or ".join(type_name(a) for a in options)
         return f"{name} or null" if len(options) < len(typing.get_args(annotation)) else name
     return getattr(annotation, "__name__", str(annotation))

@@ -120,3 +120,80 @@ def test_config_overrides_and_errors(tmp_path):
         load_config("pretrain", str(recipe))
     with pytest.raises(FileNotFoundError):
         load_config("pretrain", str(tmp_path / "missing.yaml"))
+
+
+# ------------------------------------------------------------------ one typed mechanism: TrainConfig (issue 19)
+TASKS = ("pretrain", "finetune", "tokenizer", "heptapod", "segment")
+
+
+def _yaml_train_block(task: str) -> dict:
+    from importlib import resources
+
+    return yaml.safe_load(resources.files("arvision.configs").joinpath(f"{task}.yaml").read_text())["train"] or {}
+
+
+def test_every_task_train_section_is_train_config_defaults_with_its_yaml_differences():
+    from dataclasses import asdict, fields
+
+    from arvision.train import TrainConfig
+
+    defaults = asdict(TrainConfig())
+    for task in TASKS:
+        block = _yaml_train_block(task)
+        same = sorted(k for k, v in block.items() if k in defaults and v == defaults[k] and type(v) is type(defaults[k]))
+        assert not same, f"{task}.yaml repeats TrainConfig's defaults for {same}"
+        train = load_config(task).to_dict()["train"]
+        assert train == {**defaults, **block}, task
+        assert list(train) == [f.name for f in fields(TrainConfig)], task  # every key, printed and saved in one order
+
+
+def test_unknown_train_key_is_one_line_with_a_suggestion(tmp_path):
+    from arvision.train import TrainConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  warmup_ration: 0.1\n")
+    errors = []
+    for load in (lambda: load_config("pretrain", str(recipe)),
+                 lambda: load_config("segment", overrides=["train.warmup_ration=0.1"]),
+                 lambda: TrainConfig.from_dict({"warmup_ration": 0.1})):
+        with pytest.raises(ValueError) as caught:
+            load()
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("unknown config key 'train.warmup_ration'; did you mean train.warmup_ratio, ")
+    assert errors[2].startswith("unknown config keys ['warmup_ration'] for TrainConfig; did you mean warmup_ratio, ")
+    assert not any("\n" in e for e in errors)
+
+
+def test_train_values_are_checked_against_the_field_types():
+    from arvision.train import TrainConfig
+
+    # a field whose default is null is still typed: max_steps is an int
+    with pytest.raises(ValueError, match=r"^config key 'train.max_steps' expects int or null, got 'many'$"):
+        load_config("pretrain", overrides=["train.max_steps=many"])
+    with pytest.raises(ValueError, match=r"^TrainConfig key 'compile' expects bool, got 'yes'$"):
+        TrainConfig.from_dict({"compile": "yes"})
+    # the dataclass's own checks run when the config is loaded (before, an unknown precision passed --print-config)
+    with pytest.raises(ValueError, match=r"^train.precision must be one of bf16, fp32, got 'fp16'$"):
+        load_config("finetune", overrides=["train.precision=fp16"])
+    cfg = TrainConfig.from_dict({"blr": 1, "betas": (0.9, 0.99)})
+    assert type(cfg.blr) is float and cfg.betas == [0.9, 0.99]
+
+
+def test_the_trainer_takes_a_train_config_and_fills_a_mapping_from_its_defaults(tmp_path):
+    import arvision
+    from arvision.data.synthetic import SyntheticShapes
+    from arvision.data.transforms import pretrain_transform
+    from arvision.objectives import NepaObjective
+    from arvision.train import TrainConfig, Trainer
+    from arvision.train.distributed import DistEnv
+
+    data = SyntheticShapes(num_samples=16, split="train", transform=pretrain_transform(32))
+    build = lambda cfg: Trainer(NepaObjective(arvision.create_model("nepa_tiny_patch4_32", depth=1)), data, cfg,
+                                tmp_path, DistEnv(), num_workers=0)
+    given = TrainConfig(max_steps=3, batch_size=8, lr=1e-3)
+    assert build(given).cfg is given
+    partial = build({"max_steps": 3, "batch_size": 8})  # a mapping: what it leaves out takes TrainConfig's defaults
+    assert partial.cfg == TrainConfig(max_steps=3, batch_size=8) and partial.lr == 1e-3 * 8 / 256
+    with pytest.raises(ValueError, match="did you mean batch_size"):
+        build({"batch_sise": 8})

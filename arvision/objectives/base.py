@@ -55,3 +55,23 @@ class Objective(nn.Module):
                 return f"{name}." if name else ""
         raise ValueError(f"{type(self).__name__}.model is not a sub-module of the objective; assign it as an "
                          "attribute (self.model = model) in __init__")
+
+
+def check_param_groups(objective: nn.Module, groups: list) -> None:
+    """One-line ValueError unless ``groups`` hold every trainable parameter of ``objective`` exactly once."""
+    names = {id(p): n for n, p in objective.named_parameters()}
+    trainable = {id(p) for p in objective.parameters() if p.requires_grad}
+    seen: dict[int, int] = {}
+    for g in groups:
+        for p in g["params"]:
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    twice = [names.get(i, "?") for i, c in seen.items() if c > 1]
+    missing = [names[i] for i in trainable if i not in seen]
+    foreign = [names.get(i, "<not in the objective>") for i in seen if i not in trainable]
+    show = lambda bad: ", ".join(sorted(bad)[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    problem = (f"lists {show(twice)} more than once" if twice else
+               f"leaves out the trainable parameters {show(missing)}" if missing else
+               f"lists {show(foreign)}, which are frozen or not parameters of the objective" if foreign else None)
+    if problem:
+        raise ValueError(f"{type(objective).__name__}.param_groups() {problem}; it must list every trainable "
+                         "parameter of the objective exactly once")

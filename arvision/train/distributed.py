@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -145,3 +146,50 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------ full states of an FSDP2-sharded objective
+_FULL_ON_CPU = dict(full_state_dict=True, cpu_offload=True)
+
+
+def full_states(objective: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """(objective state dict, optimizer state dict), gathered to full CPU tensors when the objective is sharded (a
+    collective then: every rank calls it)."""
+    if not sharded:
+        return objective.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(**_FULL_ON_CPU)
+    return get_model_state_dict(objective, options=opts), get_optimizer_state_dict(objective, optimizer, options=opts)
+
+
+def full_model_state(model: nn.Module, sharded: bool) -> dict:
+    """The full state of ``model`` (a collective when it is sharded: every rank calls it)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(**_FULL_ON_CPU))
+
+
+@contextmanager
+def gathered(objective: nn.Module, sharded: bool):
+    """Under FSDP, the root's own parameters (those outside its shard units, e.g. embeddings and head) gathered, so
+    that the model and its methods can be called directly, on every rank at once (the shard units gather themselves in
+    their forward). Nothing to do without FSDP."""
+    if not sharded:
+        yield
+        return
+    objective.unshard()
+    try:
+        yield
+    finally:
+        objective.reshard()
+
+
+def full_copy(model: nn.Module, state: dict) -> nn.Module:
+    """An ordinary, unsharded copy of the registered-family ``model`` holding ``state`` (its full state dict)."""
+    from ..models import build_from_config, family_of
+
+    copy = build_from_config(family_of(model), model.config.to_dict())
+    copy.load_state_dict(state)
+    return copy.train(model.training)

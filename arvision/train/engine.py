@@ -35,9 +35,9 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -47,13 +47,15 @@ from tqdm import tqdm
 
 from ..data.workers import ignore_stop_signals
 from ..files import read_safetensors
-from ..objectives.base import Objective
+from ..objectives.base import Objective, check_param_groups
+from .config import TrainConfig
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistEnv, all_reduce_mean, any_rank, barrier, clip_grad_norm, control_group, wrap_model
+from .distributed import (DistEnv, all_reduce_mean, any_rank, barrier, clip_grad_norm, control_group, full_copy,
+                          full_model_state, full_states, gathered, wrap_model)
 from .ema import build_ema
 from .logging import MetricWriter, log, plot_loss_curve
 from .run_directory import create_run_directory
-from .optim import SCHEDULES, build_adamw, set_lr
+from .optim import build_adamw, set_lr
 from .sampler import ResumableSampler, SeededDataset
 
 EvaluateFn = Callable[[nn.Module, Optional[nn.Module]], dict]  # scalars, and images as uint8 (H, W, 3) arrays
@@ -64,11 +66,14 @@ def is_image(value) -> bool:
 
 
 class Trainer:
-    def __init__(self, objective: Objective, train_set: Dataset, cfg, run_dir: Path, env: DistEnv, *,
-                 num_workers: int = 2, evaluate: Optional[EvaluateFn] = None, preset: Optional[str] = None):
+    def __init__(self, objective: Objective, train_set: Dataset, cfg: TrainConfig | Mapping, run_dir: Path,
+                 env: DistEnv, *, num_workers: int = 2, evaluate: Optional[EvaluateFn] = None,
+                 preset: Optional[str] = None):
         if not isinstance(objective, Objective):
             raise TypeError(f"the Trainer needs an arvision.objectives.Objective, got {type(objective).__name__}; "
                             "subclass Objective and set self.model")
+        if not isinstance(cfg, TrainConfig):  # a task's cfg.train: the keys it leaves out take TrainConfig's defaults
+            cfg = TrainConfig.from_dict(dict(cfg))
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         self.objective = objective.to(env.device)
         self.model_prefix = objective.model_prefix()
@@ -88,91 +93,51 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / spe)
         self.lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * self.total_steps)
-        self.schedule, self.poly_power = cfg.get("schedule", "cosine"), cfg.get("poly_power", 1.0)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         self.sharded = env.enabled and cfg.distributed == "fsdp"
         # Wrap before building the optimizer: FSDP2 turns the parameters into sharded DTensors in place.
         self.model = wrap_model(self.objective, env, cfg.distributed,
                                 shard_units=objective.shard_units() if self.sharded else None,
-                                mixed_precision=cfg.precision == "bf16" and bool(cfg.get("fsdp_mixed_precision", False)))
-        self.stop_check_every = int(cfg.get("stop_check_every", 1) or 1)
+                                mixed_precision=cfg.precision == "bf16" and cfg.fsdp_mixed_precision)
         groups = objective.param_groups(self.lr, cfg.weight_decay, self.warmup)
         check_param_groups(objective, groups)
         self.optimizer = build_adamw(groups, cfg.betas, cfg.eps, env.device.type)
         # under FSDP2 a sharded EMA: DTensors with the sharding of the parameters they average
         self.ema = build_ema(objective.model, cfg.ema_decay, self.sharded) if cfg.ema_decay > 0 else None
         self.autocast = dict(device_type=env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-        if cfg.precision not in ("bf16", "fp32"):
-            raise ValueError(f"train.precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
         self.step, self.best = 0, None
         self.evaluated_step: Optional[int] = None  # the last step whose due evaluation has run
         self._window = None  # a logging window restored by resume(): (metric sums, steps, images, seconds)
         self._saved = None  # (step, evaluated_step) of the last checkpoint written or resumed
         torch.manual_seed(cfg.seed + env.rank)  # distinct drop-path / RoPE draws on each rank
         # train.logger: tensorboard | wandb | none (metrics.jsonl always); checked here, before the run directory exists
-        self.writer = MetricWriter(self.run_dir, enabled=env.is_main, logger=cfg.get("logger", "tensorboard"))
+        self.writer = MetricWriter(self.run_dir, enabled=env.is_main, logger=cfg.logger)
         self._stop = False
         self._control = control_group() if env.enabled else None  # the ranks agree on stopping through it
 
     # ------------------------------------------------------------ state
-    def _full_states(self) -> tuple[dict, dict]:
-        """(objective state dict, optimizer state dict), gathered to full tensors when the model is sharded."""
-        if not self.sharded:
-            return self.objective.state_dict(), self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.objective, options=opts),
-                get_optimizer_state_dict(self.objective, self.optimizer, options=opts))
-
     def _split(self, objective_sd: dict) -> tuple[dict, dict]:
         """(state of objective.model without its prefix, the rest of the objective's state)."""
         p = self.model_prefix
         model_sd = {k[len(p):]: v for k, v in objective_sd.items() if k.startswith(p)}
         return model_sd, {k: v for k, v in objective_sd.items() if not k.startswith(p)}
 
-    def _model_state(self) -> dict:
-        """The full state of objective.model (a collective under FSDP: every rank calls it)."""
-        if not self.sharded:
-            return self.objective.model.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.objective.model,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    @contextmanager
     def gathered(self):
-        """Under FSDP, the root's own parameters (those outside ``shard_units``, e.g. embeddings and head) gathered,
-        so that ``objective.model`` and its methods can be called directly, on every rank at once (the shard units
-        gather themselves in their forward). Nothing to do without FSDP."""
-        if not self.sharded:
-            yield
-            return
-        self.objective.unshard()
-        try:
-            yield
-        finally:
-            self.objective.reshard()
+        """Under FSDP, the root's own parameters gathered, so that ``objective.model`` and its methods can be called
+        directly, on every rank at once (``distributed.gathered``). Nothing to do without FSDP."""
+        return gathered(self.objective, self.sharded)
 
     def full_model(self) -> Optional[nn.Module]:
         """``objective.model`` as an ordinary, unsharded module on the main process (None on the others): the model
         itself, or under FSDP a copy built from the gathered full state (a collective: every rank calls it)."""
         if not self.sharded:
             return self.objective.model if self.env.is_main else None
-        from ..models import build_from_config, family_of
-
-        state = self._model_state()
-        if not self.env.is_main:
-            return None
-        model = self.objective.model
-        copy = build_from_config(family_of(model), model.config.to_dict())
-        copy.load_state_dict(state)
-        return copy.to(self.env.device).train(model.training)
+        state = full_model_state(self.objective.model, True)
+        return full_copy(self.objective.model, state).to(self.env.device) if self.env.is_main else None
 
     def save(self, rng: dict, window: Optional[dict] = None) -> None:
         """Checkpoint the run after step ``self.step``: ``rng`` as that step left it, and ``window``, the metric sums of
         the logging window not written yet (a resumed run then writes the same rows as an uninterrupted one)."""
-        model_sd, optim_sd = self._full_states()  # collective under FSDP: every rank calls it
+        model_sd, optim_sd = full_states(self.objective, self.optimizer, self.sharded)  # collective under FSDP: every rank calls it
         per_rank = [{"rng": rng, "window": _window_to_cpu(window)}]
         if self.env.enabled:  # every rank's RNG and window, so that per-rank draws (drop path, RoPE) resume exactly
             per_rank = [None] * self.env.world_size
@@ -271,7 +236,7 @@ class Trainer:
                 batches = iter(self.loader)
                 for _ in range(in_epoch, self.sampler.steps_per_epoch):
                     step_at_start, rng_at_start = self.step, rng_state()
-                    lr = set_lr(self.optimizer, self.step, self.total_steps, cfg.min_lr, self.schedule, self.poly_power)
+                    lr = set_lr(self.optimizer, self.step, self.total_steps, cfg.min_lr, cfg.schedule, cfg.poly_power)
                     step_sums = self._accumulate(model, batches, ddp)
                     grad_norm = clip_grad_norm(params, cfg.clip_grad)  # one all-reduce under FSDP, no host sync
                     self.optimizer.step()
@@ -297,7 +262,7 @@ class Trainer:
                         self.writer.write(self.step, row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
                         sums, n_sum, t0, seen = None, 0, time.perf_counter(), 0
-                    if self.step % self.stop_check_every == 0:
+                    if self.step % cfg.stop_check_every == 0:
                         self._stop_if_requested(window())  # before an evaluation: a pre-emption leaves no time
                     if self.step % self.sampler.steps_per_epoch == 0 or self.step >= self.total_steps:
                         skipped = getattr(self.train_set, "num_skipped", 0)
@@ -402,7 +367,7 @@ class Trainer:
         metric = self.cfg.best_metric
         if metric and metric in results and (self.best is None or results[metric] > self.best["value"]):
             self.best = {**results, "metric": metric, "value": results[metric], "step": self.step}
-            weights = self._model_state()  # collective under FSDP
+            weights = full_model_state(self.objective.model, self.sharded)  # collective under FSDP
             ema = self.ema.state_dict() if self.ema is not None else None  # collective under FSDP
             if self.env.is_main:
                 from ..checkpoints import save_model
@@ -433,23 +398,3 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-def check_param_groups(objective: nn.Module, groups: list) -> None:
-    """One-line ValueError unless ``groups`` hold every trainable parameter of ``objective`` exactly once."""
-    names = {id(p): n for n, p in objective.named_parameters()}
-    trainable = {id(p) for p in objective.parameters() if p.requires_grad}
-    seen: dict[int, int] = {}
-    for g in groups:
-        for p in g["params"]:
-            seen[id(p)] = seen.get(id(p), 0) + 1
-    twice = [names.get(i, "?") for i, c in seen.items() if c > 1]
-    missing = [names[i] for i in trainable if i not in seen]
-    foreign = [names.get(i, "<not in the objective>") for i in seen if i not in trainable]
-    show = lambda bad: ", ".join(sorted(bad)[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-    problem = (f"lists {show(twice)} more than once" if twice else
-               f"leaves out the trainable parameters {show(missing)}" if missing else
-               f"lists {show(foreign)}, which are frozen or not parameters of the objective" if foreign else None)
-    if problem:
-        raise ValueError(f"{type(objective).__name__}.param_groups() {problem}; it must list every trainable "
-                         "parameter of the objective exactly once")
