@@ -3,7 +3,7 @@
 Each preset is timed at its image size with random weights (throughput does not depend on the values): after
 ``--warmup`` calls, ``--repeats`` windows of ``--iters`` calls each, one device synchronisation per window; the median
 window gives images/s. The cache build encodes ``--cache-images`` synthetic images (plus their flips) end to end
-(rendering, centre crop, encode, memory-mapped writes, header) with ``arvision.data.token_cache.build_token_cache``.
+(rendering, centre crop, encode, memory-mapped writes, header) with ``arvision.data.token_cache_writer.build_token_cache``.
 
     python benchmarks/bench_tokenizer.py                                  # CPU: the 32 px presets
     python benchmarks/bench_tokenizer.py --device cuda --presets llamagen_vq16:256,mar_kl16:256 --batch-size 64 \\
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arvision.data.token_cache import build_token_cache  # noqa: E402
+from arvision.data.token_cache_writer import build_token_cache  # noqa: E402
 from arvision.models import count_parameters, create_model  # noqa: E402
 
 

@@ -19,7 +19,7 @@ def vq_token_cache(tmp_path_factory):
     import torch
 
     import arvision
-    from arvision.data.token_cache import build_token_cache
+    from arvision.data.token_cache_writer import build_token_cache
 
     root = tmp_path_factory.mktemp("vq_cache")
     torch.manual_seed(0)

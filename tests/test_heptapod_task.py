@@ -7,7 +7,7 @@ import torch
 
 import arvision
 from arvision.cli import main
-from arvision.data.token_cache import build_token_cache
+from arvision.data.token_cache_writer import build_token_cache
 from arvision.generate.outputs import class_labels
 
 

@@ -11,7 +11,7 @@ import yaml
 
 import arvision
 from arvision.config import load_config
-from arvision.data.token_cache import build_token_cache
+from arvision.data.token_cache_writer import build_token_cache
 from arvision.train import engine
 
 RECIPES = sorted(p.name[:-5] for p in resources.files("arvision.configs").iterdir()

@@ -434,17 +434,17 @@ def two_tokenizers(tmp_path_factory):
 
 
 def test_encode_refuses_a_cache_made_by_other_weights_or_settings(two_tokenizers, tmp_path, monkeypatch, capsys):
-    from arvision.data import token_cache as tc
+    from arvision.data import token_cache as tc, token_cache_writer as writer
     a, b = two_tokenizers
     cache = tmp_path / "cache"
-    real_write, writes = tc._write_header, []
+    real_write, writes = writer._write_header, []
 
     def interrupt_after_one_batch(path, obj):
         real_write(path, obj)
         writes.append(obj)
         if len(writes) == 2:
             raise KeyboardInterrupt
-    monkeypatch.setattr(tc, "_write_header", interrupt_after_one_batch)
+    monkeypatch.setattr(writer, "_write_header", interrupt_after_one_batch)
     with pytest.raises((KeyboardInterrupt, SystemExit)):  # Ctrl-C after the first batch
         main(_encode_args(a, cache))
     monkeypatch.undo()

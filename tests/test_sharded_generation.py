@@ -10,7 +10,8 @@ from test_distributed import launch
 
 import arvision
 from arvision.cli import main
-from arvision.data.token_cache import TokenCache, build_token_cache
+from arvision.data.token_cache import TokenCache
+from arvision.data.token_cache_writer import build_token_cache
 from arvision.generate import shards
 from arvision.generate.outputs import class_labels
 from arvision.generate.sample import SamplingConfig, draw_categorical, sample_tokens

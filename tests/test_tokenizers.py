@@ -233,7 +233,8 @@ def _folder(root, n_per_class=3, corrupt=1):
 @pytest.mark.parametrize("name", ["vq_f4_32px", "kl_f4_32px"])
 def test_token_cache_round_trip(tmp_path, name):
     from arvision.data.transforms import generation_transform
-    from arvision.data.token_cache import TokenCache, build_token_cache
+    from arvision.data.token_cache import TokenCache
+    from arvision.data.token_cache_writer import build_token_cache
     from arvision.data.datasets import ImageFolderDataset
     data = _folder(tmp_path / "data")
     tok = create_model(name, ch=32).eval()
@@ -266,32 +267,32 @@ def test_token_cache_round_trip(tmp_path, name):
 
 
 def test_interrupted_cache_resumes_and_is_never_complete_early(tmp_path, monkeypatch):
-    from arvision.data import token_cache as tc
+    from arvision.data import token_cache as tc, token_cache_writer as w
     data = _folder(tmp_path / "data", n_per_class=4, corrupt=0)
     tok = create_model("vq_f4_32px", ch=32).eval()
-    full = tc.build_token_cache(tok, data, tmp_path / "ref", img_size=16, batch_size=3, num_workers=0, progress=False)
-    real_write, writes = tc._write_header, []
+    full = w.build_token_cache(tok, data, tmp_path / "ref", img_size=16, batch_size=3, num_workers=0, progress=False)
+    real_write, writes = w._write_header, []
 
     def crash_after_two(path, obj):
         real_write(path, obj)
         writes.append(obj["encoded"])
         if len(writes) == 3:  # the fresh header, then two batches
             raise KeyboardInterrupt
-    monkeypatch.setattr(tc, "_write_header", crash_after_two)
+    monkeypatch.setattr(w, "_write_header", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        tc.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)
-    monkeypatch.setattr(tc, "_write_header", real_write)
+        w.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)
+    monkeypatch.setattr(w, "_write_header", real_write)
     with pytest.raises(ValueError, match="incomplete \\(6/8"):
         tc.TokenCache(tmp_path / "c")
-    stats = tc.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)
+    stats = w.build_token_cache(tok, data, tmp_path / "c", img_size=16, batch_size=3, num_workers=0, progress=False)
     assert stats["resumed_from"] == 6 and full["resumed_from"] == 0
     a, b = tc.TokenCache(tmp_path / "ref", flip=False), tc.TokenCache(tmp_path / "c", flip=False)
     assert torch.equal(a.grids(0), b.grids(0)) and torch.equal(a.grids(1), b.grids(1))
     # other settings never mix two encodings: an error naming them, or (overwrite) a fresh encode
     with pytest.raises(ValueError, match=r"img_size \(cache 16, now 8\).*--overwrite"):
-        tc.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False)
-    stats = tc.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False,
-                                 overwrite=True)
+        w.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False)
+    stats = w.build_token_cache(tok, data, tmp_path / "c", img_size=8, batch_size=3, num_workers=0, progress=False,
+                                overwrite=True)
     assert stats["resumed_from"] == 0 and tc.TokenCache(tmp_path / "c").info["grid_size"] == 2
 
 

@@ -58,7 +58,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_encode(args) -> None:
-    from ..data.token_cache import build_token_cache
+    from ..data.token_cache_writer import build_token_cache
     from ..checkpoints import load_tokenizer
     from ..train.distributed import join_process_group
 

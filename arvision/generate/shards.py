@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data.token_cache import weights_sha256
+from ..data.token_cache_writer import weights_sha256
 from ..files import atomic_write, write_json
 from ..train.distributed import join_process_group
 from .outputs import generate_images, save_grid

@@ -27,7 +27,8 @@ from torchvision import transforms as T
 
 from ..config import load_config
 from ..data import build_dataset
-from ..data.token_cache import TokenCache, build_token_cache
+from ..data.token_cache import TokenCache
+from ..data.token_cache_writer import build_token_cache
 from ..data.transforms import NEPA_MEAN, NEPA_STD
 from ..files import write_json
 from ..models import create_model
