@@ -61,7 +61,7 @@ def shards_vs_folder(data: str, shards: Optional[str], img_size: int, batch: int
     """img/s of the Trainer's loader over ``images`` images of the folder's train split and of its shards."""
     import tempfile
 
-    from arvision.data.shards import write_shards
+    from arvision.data.shard_writer import write_shards
     from arvision.train.sampler import ResumableSampler, SeededDataset
 
     tmp = None

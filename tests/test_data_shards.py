@@ -19,7 +19,8 @@ from arvision.cli import main
 pytest.importorskip("webdataset")  # the optional extra .[shards] (in .[dev]): patterns, the writer
 from arvision.config import load_config
 from arvision.data import build_dataset, pretrain_transform
-from arvision.data.shards import ShardDataset, write_shards
+from arvision.data.shard_writer import write_shards
+from arvision.data.shards import ShardDataset
 from arvision.objectives import NepaObjective
 from arvision.train.checkpoint import checkpoint_dirs
 from arvision.train.distributed import DistEnv

@@ -9,7 +9,7 @@ import os
 
 
 def cmd_shard(args) -> None:
-    from ..data.shards import write_shards
+    from ..data.shard_writer import write_shards
 
     from functools import partial
 
