@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import ArvisionStep, synchronize  # noqa: E402
+from bench_pretrain import ArvisionStep  # noqa: E402
+from measuring import synchronize  # noqa: E402
 
 from arvision.data import build_dataset, pretrain_transform  # noqa: E402
 from arvision.data.transforms import normalize_uint8  # noqa: E402

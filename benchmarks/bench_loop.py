@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pretrain import LR, WEIGHT_DECAY, ArvisionStep, build_pair, synchronize  # noqa: E402
+from bench_pretrain import LR, WEIGHT_DECAY, ArvisionStep, build_pair  # noqa: E402
+from measuring import synchronize  # noqa: E402
 from official_like import OfficialStep  # noqa: E402
 
 from arvision.config import load_config  # noqa: E402
