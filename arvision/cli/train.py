@@ -19,23 +19,13 @@ def _add_train_args(p: argparse.ArgumentParser, data_help: str = DATA_HELP) -> N
 def _train_config(task: str, args):
     """The task's config; with --resume, the run's saved config.yaml is the base that --config and overrides change
     (``--resume`` alone continues the run as it was configured)."""
-    from pathlib import Path
-
-    import yaml
-
     from ..config import load_config
+    from ..tasks.common import read_saved_config
 
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.source={args.data}")
-    saved = Path(args.out) / "config.yaml" if args.resume and args.out else None
-    base = None
-    if saved is not None and saved.is_file():
-        try:
-            base = yaml.safe_load(saved.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"--resume: {saved} is not readable YAML ({str(e).splitlines()[0]}); restore it or "
-                             "start a new run with another --out") from None
+    base = read_saved_config(args.out) if args.resume and args.out else None
     recipe = args.config
     if recipe is None and base is None and not any(o.startswith("data.source=") for o in overrides):
         from importlib import import_module

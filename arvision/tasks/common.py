@@ -117,25 +117,33 @@ def is_fixed_on_resume(key: str) -> bool:
         key.startswith(f) if f.endswith(".") else key == f for f in FIXED_ON_RESUME)
 
 
-def check_resume_config(cfg, run_dir: Path) -> list[tuple[str, Any, Any]]:
-    """The (key, saved value, new value) of every key that ``cfg`` changes from the config saved in ``run_dir``
-    (none when there is no saved config); a one-line ValueError naming the keys that cannot change on resume."""
+def read_saved_config(run_dir) -> Optional[dict]:
+    """The config a run saved (``run_dir/config.yaml``), None when there is none; an unreadable one is a one-line
+    ValueError."""
     saved_path = Path(run_dir) / "config.yaml"
     if not saved_path.is_file():
-        return []
+        return None
     import yaml
     try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
+        return yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"--resume: {saved_path} is not readable YAML ({str(e).splitlines()[0]}); restore it or "
                          "start a new run with another --out") from None
+
+
+def check_resume_config(cfg, run_dir: Path) -> list[tuple[str, Any, Any]]:
+    """The (key, saved value, new value) of every key that ``cfg`` changes from the config saved in ``run_dir``
+    (none when there is no saved config); a one-line ValueError naming the keys that cannot change on resume."""
+    saved = read_saved_config(run_dir)
+    if saved is None:
+        return []
     old, new = _leaves(saved), _leaves(dict(cfg))
     changed = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if not _same(old.get(k), new.get(k))]
     fixed = [c for c in changed if is_fixed_on_resume(c[0])]
     if fixed:
         shown = "; ".join(f"{k} (saved {_show(a)}, now {_show(b)})" for k, a, b in fixed)
         raise ValueError(f"--resume: {', '.join(k for k, _, _ in fixed)} cannot change on resume: {shown}; resume "
-                         f"with the values in {saved_path}, or start a new run with another --out")
+                         f"with the values in {Path(run_dir) / 'config.yaml'}, or start a new run with another --out")
     return changed
 
 
