@@ -428,3 +428,47 @@ def test_checkpoints_from_before_the_denoiser_rename_load(tmp_path):
     fresh.load_state_dict(old)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(head_type="local"), dict(head_condition="prefix"),
+                                dict(head_queries="remaining"), dict(head_type="none")])
+def test_predict_is_the_one_conditioning_dispatch(kw, monkeypatch):
+    """``predict(states, t)`` conditions the head as the config says (h_t or h_0 .. h_t, all or remaining queries,
+    no head), for an int t or per-row timesteps; the objective and the sampler both go through it."""
+    model = tiny(**kw).eval()
+    cfg, N = model.config, model.num_tokens
+    states = torch.randn(2, N, cfg.embed_dim)
+    t = torch.tensor([[1, 4], [0, 8]])  # (B, K): rows come out as (b, k) flattened
+    h_t = states[torch.tensor([[0], [1]]), t].flatten(0, 1)
+    with torch.no_grad():
+        if cfg.head_type == "none":
+            torch.testing.assert_close(model.predict(states, t), h_t, atol=0, rtol=0)
+            with pytest.raises(ValueError, match="no 2D head"):
+                model.predict(states, t, grid=True)
+        elif cfg.head_queries == "remaining":
+            z = model.forward_prediction_head(states[:, 4], first=4)
+            torch.testing.assert_close(model.predict(states, 4, grid=True), z, atol=0, rtol=0)
+            torch.testing.assert_close(model.predict(states, 4), z[:, 0], atol=0, rtol=0)
+            with pytest.raises(ValueError, match="pass an int t"):
+                model.predict(states, t, grid=True)
+        else:
+            if cfg.head_condition == "prefix":
+                valid = torch.arange(N)[None, :] <= t.flatten()[:, None]
+                z = model.forward_prediction_head(states.repeat_interleave(2, dim=0), valid)
+            else:
+                z = model.forward_prediction_head(h_t)
+            torch.testing.assert_close(model.predict(states, t, grid=True), z, atol=0, rtol=0)
+            torch.testing.assert_close(model.predict(states, t), z[torch.arange(4), t.flatten()], atol=0, rtol=0)
+            fast = model.predict(states, 4, constants=model.head_constants())
+            torch.testing.assert_close(fast, model.predict(states, 4), atol=1e-5, rtol=1e-5)
+    calls = []
+    original = type(model).predict
+    monkeypatch.setattr(type(model), "predict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    target_set = "next" if cfg.head_type == "none" else "remaining"
+    HeptapodObjective(model, HeptapodLossConfig(target_set=target_set))(torch.randint(0, 16, (2, N)), torch.tensor([0, 1]))
+    assert calls
+    calls.clear()
+    for fast in (True, False):
+        sample_tokens(model, torch.tensor([2]), fast=fast)
+        assert len(calls) == N
+        calls.clear()

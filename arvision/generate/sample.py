@@ -111,34 +111,26 @@ def _sharded_head(model) -> bool:
 
 
 class _Predictor:
-    """z_{t,t} from the backbone state(s) for the model's head type and conditioning.
+    """z_{t,t} from the backbone state h_t through ``Heptapod.predict``, holding what sampling keeps between steps: the
+    states h_0 .. h_t that a prefix condition reads, and the fast head's constants.
 
     The fast path (``fast``) gives the reference path's z up to float rounding: the head runs query t alone through
-    its last block (``Heptapod.forward_prediction_head_at``), block 0's query inputs are computed once per call, and a prefix
-    condition passes only the valid states h_0 .. h_t (the reference masks the others out as keys; their own rows
-    are never read)."""
+    its last block (``Heptapod.forward_prediction_head_at``), block 0's query inputs are computed once per call, and a
+    prefix condition passes only the valid states h_0 .. h_t (the reference masks the others out as keys; their own
+    rows are never read)."""
 
     def __init__(self, model, batch: int, device, dtype, fast: bool = True):
         self.model, cfg = model, model.config
-        self.fast = fast and not _sharded_head(model)
-        self.prefix = cfg.head_type != "none" and cfg.head_condition == "prefix"
-        self.states = torch.zeros(batch, model.num_tokens, cfg.embed_dim, device=device, dtype=dtype) if self.prefix else None
-        self.constants = model.head_constants() if self.fast and cfg.head_type != "none" else None
+        fast = fast and not _sharded_head(model)
+        prefix = cfg.head_type != "none" and cfg.head_condition == "prefix"
+        self.states = torch.zeros(batch, model.num_tokens, cfg.embed_dim, device=device, dtype=dtype) if prefix else None
+        self.constants = model.head_constants() if fast and cfg.head_type != "none" else None
 
     def __call__(self, h: torch.Tensor, t: int) -> torch.Tensor:
-        model = self.model
-        if model.config.head_type == "none":
-            return h
-        if self.prefix:
-            self.states[:, t] = h
-        if self.fast:
-            states = self.states[:, :t + 1] if self.prefix else h
-            return model.forward_prediction_head_at(states, t, constants=self.constants)
-        if self.prefix:
-            mask = (torch.arange(model.num_tokens, device=h.device) <= t).expand(h.shape[0], -1)
-            return model.forward_prediction_head(self.states, mask)[:, t]
-        first = t if model.config.head_queries == "remaining" else 0
-        return model.forward_prediction_head(h, first=first)[:, t - first]
+        if self.states is None:
+            return self.model.predict(h, t, constants=self.constants)
+        self.states[:, t] = h
+        return self.model.predict(self.states, t, constants=self.constants)
 
 
 @torch.no_grad()

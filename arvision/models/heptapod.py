@@ -17,12 +17,13 @@ distribution head: logits over the codebook (VQ tokens) or the condition of a di
 
     model = arvision.create_model("heptapod_tiny", codebook_size=1024, grid_size=8, num_classes=10)
     states = model.forward_backbone(tokens, labels)            # (B, N, D): h_0 .. h_{N-1}
-    z = model.forward_prediction_head(states[:, t_idx])        # (M, N, D): z_{t,j}; see objectives/heptapod.py
+    z = model.predict(states, t, grid=True)                    # (B K, N, D): z_{t,j} for timesteps t (B, K)
+    z_next = model.predict(states, t)                          # (B K, D): z_{t,t}, what token t is drawn from
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -344,6 +345,53 @@ class Heptapod(nn.Module):
             x = _attention_outputs(block, x, q, k, v, mask)
         return self.head.norm(x[:, 0])
 
+
+    def predict(self, states: torch.Tensor, t: Union[int, torch.Tensor], grid: bool = False,
+                constants: Optional[tuple] = None) -> torch.Tensor:
+        """The prediction(s) of timestep t from the backbone's states: the one place that reads the head type
+        (global / local / none) and what the head is conditioned on (h_t, or h_0 .. h_t; all or remaining queries).
+
+        ``states``: (B, S, D), the states h_0 .. h_{S-1} of B sequences (S > t), or (B, D), h_t itself (when the
+        head reads h_t alone). ``t``: an int, or (B,) / (B, K) timesteps per sequence, whose rows come out flattened
+        (M = B K; the prefix condition repeats each sequence's states K times).
+        Returns z_{t,t} (M, D), the prediction token t is drawn from, or with ``grid`` every prediction of the
+        timestep, z_{t,j} (M, N, D) (positions j = t .. N-1 only, (M, N - t, D), with ``head_queries="remaining"``,
+        which takes an int t). ``constants`` (``head_constants()``, an int t): z_{t,t} through the fast single-query
+        head (``forward_prediction_head_at``), equal up to float rounding."""
+        cfg = self.config
+        if not isinstance(t, int) and t.dim() == 1:
+            t = t[:, None]
+        if states.dim() == 2:
+            h_t = states
+        elif isinstance(t, int):
+            h_t = states[:, t]
+        else:
+            h_t = states[torch.arange(states.shape[0], device=t.device)[:, None].expand_as(t), t].flatten(0, 1)
+        if cfg.head_type == "none":
+            if grid:
+                raise ValueError("head_type='none' has no 2D head: its only prediction for timestep t is h_t itself")
+            return h_t
+        if cfg.head_condition == "prefix":
+            if states.dim() != 3:
+                raise ValueError("a prefix-conditioned head reads h_0 .. h_t: pass the states (B, S, D)")
+            if constants is not None:
+                return self.forward_prediction_head_at(states[:, :t + 1], t, constants=constants)
+            if not isinstance(t, int):
+                states = states.repeat_interleave(t.shape[1], dim=0)
+                t = t.flatten()[:, None]
+            valid = torch.arange(states.shape[1], device=states.device)[None, :] <= t
+            z = self.forward_prediction_head(states, valid.expand(states.shape[0], -1))
+            first = 0
+        elif constants is not None:
+            return self.forward_prediction_head_at(h_t, t, constants=constants)
+        else:
+            first = t if cfg.head_queries == "remaining" else 0
+            if not isinstance(first, int):
+                raise ValueError("head_queries='remaining' predicts one timestep per call: pass an int t")
+            z = self.forward_prediction_head(h_t, first=first)
+        if grid:
+            return z
+        return z[:, t - first] if isinstance(t, int) else z[torch.arange(z.shape[0], device=z.device), t.flatten()]
 
 def _rename_denoiser_keys(state_dict: dict, prefix: str = "") -> None:
     """Checkpoints written before the diffusion MLP was named ``denoiser`` (MAR's ``diffloss``) load unchanged."""

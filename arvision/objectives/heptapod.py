@@ -128,16 +128,11 @@ class HeptapodObjective(Objective):
         K = t.shape[1]
         rows = torch.arange(B, device=tokens.device)[:, None].expand(B, K)
         if model.config.head_type == "none":  # z_{t,t} = h_t; only the next target
-            z = states[rows, t]  # (B, K, D)
-            pred, target = z.flatten(0, 1), tokens[rows, t].flatten(0, 1)
-            is_next = torch.ones(pred.shape[0], dtype=torch.bool, device=z.device)
-            weights = torch.full((pred.shape[0],), 1.0 / pred.shape[0], device=z.device)
+            pred, target = model.predict(states, t), tokens[rows, t].flatten(0, 1)  # (B K, D)
+            is_next = torch.ones(pred.shape[0], dtype=torch.bool, device=pred.device)
+            weights = torch.full((pred.shape[0],), 1.0 / pred.shape[0], device=pred.device)
         else:
-            if model.config.head_condition == "state":
-                z = model.forward_prediction_head(states[rows, t].flatten(0, 1))  # (B K, N, D)
-            else:
-                ctx_mask = torch.arange(N, device=t.device)[None, :] <= t.flatten()[:, None]
-                z = model.forward_prediction_head(states.repeat_interleave(K, dim=0), ctx_mask)
+            z = model.predict(states, t, grid=True)  # (B K, N, D)
             t_flat = t.flatten()
             next_pos = torch.arange(N, device=t.device)[None, :] == t_flat[:, None]
             sup = subsample(supervision_mask(t_flat, model.config.grid_size, cfg.target_set, cfg.target_window),
@@ -170,7 +165,7 @@ class HeptapodObjective(Objective):
         steps = torch.arange(N) if K <= 0 or K >= N else torch.randperm(N)[:K].sort().values
         preds, targets, nexts, counts = [], [], [], []
         for t in steps.tolist():
-            z = model.forward_prediction_head(states[:, t], first=t)  # (B, N - t, D): positions t .. N-1
+            z = model.predict(states, t, grid=True)  # (B, N - t, D): positions t .. N-1
             t_rows = torch.full((B,), t, device=tokens.device)
             sup = supervision_mask(t_rows, model.config.grid_size, cfg.target_set, cfg.target_window)[:, t:]
             next_pos = torch.zeros_like(sup)
@@ -201,14 +196,11 @@ class HeptapodObjective(Objective):
             x, y = tokens[s:s + chunk], labels[s:s + chunk]
             states = model.forward_backbone(x, y)  # (b, N, D)
             b, N = states.shape[:2]
-            if model.config.head_type == "none":
-                z = states
-            elif model.config.head_queries == "remaining":
-                z = torch.stack([model.forward_prediction_head(states[:, t], first=t)[:, 0] for t in range(N)], dim=1)
+            if model.config.head_queries == "remaining":  # one timestep per head call
+                z = torch.stack([model.predict(states, t) for t in range(N)], dim=1).flatten(0, 1)
             else:
-                ar = torch.arange(N, device=x.device)
-                z = model.forward_prediction_head(states.flatten(0, 1)).view(b, N, N, -1)[:, ar, ar]
-            per = self.pair_losses(z.flatten(0, 1), x.flatten(0, 1)).view(b, N).sum(0)
+                z = model.predict(states, torch.arange(N, device=x.device).expand(b, N))  # (b N, D)
+            per = self.pair_losses(z, x.flatten(0, 1)).view(b, N).sum(0)
             total = per if total is None else total + per
         return total / tokens.shape[0]
 
