@@ -10,7 +10,8 @@ list where a tuple is expected a tuple) and an unknown key is one ValueError lin
         weight: float = 1.0
 
     LossConfig.from_dict({"weight": 2})     # LossConfig(weight=2.0)
-    LossConfig.from_dict({"wieght": 2})     # ValueError: unknown config keys ['wieght'] for LossConfig; did you mean weight?
+    LossConfig.from_dict({"wieght": 2})     # ValueError: unknown config keys ['wieght'] for LossConfig; did you
+                                            # mean weight?
 """
 from __future__ import annotations
 
@@ -34,6 +35,17 @@ class ConfigDict:
             raise ValueError(unknown_keys_message(cls.__name__, unknown, names))
         hints = _field_types(cls)
         return cls(**{k: check_value(k, hints[k], v, cls.__name__) for k, v in d.items()})
+
+    @classmethod
+    def from_section(cls, section: dict):
+        """``from_dict`` of the keys of a config section that are fields of ``cls`` (a task's ``finetune:`` block
+        also holds model settings, which its loader already checked)."""
+        names = {f.name for f in fields(cls)}
+        return cls.from_dict({k: v for k, v in dict(section).items() if k in names})
+
+    def updated(self, **changes):
+        """A copy with ``changes``, checked as ``from_dict`` checks them."""
+        return type(self).from_dict({**self.to_dict(), **changes}) if changes else self
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -140,7 +140,7 @@ def test_every_task_train_section_is_train_config_defaults_with_its_yaml_differe
     defaults = asdict(TrainConfig())
     for task in TASKS:
         block = _yaml_train_block(task)
-        same = sorted(k for k, v in block.items() if k in defaults and v == defaults[k] and type(v) is type(defaults[k]))
+        same = sorted(k for k, v in block.items() if v == defaults.get(k) and type(v) is type(defaults[k]))
         assert not same, f"{task}.yaml repeats TrainConfig's defaults for {same}"
         train = load_config(task).to_dict()["train"]
         assert train == {**defaults, **block}, task
@@ -197,3 +197,34 @@ def test_the_trainer_takes_a_train_config_and_fills_a_mapping_from_its_defaults(
     assert partial.cfg == TrainConfig(max_steps=3, batch_size=8) and partial.lr == 1e-3 * 8 / 256
     with pytest.raises(ValueError, match="did you mean batch_size"):
         build({"batch_sise": 8})
+
+
+# ------------------------------------------------------------------ each objective has its own typed config
+def test_objective_configs_are_typed_and_built_from_the_task_sections():
+    import torch
+
+    from arvision.objectives import ClassificationConfig, ClassificationObjective, NepaLossConfig
+    from arvision.objectives.segmentation import SegmentationConfig
+    from arvision.objectives.tokenizer import TokenizerLossConfig
+    from arvision.tasks.finetune import build_objective
+    from arvision.typed_config import ConfigDict
+
+    for cls, section in ((NepaLossConfig, "pretrain.objective"), (ClassificationConfig, "finetune.finetune"),
+                         (SegmentationConfig, "segment.segment"), (TokenizerLossConfig, "tokenizer.objective")):
+        task, key = section.split(".")
+        assert issubclass(cls, ConfigDict), cls
+        cfg = cls.from_section(load_config(task)[key])
+        assert all(getattr(cfg, k) == v for k, v in load_config(task)[key].items() if hasattr(cfg, k)), cls
+    ft = load_config("finetune", overrides=["finetune.mixup_switch_prob=0.25", "finetune.llrd=0.5"]).finetune
+    objective = build_objective(ft, torch.nn.Identity(), 10)
+    assert objective.config == ClassificationConfig(mixup_switch_prob=0.25, llrd=0.5)
+    assert objective.mixup.switch_prob == 0.25
+    # keyword changes are checked like a config file: one line, the closest field
+    with pytest.raises(ValueError, match=r"^unknown config keys \['mixpu'\] for ClassificationConfig; did you mean "
+                                         r"mixup"):
+        ClassificationObjective(torch.nn.Identity(), 10, mixpu=0)
+    with pytest.raises(ValueError, match=r"^ClassificationConfig key 'cutmix' expects float, got 'lots'$"):
+        ClassificationConfig.from_dict({"cutmix": "lots"})
+    with pytest.raises(ValueError, match=r"^finetune.mixup_mode must be one of batch, pair, elem, got 'pairs'$"):
+        build_objective(load_config("finetune", overrides=["finetune.mixup_mode=pairs"]).finetune,
+                        torch.nn.Identity(), 10)

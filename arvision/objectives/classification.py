@@ -7,6 +7,7 @@ label-smoothed cross-entropy, which is the same thing for one-hot targets.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -15,8 +16,42 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from ..typed_config import ConfigDict
 from .base import Objective
 from .param_groups import llrd_groups
+
+MIXUP_MODES = ("batch", "pair", "elem")
+LLRD_MODES = ("official", "standard")
+
+
+@dataclass
+class ClassificationConfig(ConfigDict):
+    """What the classification objective reads of a task's ``finetune:`` block (defaults: the official recipe)."""
+    mixup: float = 0.8                # Mixup Beta alpha (0: off)
+    cutmix: float = 1.0               # CutMix Beta alpha (0: off); both 0: label-smoothed cross-entropy, no mixing
+    mixup_prob: float = 1.0           # probability of mixing a batch
+    mixup_switch_prob: float = 0.5    # probability of CutMix instead of Mixup when both are on
+    mixup_mode: str = "batch"         # batch | pair | elem (timm Mixup)
+    label_smoothing: float = 0.1      # folded into the soft targets
+    causal: bool = False              # attention of the fine-tuning forward (official: bidirectional)
+    llrd: Optional[float] = None      # layer-wise lr decay factor (param_groups.llrd_groups); None: weight decay only
+    llrd_mode: str = "official"       # official | standard (see llrd_groups)
+    head_lr: Optional[float] = None   # official mode: lr of the classifier and the final norm; None: the lr
+
+    def __post_init__(self):
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for key in ("mixup", "cutmix"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"finetune.{key} must be >= 0 (0: off), got {getattr(self, key)}")
+        for key in ("mixup_prob", "mixup_switch_prob"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"finetune.{key} must be in [0, 1], got {getattr(self, key)}")
+        for key, allowed in (("mixup_mode", MIXUP_MODES), ("llrd_mode", LLRD_MODES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"finetune.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.llrd is not None and not 0 < self.llrd <= 1:
+            raise ValueError(f"finetune.llrd must be in (0, 1] (1: no decay) or null, got {self.llrd}")
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -27,31 +62,27 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> to
 class ClassificationObjective(Objective):
     """``objective(images, labels) -> (loss, {"top1": ...})`` for the Trainer; ``model`` is the classifier.
 
-    mixup / cutmix: Beta alphas (0 disables each; both 0 disables mixing). mixup_prob: probability of mixing a
-    batch; switch_prob: probability of CutMix when both are on; mode: timm's 'batch' | 'pair' | 'elem'.
-    causal: attention mode of the fine-tuning forward (official: bidirectional).
-    llrd: layer-wise lr decay factor for ``param_groups`` (``param_groups.llrd_groups`` with ``llrd_mode`` and
-    ``head_lr``); None gives plain weight-decay groups.
+    ``config``: a ``ClassificationConfig`` (default: the official recipe); keyword ``changes`` replace its fields:
+
+        ClassificationObjective(model, 10, ClassificationConfig.from_section(cfg.finetune))
+        ClassificationObjective(model, 10, mixup=0, cutmix=0, label_smoothing=0)   # plain cross-entropy
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
-                 label_smoothing: float = 0.1, mixup_prob: float = 1.0, switch_prob: float = 0.5,
-                 mode: str = "batch", causal: bool = False, llrd: Optional[float] = None,
-                 llrd_mode: str = "official", head_lr: Optional[float] = None):
+    def __init__(self, model: nn.Module, num_classes: int, config: Optional[ClassificationConfig] = None,
+                 **changes):
         super().__init__()
-        self.llrd, self.llrd_mode, self.head_lr = llrd, llrd_mode, head_lr
+        self.config = c = (config or ClassificationConfig()).updated(**changes)
         if num_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, got num_classes={num_classes}")
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.model, self.num_classes, self.causal = model, num_classes, causal
-        self.label_smoothing = label_smoothing
+        self.model, self.num_classes = model, num_classes
+        self.causal, self.label_smoothing = c.causal, c.label_smoothing
         self.mixup = None
-        if (mixup > 0 or cutmix > 0) and mixup_prob > 0:
+        if (c.mixup > 0 or c.cutmix > 0) and c.mixup_prob > 0:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=switch_prob,
-                               mode=mode, correct_lam=True, label_smoothing=label_smoothing, num_classes=num_classes)
+            self.mixup = Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob,
+                               switch_prob=c.mixup_switch_prob, mode=c.mixup_mode, correct_lam=True,
+                               label_smoothing=c.label_smoothing, num_classes=num_classes)
 
     @torch.no_grad()
     def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +118,7 @@ class ClassificationObjective(Objective):
         return loss, {"top1": top1}
 
     def param_groups(self, lr: float, weight_decay: float, warmup_steps: int) -> list[dict]:
-        if self.llrd is None:
+        c = self.config
+        if c.llrd is None:
             return super().param_groups(lr, weight_decay, warmup_steps)
-        return llrd_groups(self.model, lr, weight_decay, warmup_steps, self.llrd, self.llrd_mode, self.head_lr)
+        return llrd_groups(self.model, lr, weight_decay, warmup_steps, c.llrd, c.llrd_mode, c.head_lr)

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import NEPA_MEAN, NEPA_STD, normalize_uint8
+from ..typed_config import ConfigDict
 from .base import Objective
 
 
 @dataclass
-class NepaLossConfig:
+class NepaLossConfig(ConfigDict):
     shift: bool = True
     stop_grad: bool = True
     causal: bool = True

@@ -3,7 +3,7 @@ head's logits plus ``aux_weight`` (0.4) times the auxiliary FCN head's, both at 
 mean over the labelled pixels of the micro-batch; a micro-batch whose pixels are all ignored adds 0 (metric
 ``all_ignored``: the share of such micro-batches), not NaN.
 
-    objective = SegmentationObjective(segmentor, aux_weight=0.4, llrd=0.65, head_lr_scale=1.0)
+    objective = SegmentationObjective(segmentor, SegmentationConfig(aux_weight=0.4, llrd=0.65, head_lr_scale=1.0))
     loss, metrics = objective(images, masks)       # images (B, 3, H, W), masks (B, H, W) int64
                                                    # (ignore_index, default 255: pixels that count for nothing)
     groups = objective.param_groups(lr=1e-4, weight_decay=0.05, warmup_steps=1500)
@@ -14,6 +14,7 @@ the base lr (MAE: 1; some BEiT / mmseg configs use 10). Weight decay on matrices
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,8 +22,26 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.segmentation import IGNORE_INDEX, check_ignore_index
+from ..typed_config import ConfigDict
 from .base import Objective
 from .param_groups import llrd_groups, weight_decay_groups
+
+
+@dataclass
+class SegmentationConfig(ConfigDict):
+    """What the segmentation objective reads of a task's ``segment:`` block (defaults: MAE/BEiT ADE20K)."""
+    aux_weight: float = 0.4              # weight of the auxiliary FCN head's loss (0: off)
+    ignore_index: Optional[int] = None   # label left out of loss and metrics; None: the segmentor's
+    llrd: Optional[float] = 0.65         # layer-wise lr decay over the backbone (standard mode); None: none
+    head_lr_scale: float = 1.0           # neck and heads at this x the base lr
+
+    def __post_init__(self):
+        if self.aux_weight < 0:
+            raise ValueError(f"segment.aux_weight must be >= 0 (0: off), got {self.aux_weight}")
+        if self.head_lr_scale <= 0:
+            raise ValueError(f"segment.head_lr_scale must be > 0, got {self.head_lr_scale}")
+        if self.llrd is not None and not 0 < self.llrd <= 1:
+            raise ValueError(f"segment.llrd must be in (0, 1] (1: no decay) or null, got {self.llrd}")
 
 
 def masked_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int,
@@ -37,16 +56,17 @@ def masked_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore_index
 
 
 class SegmentationObjective(Objective):
-    def __init__(self, model: nn.Module, aux_weight: float = 0.4, ignore_index: Optional[int] = None,
-                 llrd: Optional[float] = 0.65, head_lr_scale: float = 1.0):
+    """``config``: a ``SegmentationConfig``; keyword ``changes`` replace its fields (``llrd=0.5``)."""
+
+    def __init__(self, model: nn.Module, config: Optional[SegmentationConfig] = None, **changes):
         super().__init__()
-        if aux_weight < 0 or head_lr_scale <= 0:
-            raise ValueError(f"need aux_weight >= 0 and head_lr_scale > 0, got {aux_weight} and {head_lr_scale}")
-        if ignore_index is None:  # the segmentor's (segment.ignore_index when the task built it)
-            ignore_index = getattr(model.config, "ignore_index", IGNORE_INDEX)
+        self.config = c = (config or SegmentationConfig()).updated(**changes)
+        # None: the segmentor's (segment.ignore_index when the task built it)
+        ignore_index = c.ignore_index if c.ignore_index is not None else getattr(model.config, "ignore_index",
+                                                                                 IGNORE_INDEX)
         check_ignore_index(ignore_index, model.config.num_classes)
-        self.model, self.aux_weight, self.ignore_index = model, aux_weight, ignore_index
-        self.llrd, self.head_lr_scale = llrd, head_lr_scale
+        self.model, self.aux_weight, self.ignore_index = model, c.aux_weight, ignore_index
+        self.llrd, self.head_lr_scale = c.llrd, c.head_lr_scale
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor):
         if masks.shape != (images.shape[0], *images.shape[-2:]):

@@ -20,7 +20,7 @@ from ..data.workers import ignore_stop_signals
 from ..eval.classify import evaluate_classifier
 from ..eval.sharding import EvalShard
 from ..files import write_json
-from ..objectives.classification import ClassificationObjective
+from ..objectives.classification import ClassificationConfig, ClassificationObjective
 from ..train.distributed import DistEnv, barrier
 from ..train.engine import Trainer
 from ..train.logging import log
@@ -111,10 +111,7 @@ def prepare_classifier(model, num_classes: int, global_pool: str = "avg", freeze
 def build_objective(ft, model, num_classes: int) -> ClassificationObjective:
     """The fine-tuning objective of the ``finetune`` config section: Mixup/CutMix, label smoothing, attention mode
     and layer-wise lr decay (``llrd_groups``) as its ``param_groups``."""
-    return ClassificationObjective(model, num_classes, mixup=ft.mixup, cutmix=ft.cutmix,
-                                   label_smoothing=ft.label_smoothing, mixup_prob=ft.mixup_prob,
-                                   switch_prob=ft.mixup_switch_prob, mode=ft.mixup_mode, causal=ft.causal,
-                                   llrd=ft.llrd, llrd_mode=ft.llrd_mode, head_lr=ft.head_lr)
+    return ClassificationObjective(model, num_classes, ClassificationConfig.from_section(ft))
 
 
 def train_transform(d, img_size: int):

@@ -28,7 +28,7 @@ MODEL_FAMILIES = ("nepa_vit",)  # what the NEPA objective trains: model.name and
 def run(cfg, out=None, resume=False) -> dict:
     env, run_dir = prepare_run(cfg, "pretrain", out, resume)
     seed_everything(cfg.train.seed)
-    ocfg = NepaLossConfig(**cfg.objective)
+    ocfg = NepaLossConfig.from_dict(dict(cfg.objective))
     model = build_backbone(cfg.model, MODEL_FAMILIES, **({"use_mask_token": True} if ocfg.mask_ratio > 0 else {}))
     img_size = cfg.data.img_size or model.config.img_size
     source = cfg.data.source

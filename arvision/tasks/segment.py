@@ -30,7 +30,7 @@ from ..files import write_json
 from ..models import create_model, model_config
 from ..models.registry import check_preset
 from ..models.segmentation import IGNORE_INDEX, Segmentor
-from ..objectives.segmentation import SegmentationObjective
+from ..objectives.segmentation import SegmentationConfig, SegmentationObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
@@ -135,7 +135,7 @@ def run(cfg, out=None, resume=False) -> dict:
     val_set = fixed_subset(dataset(d, val_split, seg_eval_transform(), ignore_index=s.ignore_index), e.max_samples)
     log.info(f"data: {len(train_set)} training images, {len(val_set)} {val_split} images, {len(classes)} classes "
              f"from {d.source}")
-    objective = SegmentationObjective(model, s.aux_weight, s.ignore_index, s.llrd, s.head_lr_scale)
+    objective = SegmentationObjective(model, SegmentationConfig.from_section(s))
     history: list[dict] = []
     kwargs = dict(eval_kwargs(e, d), num_classes=len(classes), ignore_index=s.ignore_index, classes=classes,
                   device=env.device, amp_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else None,
