@@ -16,15 +16,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ..objectives.diffusion_loss import cosine_alpha_bar
+from ..objectives.diffusion_loss import GaussianDiffusion
 
 REVERSE_VARIANCES = ("large", "small")
 
 
-class DiffusionSampler:
-    def __init__(self, train_steps: int = 1000):
-        self.train_steps = train_steps
-        self.alpha_bar = cosine_alpha_bar(train_steps)
+class DiffusionSampler(GaussianDiffusion):
+    """The diffusion process the loss trains (its schedule), run backwards."""
 
     def respaced(self, num_steps: int) -> tuple[list[int], torch.Tensor]:
         """(kept original timesteps ascending, their betas in the respaced chain)."""
