@@ -90,8 +90,9 @@ def cmd_reconstruct(args) -> None:
     from PIL import Image
     from torchvision.utils import save_image
 
-    from ..data.transforms import generation_transform
     from ..checkpoints import load_tokenizer
+    from ..data.transforms import generation_transform
+    from ..files import atomic_write
 
     tok = load_tokenizer(args.tokenizer, ema=args.ema)
     tf = generation_transform(_img_size(args))
@@ -103,10 +104,8 @@ def cmd_reconstruct(args) -> None:
     with torch.no_grad():
         y = tok.decode(tok.encode(x))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix or '.png'}")
-    save_image(torch.stack([x, y.clamp(-1, 1)], 1).flatten(0, 1) * 0.5 + 0.5, tmp, nrow=2)
-    tmp.replace(out)
+    with atomic_write(out, suffix=out.suffix or ".png") as tmp:
+        save_image(torch.stack([x, y.clamp(-1, 1)], 1).flatten(0, 1) * 0.5 + 0.5, tmp, nrow=2)
     print(f"wrote {out} (rows: original, reconstruction)")
 
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.transforms import unit_range_to_uint8
+from ..files import atomic_write
 from ..objectives.tokenizer import psnr
 
 
@@ -73,10 +74,8 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
         res.update(reconstruction_fid(torch.cat(real_u8), torch.cat(fake_u8), extractor, device, batch_size, progress))
     if shown:
         from torchvision.utils import save_image
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = grid_path.with_name(f".{grid_path.stem}.tmp.png")
-        save_image(torch.cat(shown).clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8)  # pairs: original, reconstruction
-        tmp.replace(grid_path)
+        with atomic_write(grid_path, suffix=".png") as tmp:  # pairs: original, reconstruction
+            save_image(torch.cat(shown).clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8)
         res["grid"] = str(grid_path)
     return res
 

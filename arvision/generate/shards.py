@@ -243,9 +243,8 @@ def _assemble(directory: SampleDirectory, manifest: dict, labels: np.ndarray, gr
     """Stream the shards into samples.npz (renamed into place last), then the grid and sample.json; delete the
     shards."""
     total = manifest["num_samples"]
-    tmp = directory.path / f".{NPZ}.tmp-{os.getpid()}"
     image_shape = None
-    try:
+    with atomic_write(directory.npz) as tmp:  # the samples appear complete or not at all
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 for shard in range(manifest["num_shards"]):
@@ -276,9 +275,6 @@ def _assemble(directory: SampleDirectory, manifest: dict, labels: np.ndarray, gr
         files = {"npz": str(directory.npz), "grid": str(grid.save(directory.path / GRID))}
         write_json(directory.path / META, dict(meta or {}, **files, num_samples=total,
                                                fingerprint=manifest["fingerprint"]), indent=1, default=str)
-        os.replace(tmp, directory.npz)
-    finally:
-        tmp.unlink(missing_ok=True)
     shutil.rmtree(directory.shard_dir, ignore_errors=True)
     return files
 
