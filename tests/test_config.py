@@ -228,3 +228,20 @@ def test_objective_configs_are_typed_and_built_from_the_task_sections():
     with pytest.raises(ValueError, match=r"^finetune.mixup_mode must be one of batch, pair, elem, got 'pairs'$"):
         build_objective(load_config("finetune", overrides=["finetune.mixup_mode=pairs"]).finetune,
                         torch.nn.Identity(), 10)
+
+
+def test_loss_configs_check_their_values_in_one_line():
+    from arvision.objectives.heptapod import HeptapodLossConfig
+    from arvision.objectives.tokenizer import TokenizerLossConfig
+
+    with pytest.raises(ValueError, match=r"^unknown config keys \['target_sets'\] for HeptapodLossConfig; did you mean "
+                                         r"target_set"):
+        HeptapodLossConfig.from_dict({"target_sets": "next"})
+    for make, message in ((lambda: HeptapodLossConfig(ce_chunk=0), "objective.ce_chunk must be >= 1, got 0"),
+                          (lambda: HeptapodLossConfig(label_dropout=1.0), "objective.label_dropout must be in [0, 1)"),
+                          (lambda: TokenizerLossConfig(disc_weight=-1.0), "objective.disc_weight must be >= 0"),
+                          (lambda: HeptapodLossConfig.from_dict({"ce_chunk": "big"}),
+                           "HeptapodLossConfig key 'ce_chunk' expects int, got 'big'")):
+        with pytest.raises(ValueError) as caught:
+            make()
+        assert str(caught.value).startswith(message) and "\n" not in str(caught.value)

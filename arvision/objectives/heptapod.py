@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..typed_config import ConfigDict
 from .base import Objective
 from .diffusion_loss import GaussianDiffusion
 from .param_groups import weight_decay_groups
@@ -37,7 +38,7 @@ TARGET_SETS = ("next", "local", "remaining", "all")
 
 
 @dataclass
-class HeptapodLossConfig:
+class HeptapodLossConfig(ConfigDict):
     target_set: str = "all"
     target_window: int = 1
     timesteps_per_image: int = 4
@@ -52,6 +53,12 @@ class HeptapodLossConfig:
             raise ValueError(f"objective.target_set must be one of {TARGET_SETS}, got {self.target_set!r}")
         if self.averaging not in ("pairs", "timestep"):
             raise ValueError(f"objective.averaging must be 'pairs' or 'timestep', got {self.averaging!r}")
+        for key, low in (("target_window", 0), ("timesteps_per_image", 0), ("targets_per_timestep", 0),
+                         ("diffusion_batch_mul", 1), ("ce_chunk", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"objective.{key} must be >= {low}, got {getattr(self, key)}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"objective.label_dropout must be in [0, 1), got {self.label_dropout}")
 
 
 def supervision_mask(timesteps: torch.Tensor, grid_size: int, target_set: str, window: int = 1) -> torch.Tensor:

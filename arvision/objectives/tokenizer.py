@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..models.registry import ConfigDict
 from ..models.tokenizers import DeadCodeRestart, KLTokenizer, VQTokenizer, perplexity
 from ..models.tokenizers.discriminator import PatchDiscriminator
 from ..models.tokenizers.perceptual import LPIPS
+from ..typed_config import ConfigDict
 from .base import Objective
 
 
@@ -57,6 +57,13 @@ class TokenizerLossConfig(ConfigDict):
     def __post_init__(self):
         if self.recon not in ("l1", "l2"):
             raise ValueError(f"objective.recon must be 'l1' or 'l2', got {self.recon!r}")
+        for key, low in (("recon_weight", 0), ("codebook_weight", 0), ("perceptual_weight", 0), ("disc_weight", 0),
+                         ("disc_start", 0), ("disc_layers", 1), ("disc_channels", 1), ("restart_after", 0),
+                         ("restart_bank", 1)):
+            if getattr(self, key) < low:
+                raise ValueError(f"objective.{key} must be >= {low}, got {getattr(self, key)}")
+        if self.kl_weight is not None and self.kl_weight < 0:
+            raise ValueError(f"objective.kl_weight must be >= 0 or null, got {self.kl_weight}")
 
 
 def reconstruction_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:

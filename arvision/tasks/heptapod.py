@@ -100,7 +100,7 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
         log.info(f"causal backbone initialised from the NEPA blocks of {cfg.model.backbone_init}")
     log.info(f"data: {len(cache)} token grids from {cache.path} ({cache.info['token_type']}, "
              f"{cache.info['grid_size']}x{cache.info['grid_size']}, {cache.info['num_classes']} classes)")
-    objective = HeptapodObjective(model, HeptapodLossConfig(**cfg.objective))
+    objective = HeptapodObjective(model, HeptapodLossConfig.from_dict(dict(cfg.objective)))
     judge = load_judge(cfg.online.judge) if cfg.online.judge else None
     evaluate = online_evaluation(cache, cfg, run_dir, judge, lambda: trainer.step) \
         if env.is_main and not env.enabled and cfg.online.num_per_class > 0 else None
