@@ -33,8 +33,9 @@ from ..data.transforms import NEPA_MEAN, NEPA_STD
 from ..files import write_json
 from ..models import create_model
 from ..checkpoints import load_tokenizer
-from ..objectives.classification import ClassificationObjective
+from ..objectives.classification import ClassificationConfig, ClassificationObjective
 from ..train.checkpoint import latest_checkpoint
+from ..train.config import TrainConfig
 from ..train.distributed import init_distributed
 from ..train.engine import Trainer
 from ..train.logging import log, setup_logging
@@ -114,12 +115,11 @@ def train_judge(q, out: Path, seed: int) -> Path:
     final = out / "checkpoints" / f"step_{q.judge_steps:08d}"
     if not final.is_dir():
         env = init_distributed()
-        train = load_config("finetune").train
-        train.update(max_steps=q.judge_steps, batch_size=64, lr=q.judge_lr, warmup_steps=max(1, q.judge_steps // 10),
-                     weight_decay=0.05, precision="fp32", ema_decay=0.0, ckpt_every=q.judge_steps, log_every=25,
-                     eval_every=0, best_metric=None, seed=seed)
+        # batch 64, weight decay 0.05, no EMA, no evaluation during training: TrainConfig's defaults
+        train = TrainConfig(max_steps=q.judge_steps, lr=q.judge_lr, warmup_steps=max(1, q.judge_steps // 10),
+                            betas=[0.9, 0.999], precision="fp32", ckpt_every=q.judge_steps, log_every=25, seed=seed)
         model = create_model(q.judge, num_classes=10)
-        objective = ClassificationObjective(model, 10, mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+        objective = ClassificationObjective(model, 10, ClassificationConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.0))
         out.mkdir(parents=True, exist_ok=True)
         # normalised as ClassifierExtractor normalises its inputs, so the judge sees the pixels it will score
         norm = T.Compose([T.ToTensor(), T.Normalize(NEPA_MEAN, NEPA_STD)])
