@@ -18,29 +18,29 @@ DISTRIBUTED = ("ddp", "fsdp")
 
 @dataclass
 class TrainConfig(ConfigDict):
-    epochs: int = 2
+    epochs: int = 2                         # passes over the training set (max_steps overrides)
     max_steps: Optional[int] = None         # stop after this many optimizer steps (overrides epochs)
     batch_size: int = 64                    # global batch per optimizer step
     micro_batch_size: Optional[int] = None  # per-process batch; accumulation fills the global batch
     blr: Optional[float] = 1.0e-3           # lr = blr * batch_size / 256
     lr: Optional[float] = None              # absolute lr, overrides blr
-    min_lr: float = 0.0
+    min_lr: float = 0.0                     # the schedule ends here
     schedule: str = "cosine"                # after warmup: cosine (official NEPA) | constant (MAR) | poly (mmseg)
-    poly_power: float = 1.0
+    poly_power: float = 1.0                 # poly schedule: (1 - t/T) ** poly_power
     warmup_ratio: float = 0.0               # of the total steps
     warmup_steps: Optional[int] = None      # overrides warmup_ratio
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1.0e-8
+    weight_decay: float = 0.05              # AdamW, on the groups the objective marks (matrices by default)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW
+    eps: float = 1.0e-8                     # AdamW
     clip_grad: Optional[float] = 1.0        # max gradient norm; null: no clipping
     precision: str = "bf16"                 # bf16 autocast (CUDA and CPU) | fp32
     compile: bool = False                   # torch.compile the training step
     ema_decay: float = 0.0                  # weight EMA (saved as ema.safetensors); 0: off
-    seed: int = 1337
+    seed: int = 1337                        # data order, initialisation, augmentation draws
     distributed: str = "ddp"                # ddp | fsdp (FSDP2, shards each block)
     fsdp_mixed_precision: bool = False      # with fsdp and bf16: all-gather bf16 parameters, reduce fp32 gradients
     stop_check_every: int = 1               # steps between the ranks' SIGTERM agreement (one CPU all-reduce)
-    log_every: int = 10
+    log_every: int = 10                     # steps between metrics rows (and host reads of the loss)
     logger: str = "tensorboard"             # tracker beside metrics.jsonl: tensorboard (RUN/tb) | wandb | none
     ckpt_every: int = 1000                  # steps between checkpoints (0: only at the end)
     keep_last: int = 2                      # run checkpoints kept
