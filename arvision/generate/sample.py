@@ -159,7 +159,7 @@ def sample_tokens(model, labels: torch.Tensor, config: Optional[SamplingConfig] 
 
 def _sample(model, labels, cfg: SamplingConfig, noise: SampleNoise, guided: bool, fast: bool = True) -> torch.Tensor:
     mcfg, device = model.config, labels.device
-    B, N = labels.shape[0], model.num_tokens
+    N = model.num_tokens
     run_labels = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     dtype = next(model.parameters()).dtype
     predict = _Predictor(model, run_labels.shape[0], device, dtype, fast)

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import one_query_head
 from .diffusion_mlp import DiffusionMLP
-from .layers import attention
 from .registry import ConfigDict, register_family, register_model
 from .rope import Rope2D
 from .transformer import KVCache, Transformer
@@ -202,22 +201,27 @@ class Heptapod(nn.Module):
         return h[:, -1]
 
     # --------------------------------------------------------------------------------------------- head
-    def head_mask(self, context: int, device) -> Optional[torch.Tensor]:
-        """Attention mask of the head's [context; queries] sequence (None = all attend to all)."""
-        cfg = self.config
-        if cfg.head_type != "local":
-            return None
-        G, N = cfg.grid_size, self.num_tokens
-        rows, cols = torch.arange(N, device=device) // G, torch.arange(N, device=device) % G
-        r = cfg.local_window // 2
-        window = ((rows[:, None] - rows[None]).abs() <= r) & ((cols[:, None] - cols[None]).abs() <= r)
-        mask = torch.ones(context + N, context + N, dtype=torch.bool, device=device)
-        mask[:context, context:] = False  # the context does not read the queries
-        mask[context:, context:] = window
+    def head_attention_mask(self, context: int, device, context_mask: Optional[torch.Tensor] = None):
+        """Attention mask of the head's [context; queries] sequence (None = all attend to all): the local head's
+        windows, and with ``context_mask`` (M, S) the valid context rows of each condition as keys."""
+        cfg, N = self.config, self.num_tokens
+        mask = None
+        if cfg.head_type == "local":
+            G, r = cfg.grid_size, cfg.local_window // 2
+            rows, cols = torch.arange(N, device=device) // G, torch.arange(N, device=device) % G
+            window = ((rows[:, None] - rows[None]).abs() <= r) & ((cols[:, None] - cols[None]).abs() <= r)
+            mask = torch.ones(context + N, context + N, dtype=torch.bool, device=device)
+            mask[:context, context:] = False  # the context does not read the queries
+            mask[context:, context:] = window
+        if context_mask is not None:
+            keys = torch.cat([context_mask, context_mask.new_ones(context_mask.shape[0], N)], dim=1)
+            keys = keys[:, None, None, :]  # (M, 1, 1, S + N)
+            mask = keys if mask is None else mask[None, None] & keys
+            mask = mask | torch.eye(context + N, dtype=torch.bool, device=device)  # no empty rows
         return mask
 
     def forward_prediction_head(self, states: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
-                     first: int = 0) -> torch.Tensor:
+                                first: int = 0) -> torch.Tensor:
         """Predictions z (M, N, D) for every grid position, from M conditions: ``states`` (M, D) for h_t, or
         (M, S, D) for a prefix of states with ``context_mask`` (M, S) marking the valid ones (h_0 .. h_t).
         With ``head_queries="remaining"`` the M conditions share the timestep ``first`` = t and z (M, N - t, D) holds
@@ -228,123 +232,20 @@ class Heptapod(nn.Module):
         first = first if self.config.head_queries == "remaining" else 0
         q = (self.mask_token + self.query_pos[:, first:]).expand(ctx.shape[0], -1, -1).to(ctx.dtype)
         S = ctx.shape[1]
-        mask = self._head_attention_mask(S, ctx.device, context_mask)
+        mask = self.head_attention_mask(S, ctx.device, context_mask)
         z = self.head.forward_trunk(torch.cat([ctx, q], dim=1), attn_mask=mask)
         return z[:, S:]
 
-    def _head_attention_mask(self, context: int, device, context_mask: Optional[torch.Tensor] = None):
-        mask = self.head_mask(context, device)
-        if context_mask is not None:
-            keys = torch.cat([context_mask, context_mask.new_ones(context_mask.shape[0], self.num_tokens)], dim=1)
-            keys = keys[:, None, None, :]  # (M, 1, 1, S + N)
-            mask = keys if mask is None else mask[None, None] & keys
-            mask = mask | torch.eye(context + self.num_tokens, dtype=torch.bool, device=device)  # no empty rows
-        return mask
-
     def head_constants(self, dtype: Optional[torch.dtype] = None) -> tuple:
-        """What the head computes identically for every condition: the queries q_j = mask token + position j
-        (1, N, D) and their block-0 attention inputs (q, k, v), each (1, H, N, d). ``dtype``: that of the head's
-        input (the state projection's output; under autocast its dtype). Computed once per sampling call and
-        passed to ``forward_prediction_head_at``."""
-        if dtype is None:
-            dtype = self.state_proj(self.query_pos[:, :1]).dtype
-        queries = (self.mask_token + self.query_pos).to(dtype)
-        q, k, v = _attention_inputs(self.head.blocks[0], queries)
-        # for _first_block_for_one_state: each query's log-normaliser over the query keys and its attention over
-        # them through the output projection, per head
-        attn = self.head.blocks[0].attn
-        logits = (q[0] @ k[0].transpose(-2, -1)) * attn.scale  # (H, N, N)
-        D, H = queries.shape[-1], attn.num_heads
-        own = torch.einsum("hnd,chd->hnc", logits.softmax(-1).to(v.dtype) @ v[0],
-                           attn.proj.weight.view(D, H, attn.head_dim).to(v.dtype))
-        return queries, (q, k, v), (logits.logsumexp(-1)[None], own)
-
-    def _first_block_for_one_state(self, ctx: torch.Tensor, queries, query_inputs, terms) -> torch.Tensor:
-        """Block 0 of the global head over [one context row (M, 1, D); the N constant queries], without a mask.
-
-        Each query i attends to the N constant keys and to the one context key c, so per head its attention output
-        is w v_c + (1 - w) a_i, with a_i its (constant) attention over the query keys alone and w =
-        sigmoid(q_i k_c * scale - logsumexp_j(q_i k_j * scale)): the query rows cost O(N H D) per condition up to
-        the MLP instead of the projection's O(N D^2), and the same up to float rounding."""
-        block = self.head.blocks[0]
-        attn, M = block.attn, ctx.shape[0]
-        q_q, k_q, v_q = query_inputs
-        q_c, k_c, v_c = _attention_inputs(block, ctx)
-        # the context row: the ordinary attention over every key
-        out_c = attention(q_c, torch.cat([k_c, k_q.expand(M, -1, -1, -1)], dim=2),
-                          torch.cat([v_c, v_q.expand(M, -1, -1, -1)], dim=2))
-        x_c = ctx + block.drop_path1(block.ls1(attn.proj(out_c.transpose(1, 2).reshape(M, 1, -1))))
-        # the query rows
-        lse, own = terms  # (1, H, N), (H, N, D): a_i through the projection
-        weight = torch.sigmoid((q_q[0] @ k_c.transpose(-2, -1))[..., 0] * attn.scale - lse)  # (M, H, N)
-        D, H = ctx.shape[-1], attn.num_heads
-        state = torch.einsum("mhd,chd->mhc", v_c[:, :, 0], attn.proj.weight.view(D, H, attn.head_dim))  # (M, H, D)
-        mixed = own.sum(0) + torch.einsum("mhn,mhc->mnc", weight, state) - torch.einsum("mhn,hnc->mnc", weight, own)
-        if attn.proj.bias is not None:
-            mixed = mixed + attn.proj.bias
-        x_q = queries + block.drop_path1(block.ls1(mixed))
-        x = torch.cat([x_c, x_q], dim=1)
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-    def _local_reach(self, t: int, device) -> Optional[torch.Tensor]:
-        """The grid positions query t of the local head depends on, in order (None: every position, or not a local
-        head). Through L windowed blocks of half-width r, output t reads the queries within L * r rows and columns
-        of it (the context reads no query); each block needs one more window of inputs around the rows the next
-        block reads, so this set gives z_{t,t} exactly."""
-        cfg = self.config
-        if cfg.head_type != "local":
-            return None
-        G, radius = cfg.grid_size, len(self.head.blocks) * (cfg.local_window // 2)
-        if radius >= G - 1:
-            return None
-        positions = torch.arange(self.num_tokens, device=device)
-        near = ((positions // G - t // G).abs() <= radius) & ((positions % G - t % G).abs() <= radius)
-        return positions[near]
+        """The queries and their block-0 terms, the same for every condition (``one_query_head.head_constants``):
+        computed once per sampling call and passed to ``forward_prediction_head_at``."""
+        return one_query_head.head_constants(self, dtype)
 
     def forward_prediction_head_at(self, states: torch.Tensor, t: int, context_mask: Optional[torch.Tensor] = None,
-                        constants=None) -> torch.Tensor:
-        """z_{t,t} (M, D) alone: ``forward_prediction_head(states, context_mask)[:, t]`` (equal up to float rounding) at a
-        fraction of the cost, for sampling. Block 0 takes the queries' attention inputs from ``constants``
-        (``head_constants``), and the last block and the final norm run only for query t: the other queries'
-        outputs of the last block are never read, while every position's keys and values still are. The local
-        head runs only the queries within its receptive field of query t (``_local_reach``)."""
-        if self.config.head_type == "none":
-            raise ValueError("head_type='none' has no 2D head: the prediction for timestep t is h_t itself")
-        ctx = self.state_proj(states if states.dim() == 3 else states[:, None])
-        M, S = ctx.shape[:2]
-        queries, query_inputs, terms = constants if constants is not None else self.head_constants(ctx.dtype)
-        mask = self._head_attention_mask(S, ctx.device, context_mask)
-        last = len(self.head.blocks) - 1
-        reach = self._local_reach(t, ctx.device)
-        if self.config.head_queries == "remaining":  # the queries of positions t .. N-1 are the head's input
-            reach = torch.arange(t, self.num_tokens, device=ctx.device)
-        if reach is not None:  # only the queries z_{t,t} depends on
-            queries, query_inputs = queries[:, reach], tuple(w[:, :, reach] for w in query_inputs)
-            if mask is not None:
-                keep = torch.cat([torch.arange(S, device=ctx.device), S + reach])
-                mask = mask.index_select(-2, keep).index_select(-1, keep)
-            t = int((reach < t).sum())
-        x = torch.cat([ctx, queries.expand(M, -1, -1)], dim=1)
-        for i, block in enumerate(self.head.blocks):
-            if 0 < i < last:
-                x = block(x, None, False, mask)
-                continue
-            if i == 0 < last and S == 1 and mask is None and reach is None:  # its terms are over all N queries
-                x = self._first_block_for_one_state(ctx, queries, query_inputs, terms)
-                continue
-            row = S + t
-            if i == 0:
-                q, k, v = (torch.cat([c, w.expand(M, -1, -1, -1)], dim=2)
-                           for c, w in zip(_attention_inputs(block, ctx), query_inputs))
-            else:  # the last block: keys and values of every row, the query of row t
-                q, k, v = _attention_inputs(block, x, query_row=row)
-            if i == last:
-                x = x[:, row:row + 1]
-                q = q[:, :, row:row + 1] if i == 0 else q  # (a one-block head; else q is row t's already)
-                mask = None if mask is None else mask[..., row:row + 1, :]
-            x = _attention_outputs(block, x, q, k, v, mask)
-        return self.head.norm(x[:, 0])
-
+                                   constants: Optional[tuple] = None) -> torch.Tensor:
+        """z_{t,t} (M, D) alone: ``forward_prediction_head(states, context_mask)[:, t]`` up to float rounding, at a
+        fraction of the cost, for sampling (``one_query_head.prediction_at``)."""
+        return one_query_head.prediction_at(self, states, t, context_mask, constants)
 
     def predict(self, states: torch.Tensor, t: Union[int, torch.Tensor], grid: bool = False,
                 constants: Optional[tuple] = None) -> torch.Tensor:
@@ -397,32 +298,6 @@ def _rename_denoiser_keys(state_dict: dict, prefix: str = "") -> None:
     """Checkpoints written before the diffusion MLP was named ``denoiser`` (MAR's ``diffloss``) load unchanged."""
     for key in [k for k in state_dict if k.startswith(prefix + "diffloss.")]:
         state_dict[prefix + "denoiser." + key[len(prefix + "diffloss."):]] = state_dict.pop(key)
-
-
-def _attention_inputs(block, x: torch.Tensor, query_row: Optional[int] = None):
-    """A head block's (q, k, v) of rows x (B, T, D), each (B, H, T, d): norm1, the fused projection, QK-norm (the
-    head has no RoPE). With ``query_row``, q is that row's alone (B, H, 1, d) and only k, v are projected for all."""
-    attn, (B, T, D) = block.attn, x.shape
-    x = block.norm1(x)
-    if query_row is None:
-        q, k, v = attn.qkv(x).view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    else:
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        q = F.linear(x[:, query_row:query_row + 1], weight[:D], None if bias is None else bias[:D])
-        q = q.view(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        kv = F.linear(x, weight[D:], None if bias is None else bias[D:])
-        k, v = kv.view(B, T, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
-
-
-def _attention_outputs(block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The rest of ``block`` for rows x (B, T, D) with queries q (B, H, T, d) over keys / values k, v: what
-    ``Block.forward`` computes for those rows."""
-    B, T, C = x.shape
-    out = block.attn.proj(attention(q, k, v, mask).transpose(1, 2).reshape(B, T, C))
-    x = x + block.drop_path1(block.ls1(out))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 register_family("heptapod", Heptapod, HeptapodConfig, "Heptapod class-conditional generator (next 2D distribution)")
