@@ -20,7 +20,6 @@ same ``build_dataset`` + ``pretrain_transform`` (uint8) + ``ResumableSampler`` o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pretrain import ArvisionStep  # noqa: E402
-from measuring import synchronize  # noqa: E402
+from measuring import median_seconds  # noqa: E402
 
 from arvision.data import build_dataset, pretrain_transform  # noqa: E402
 from arvision.data.transforms import normalize_uint8  # noqa: E402
@@ -107,15 +106,7 @@ def step_rate(model_name: str, batch: int, steps: int, device: torch.device, pre
     fixed = normalize_uint8(raw)
     run = (lambda: step(raw)) if uint8 else (lambda: step(fixed))  # NepaObjective normalises uint8 itself
     run()
-    windows = []
-    for _ in range(3):
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            run()
-        synchronize(device)
-        windows.append(time.perf_counter() - t0)
-    return batch * steps / statistics.median(windows)
+    return batch * steps / median_seconds(run, device, 3, steps)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:

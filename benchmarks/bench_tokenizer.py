@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -23,28 +22,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measuring import median_seconds  # noqa: E402
 from arvision.data.token_cache_writer import build_token_cache  # noqa: E402
 from arvision.models import count_parameters, create_model  # noqa: E402
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def time_calls(fn, device, warmup: int, iters: int, repeats: int) -> float:
+    """Median seconds per call, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
-    windows = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        _sync(device)
-        windows.append((time.perf_counter() - t0) / iters)
-    return statistics.median(windows)
+    return median_seconds(fn, device, repeats, iters) / iters
 
 
 def bench_preset(name: str, size: int, args, device) -> dict:

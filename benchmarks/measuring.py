@@ -44,14 +44,7 @@ def attention_kernels(device: torch.device, repeats: int = 5) -> list[dict]:
                     out = fn(q, k, v)
                 out.float().sum().backward()
             once()
-            times = []
-            for _ in range(repeats):
-                synchronize(device)
-                t0 = time.perf_counter()
-                once()
-                synchronize(device)
-                times.append(time.perf_counter() - t0)
-            row[name] = 1e3 * statistics.median(times)
+            row[name] = 1e3 * median_seconds(once, device, repeats)
         rows.append(row)
         print(f"| {tuple(shape)} | {row['flash']:.1f} | {row['math']:.1f} | {row['matmul']:.1f} | "
               f"{row['flash'] / row['matmul']:.2f} |", flush=True)
@@ -61,6 +54,20 @@ def attention_kernels(device: torch.device, repeats: int = 5) -> list[dict]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, calls: int = 1) -> float:
+    """The median over ``repeats`` windows of the seconds ``calls`` calls of ``fn`` take, the device synchronised at
+    each window's ends and nowhere inside."""
+    windows = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        windows.append(time.perf_counter() - t0)
+    return statistics.median(windows)
 
 
 def count_flops(model: nn.Module, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
