@@ -147,6 +147,14 @@ def check_resume_config(cfg, run_dir: Path) -> list[tuple[str, Any, Any]]:
     return changed
 
 
+def fit_and_time(trainer, run_dir: Path) -> dict:
+    """Train to the last step; what every task's results report of it: the minutes it trained, the steps and the run
+    directory."""
+    t0 = time.perf_counter()
+    trainer.fit()
+    return {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir)}
+
+
 def finished_results(trainer, run_dir: Path) -> Optional[dict]:
     """After ``trainer.resume()``: the saved results of a run that had already finished (trained, evaluated and
     reported), after one line saying so; else None. A run that finished training but never wrote its results

@@ -9,7 +9,6 @@ weights are evaluated every ``train.eval_every`` epochs; the best by ``train.bes
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
@@ -24,7 +23,7 @@ from ..objectives.classification import ClassificationConfig, ClassificationObje
 from ..train.distributed import DistEnv, barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import build_backbone, prepare_run, resolve_best_metric, resume_run, seed_everything
+from .common import build_backbone, fit_and_time, prepare_run, resolve_best_metric, resume_run, seed_everything
 
 MODEL_FAMILIES = ("nepa_vit",)  # the classifiers fine-tuning trains: model.name and model.init must be one of them
 
@@ -70,16 +69,13 @@ def run(cfg, out=None, resume=False) -> dict:
     done = resume_run(trainer, run_dir, resume)
     if done is not None:
         return done
-    t0 = time.perf_counter()
-    trainer.fit()
-    minutes = (time.perf_counter() - t0) / 60
+    timing = fit_and_time(trainer, run_dir)
     final = history[-1]  # the Trainer always evaluates after the last step
     best = dict(trainer.best or {})  # the best evaluation's metrics, kept by the Trainer across resumes
     best.update(next((r for r in history if r["step"] == best.get("step")), {"n": final["n"]} if best else {}))
     results = {"final": final, "best": best or None, "best_checkpoint": str(run_dir / "best") if best else None,
                "num_classes": num_classes, "val_split": val_split, "val_images": final["n"],
-               "causal": ft.causal, "steps": trainer.step, "train_minutes": minutes, "run_dir": str(run_dir),
-               "data": str(d.source), "init": cfg.model.init}
+               "causal": ft.causal, **timing, "data": str(d.source), "init": cfg.model.init}
     barrier()
     if env.is_main:
         write_json(run_dir / "results.json", results)

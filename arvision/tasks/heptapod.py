@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from ..objectives.heptapod import HeptapodLossConfig, HeptapodObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import finished_results, prepare_run, seed_everything
+from .common import fit_and_time, prepare_run, resume_run, seed_everything
 
 # The recipe `arvision heptapod train` runs when no data is given (no --data, data.source or --config, not resuming):
 # the generation quick start on the built-in digits, which makes its own token cache.
@@ -106,15 +105,10 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
         if env.is_main and not env.enabled and cfg.online.num_per_class > 0 else None
     trainer = Trainer(objective, cache, cfg.train, run_dir, env, num_workers=cfg.data.num_workers,
                       preset=cfg.model.name, evaluate=evaluate)
-    if resume:
-        trainer.resume()
-        done = finished_results(trainer, run_dir)
-        if done is not None:
-            return done
-    t0 = time.perf_counter()
-    trainer.fit()
-    results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
-               "data": str(cache.path)}
+    done = resume_run(trainer, run_dir, resume)
+    if done is not None:
+        return done
+    results = {**fit_and_time(trainer, run_dir), "data": str(cache.path)}
     generator = trainer.full_model()
     if env.is_main and generator.config.head_condition == "state":
         results["next_loss_by_row"] = next_loss_by_row(objective, generator, cache)

@@ -20,7 +20,7 @@ from ..objectives import NepaLossConfig, NepaObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import build_backbone, prepare_run, resume_run, seed_everything
+from .common import build_backbone, fit_and_time, prepare_run, resume_run, seed_everything
 
 MODEL_FAMILIES = ("nepa_vit",)  # what the NEPA objective trains: model.name and model.init must be one of them
 
@@ -45,9 +45,7 @@ def run(cfg, out=None, resume=False) -> dict:
     if done is not None:
         return done
     t0 = time.perf_counter()
-    trainer.fit()
-    results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
-               "data": source}
+    results = {**fit_and_time(trainer, run_dir), "data": source}
     if cfg.eval.knn:
         probed = trainer.full_model()  # unsharded on the main process (a collective under FSDP), None elsewhere
         if env.is_main:

@@ -15,7 +15,6 @@ overlays.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,7 +33,7 @@ from ..objectives.segmentation import SegmentationConfig, SegmentationObjective
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import prepare_run, resolve_best_metric, resume_run, seed_everything
+from .common import fit_and_time, prepare_run, resolve_best_metric, resume_run, seed_everything
 
 BEST_METRICS = ("mIoU", "ema_mIoU", "mAcc", "ema_mAcc", "aAcc", "ema_aAcc")
 SCALARS = ("mIoU", "mAcc", "aAcc")
@@ -157,13 +156,11 @@ def run(cfg, out=None, resume=False) -> dict:
     done = resume_run(trainer, run_dir, resume)
     if done is not None:
         return done
-    t0 = time.perf_counter()
-    trainer.fit()
+    timing = fit_and_time(trainer, run_dir)
     final = history[-1]
     best = dict(trainer.best or {})
     results = {"final": final, "best": best or None, "best_checkpoint": str(run_dir / "best") if best else None,
-               "num_classes": len(classes), "val_split": val_split, "steps": trainer.step,
-               "train_minutes": (time.perf_counter() - t0) / 60, "run_dir": str(run_dir), "data": str(d.source),
+               "num_classes": len(classes), "val_split": val_split, **timing, "data": str(d.source),
                "backbone_init": cfg.model.backbone_init, "eval": {k: v for k, v in eval_kwargs(e, d).items()}}
     barrier()
     if env.is_main:

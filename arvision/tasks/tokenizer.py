@@ -8,7 +8,6 @@ evaluate the result at the end (``arvision.eval.tokenizer``).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +21,7 @@ from ..objectives.tokenizer import TokenizerLossConfig, TokenizerObjective, psnr
 from ..train.distributed import barrier
 from ..train.engine import Trainer
 from ..train.logging import log
-from .common import prepare_run, resume_run, seed_everything
+from .common import fit_and_time, prepare_run, resume_run, seed_everything
 
 
 class UnitRange:
@@ -109,10 +108,7 @@ def run(cfg, out=None, resume=False) -> dict:
     done = resume_run(trainer, run_dir, resume)
     if done is not None:
         return done
-    t0 = time.perf_counter()
-    trainer.fit()
-    results = {"train_minutes": (time.perf_counter() - t0) / 60, "steps": trainer.step, "run_dir": str(run_dir),
-               "data": str(d.source), "img_size": d.img_size}
+    results = {**fit_and_time(trainer, run_dir), "data": str(d.source), "img_size": d.img_size}
     tok = trainer.full_model()
     if env.is_main and cfg.eval.num_images:
         e = cfg.eval
