@@ -245,3 +245,17 @@ def test_loss_configs_check_their_values_in_one_line():
         with pytest.raises(ValueError) as caught:
             make()
         assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_model_configs_share_the_mechanism_suggestions_and_type_checks():
+    from arvision.models import model_config
+    from arvision.models.registry import ConfigDict as ReExported
+    from arvision.models.vit import NepaConfig
+    from arvision.typed_config import ConfigDict
+
+    assert ReExported is ConfigDict and issubclass(NepaConfig, ConfigDict)
+    with pytest.raises(ValueError, match=r"^unknown config keys \['depht'\] for NepaConfig; did you mean depth\?$"):
+        NepaConfig.from_dict({"depht": 2})
+    with pytest.raises(ValueError, match=r"^NepaConfig key 'depth' expects int, got 'deep'$"):
+        model_config("nepa_tiny_patch4_32", depth="deep")
+    assert type(model_config("nepa_tiny_patch4_32", drop_path_rate=0).drop_path_rate) is float
