@@ -137,8 +137,7 @@ class Trainer:
     def save(self, rng: dict, window: Optional[dict] = None) -> None:
         """Checkpoint the run after step ``self.step``: ``rng`` as that step left it, and ``window``, the metric sums of
         the logging window not written yet (a resumed run then writes the same rows as an uninterrupted one)."""
-        # collective under FSDP: every rank calls it
-        model_sd, optim_sd = full_states(self.objective, self.optimizer, self.sharded)
+        model_sd, optim_sd = full_states(self.objective, self.optimizer, self.sharded)  # collective under FSDP
         per_rank = [{"rng": rng, "window": _window_to_cpu(window)}]
         if self.env.enabled:  # every rank's RNG and window, so that per-rank draws (drop path, RoPE) resume exactly
             per_rank = [None] * self.env.world_size
