@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from ..train.logging import progress_bar
 from .features import FeatureSpec, block_tokens, run_frozen
 from .knn import _num_classes, topk_accuracy
-from .linear import candidate_lrs, choose_lr
+from .linear import candidate_lrs, choose_lr, fit_minibatches
 
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
 
@@ -92,18 +92,7 @@ def train_attentive(tokens: torch.Tensor, labels: torch.Tensor, num_classes: int
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(tokens.device)
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            loss = F.cross_entropy(probe(tokens[idx].float()), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if bar is not None:
-            bar.update()
-    return probe
+    return fit_minibatches(probe, opt, sched, tokens, labels, epochs, batch_size, gen, bar)
 
 
 @torch.no_grad()

@@ -78,18 +78,27 @@ def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ep
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     total = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    return fit_minibatches(head, opt, sched, feats, labels, epochs, batch_size, gen, bar)
+
+
+def fit_minibatches(probe: nn.Module, opt: torch.optim.Optimizer, sched, inputs: torch.Tensor, labels: torch.Tensor,
+                    epochs: int, batch_size: int, gen: torch.Generator, bar=None) -> nn.Module:
+    """Train a probe with cross-entropy over ``epochs`` shuffled passes (order drawn from ``gen``), stepping the
+    schedule every minibatch; ``bar`` advances one per epoch. Inputs are cast to float32 per batch (tokens are
+    kept in bf16)."""
+    n = inputs.shape[0]
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(feats.device)
+        perm = torch.randperm(n, generator=gen).to(inputs.device)
         for start in range(0, n, batch_size):
             idx = perm[start:start + batch_size]
-            loss = F.cross_entropy(head(feats[idx]), labels[idx])
+            loss = F.cross_entropy(probe(inputs[idx].float()), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         if bar is not None:
             bar.update()
-    return head
+    return probe
 
 
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
