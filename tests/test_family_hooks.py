@@ -80,3 +80,25 @@ def test_the_backbone_family_is_the_tasks_not_the_generic_builders(tmp_path):
         build_backbone(cfg.model, pretrain.MODEL_FAMILIES)
     with pytest.raises(ValueError, match="is a nepa_vit preset, not heptapod"):
         build_backbone(load_config("pretrain").model, ("heptapod",))
+
+
+def test_training_command_hub_tags_and_consumers_come_from_the_family(monkeypatch, tmp_path):
+    """The hub card's training command and tags and the wrong-family error's list of commands are the family's
+    (registered with it / hooks on its class), not tables keyed by family names in checkpoints/."""
+    from arvision.checkpoints.hub import training_command
+    from arvision.checkpoints.loading import _check_family
+
+    nepa = registry.get_family("nepa_vit")
+    assert nepa.training_command(arvision.models.model_config("nepa_tiny_patch4_32")) == "pretrain"
+    assert nepa.training_command(arvision.models.model_config("nepa_tiny_patch4_32", num_classes=10)) == "finetune"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")
+    monkeypatch.setitem(registry._FAMILIES, "toy_generator",
+                        registry.Family("toy_generator", ToyGenerator, HeptapodConfig,
+                                        train_command="toy train", used_by="`arvision toy`"))
+    assert training_command(run, "toy_generator", None) == "arvision toy train --config config.yaml"
+    assert arvision.create_model("nepa_tiny_patch4_32").hub_tags() == ["nepa", "image-feature-extraction"]
+    with pytest.raises(ValueError) as err:
+        _check_family("ckpt", "toy_generator", "nepa_vit")
+    assert err.value.command_line_message.endswith("toy_generator checkpoints go to `arvision toy`")

@@ -16,14 +16,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..files import read_json, read_yaml
-from ..models.registry import family_of
+from ..models.registry import family_of, get_family
+from ..models.tokenizers import TOKENIZER_FAMILIES
 from .arvision_format import EMA_FILE, META_FILE, PathLike, read_weights_file, save_model
 from .loading import load_model, matching_preset
 
 RUN_FILES = ("config.yaml", "results.json")
-# the command that trains each family's checkpoints (a NEPA ViT with a classifier comes from `finetune`)
-_TRAIN_COMMANDS = {"nepa_vit": "pretrain", "vq_tokenizer": "tokenizer train", "kl_tokenizer": "tokenizer train",
-                   "heptapod": "heptapod train", "segmentor": "segment train"}
 
 
 def _import_hub():
@@ -49,10 +47,7 @@ def training_command(run_dir: Optional[Path], family: str, config) -> Optional[s
         argv = (read_json(run_dir / "run.json") or {}).get("command")
         if argv:
             return " ".join(argv) if isinstance(argv, list) else str(argv)
-    task = _TRAIN_COMMANDS.get(family, family)
-    if family == "nepa_vit" and getattr(config, "num_classes", 0):
-        task = "finetune"
-    return f"arvision {task} --config config.yaml"
+    return f"arvision {get_family(family).training_command(config)} --config config.yaml"
 
 
 def flat_metrics(results: Any, prefix: str = "") -> dict[str, float]:
@@ -86,14 +81,12 @@ def model_card(model, run_dir: Optional[Path], license: str = "apache-2.0", data
     if datasets is None:
         found = _dataset_id((run_cfg.get("data") or {}).get("source"))
         datasets = [found] if found else []
-    tags = ["arvision", family, *extra_tags]
-    if family == "nepa_vit":
-        tags += ["nepa", "image-classification" if model.config.num_classes else "image-feature-extraction"]
+    tags = ["arvision", family, *extra_tags, *getattr(model, "hub_tags", lambda: [])()]
     data = hub.ModelCardData(library_name="arvision", license=license, tags=tags, datasets=datasets or None,
                              arvision_results=metrics or None)
     command = training_command(run_dir, family, model.config)
     preset = matching_preset(model.config, family)
-    loader = "load_tokenizer" if family in ("vq_tokenizer", "kl_tokenizer") else "load_model"
+    loader = "load_tokenizer" if family in TOKENIZER_FAMILIES else "load_model"
     lines = [f"# {preset or family}", "",
              f"An arvision `{family}` checkpoint" + (f" (preset `{preset}`)" if preset else "") + ".", "",
              "```python", "import arvision", f'model = arvision.{loader}("REPO_ID")', "```", ""]

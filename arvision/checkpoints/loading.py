@@ -32,18 +32,6 @@ from .official_nepa import OFFICIAL_CONFIG, OFFICIAL_EMA, read_official
 
 HEAD_KEYS = ("head.", "fc_norm.")  # the nepa_vit classifier (NepaViT.classifier_keys), for the official converters
 
-# the commands that take each family's checkpoints, named in the command line's wrong-family errors
-FAMILY_COMMANDS = {
-    "nepa_vit": "`arvision eval knn | linear | attentive | classify`, `arvision visualize`, `arvision finetune "
-                "model.init=PATH`",
-    "heptapod": "`arvision sample`",
-    "vq_tokenizer": "`arvision tokenizer eval | encode | reconstruct`",
-    "kl_tokenizer": "`arvision tokenizer eval | encode | reconstruct`",
-    "segmentor": "`arvision segment eval | predict`",
-    "timm_classifier": "`arvision eval fid --extractor PATH` (as a judge)",
-}
-
-
 # ------------------------------------------------------------------------------------------- fit check
 
 def _fmt(items: list[str], limit: int = 5) -> str:
@@ -186,7 +174,12 @@ def _check_family(source: PathLike, stored: str, expected: Union[str, tuple[str,
     raise command_line_error(
         ValueError(f"{problem}; load it with arvision.load_model(path, family={stored!r})"),
         f"{problem}, which this command takes; {stored} checkpoints go to "
-        f"{FAMILY_COMMANDS.get(stored, '`arvision models --family ' + stored + '`')}")
+        f"{_used_by(stored)}")
+
+
+def _used_by(family: str) -> str:
+    """The commands that take a family's checkpoints (its registered ``used_by``), for wrong-family errors."""
+    return get_family(family).used_by or f"`arvision models --family {family}`"
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -300,7 +300,8 @@ def _rename_denoiser_keys(state_dict: dict, prefix: str = "") -> None:
         state_dict[prefix + "denoiser." + key[len(prefix + "diffloss."):]] = state_dict.pop(key)
 
 
-register_family("heptapod", Heptapod, HeptapodConfig, "Heptapod class-conditional generator (next 2D distribution)")
+register_family("heptapod", Heptapod, HeptapodConfig, "Heptapod class-conditional generator (next 2D distribution)",
+                train_command="heptapod train", used_by="`arvision sample`")
 
 
 # CPU presets for 8x8 token grids (CIFAR-10 at /4); codebook / latent size and classes come from the token cache.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
@@ -33,6 +33,13 @@ class Family:
     model_cls: type
     config_cls: type
     description: str = ""
+    # the command that trains the family's checkpoints (given a config: a NEPA ViT with a classifier is fine-tuned)
+    train_command: Union[str, Callable[[Any], str], None] = None
+    used_by: str = ""  # the commands that take its checkpoints, named in wrong-family errors
+
+    def training_command(self, config: Any) -> str:
+        command = self.train_command(config) if callable(self.train_command) else self.train_command
+        return command or self.name
 
     @property
     def generates(self) -> bool:
@@ -43,8 +50,9 @@ _FAMILIES: dict[str, Family] = {}
 _PRESETS: dict[str, tuple[str, Callable[[], dict]]] = {}
 
 
-def register_family(name: str, model_cls: type, config_cls: type, description: str = "") -> Family:
-    family = Family(name, model_cls, config_cls, description)
+def register_family(name: str, model_cls: type, config_cls: type, description: str = "", *,
+                    train_command: Union[str, Callable[[Any], str], None] = None, used_by: str = "") -> Family:
+    family = Family(name, model_cls, config_cls, description, train_command, used_by)
     _FAMILIES[name] = family
     model_cls.family = name
     return family

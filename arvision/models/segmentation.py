@@ -201,7 +201,8 @@ class Segmentor(nn.Module):
 
 
 register_family("segmentor", Segmentor, SegmentorConfig,
-                "semantic segmentor: NEPA backbone + UperNet (PPM + FPN, auxiliary FCN) or linear head")
+                "semantic segmentor: NEPA backbone + UperNet (PPM + FPN, auxiliary FCN) or linear head",
+                train_command="segment train", used_by="`arvision segment eval | predict`")
 
 
 @register_model(family="segmentor")

@@ -51,7 +51,8 @@ class TimmClassifier(nn.Module):
         return self.net(x)
 
 
-register_family("timm_classifier", TimmClassifier, TimmClassifierConfig, "a timm image classifier")
+register_family("timm_classifier", TimmClassifier, TimmClassifierConfig, "a timm image classifier",
+                used_by="`arvision eval fid --extractor PATH` (as a judge)")
 
 
 @register_model(family="timm_classifier")

@@ -123,6 +123,10 @@ class NepaViT(Transformer):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def hub_tags(self) -> list[str]:
+        """Tags of this model's Hugging Face Hub card (``arvision hub push``)."""
+        return ["nepa", "image-classification" if self.config.num_classes else "image-feature-extraction"]
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.config.num_classes = num_classes
         if global_pool is not None:
@@ -191,7 +195,7 @@ class NepaViT(Transformer):
         if isinstance(indices, str):
             raise ValueError(f"indices={indices!r}: forward_intermediates takes None, an int (the last n blocks, as "
                              "timm) or a list of block indices; read a selection string with "
-                             "arvision.models.transformer.parse_blocks(text, model.depth) first")
+                             "arvision.models.transformer.parse_blocks(text, len(model.blocks)) first")
         if isinstance(indices, int):
             if not 0 < indices <= depth:
                 raise ValueError(f"indices={indices} asks for the last {indices} blocks of a model with {depth}; "
@@ -240,7 +244,10 @@ class NepaViT(Transformer):
         return self.attention_probs(h, layers, rope, self._causal(causal))
 
 
-register_family("nepa_vit", NepaViT, NepaConfig, "NEPA causal Vision Transformer (backbone and classifier)")
+register_family("nepa_vit", NepaViT, NepaConfig, "NEPA causal Vision Transformer (backbone and classifier)",
+                train_command=lambda config: "finetune" if config.num_classes else "pretrain",
+                used_by="`arvision eval knn | linear | attentive | classify`, `arvision visualize`, "
+                        "`arvision finetune model.init=PATH`")
 
 
 # Official released configs (GELU MLP; base pretrain has parameter-free QK-Norm, large an affine one).

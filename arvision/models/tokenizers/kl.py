@@ -110,7 +110,8 @@ class KLTokenizer(Tokenizer):
         return self.decode(z), dict(kl=post.kl(), mean=post.mean, logvar=post.logvar)
 
 
-register_family("kl_tokenizer", KLTokenizer, KLConfig, "MAR/LDM-style KL-VAE tokenizer (continuous latents)")
+register_family("kl_tokenizer", KLTokenizer, KLConfig, "MAR/LDM-style KL-VAE tokenizer (continuous latents)",
+                train_command="tokenizer train", used_by="`arvision tokenizer eval | encode | reconstruct`")
 
 
 @register_model(family="kl_tokenizer")

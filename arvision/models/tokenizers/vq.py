@@ -94,7 +94,8 @@ class VQTokenizer(Tokenizer):
         return self.decode_latents(out.z_q), out._asdict()
 
 
-register_family("vq_tokenizer", VQTokenizer, VQConfig, "LlamaGen-style VQ tokenizer (discrete codes)")
+register_family("vq_tokenizer", VQTokenizer, VQConfig, "LlamaGen-style VQ tokenizer (discrete codes)",
+                train_command="tokenizer train", used_by="`arvision tokenizer eval | encode | reconstruct`")
 
 
 @register_model(family="vq_tokenizer")
