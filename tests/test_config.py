@@ -1,10 +1,13 @@
-"""Config: overrides into free-form maps filled by a recipe, unknown-key errors, live attribute access, save/load."""
+"""Config: overrides into free-form maps filled by a recipe, unknown-key errors, live attribute access, save/load,
+the typed configs (TrainConfig, objective, loss and model configs), and the config keys error messages name."""
 import copy
 import pickle
+from pathlib import Path
 
 import pytest
 import yaml
 
+from arvision import create_model
 from arvision.config import Config, load_config, merge, save_config, _flatten
 
 
@@ -259,3 +262,36 @@ def test_model_configs_share_the_mechanism_suggestions_and_type_checks():
     with pytest.raises(ValueError, match=r"^NepaConfig key 'depth' expects int, got 'deep'$"):
         model_config("nepa_tiny_patch4_32", depth="deep")
     assert type(model_config("nepa_tiny_patch4_32", drop_path_rate=0).drop_path_rate) is float
+
+
+# ------------------------------------------------------------------------------ config keys in messages
+
+def test_tokenizer_errors_name_the_objective_keys():
+    from arvision.objectives.tokenizer import TokenizerLossConfig, TokenizerObjective
+    with pytest.raises(ValueError, match=r"objective\.restart_after"):
+        TokenizerObjective(create_model("kl_f4_32px", ch=32), TokenizerLossConfig(restart_after=5))
+    with pytest.raises(ValueError, match=r"objective\.recon"):
+        TokenizerLossConfig(recon="l3")
+
+
+def test_config_keys_named_in_error_messages_exist():
+    """Every `section.key` an error message names (a raise's string literals) is a key of some task's config."""
+    import ast
+    import re
+
+    from arvision.config import _flatten, default_config
+    keys = set()
+    for task in ("pretrain", "finetune", "tokenizer", "heptapod", "segment"):
+        keys |= set(_flatten(default_config(task)))
+    sections = sorted({k.split(".")[0] for k in keys} | {"loss", "optim", "trainer", "training"})
+    pattern = re.compile(r"(?<![\w.(])(" + "|".join(sections) + r")\.[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*")
+    known = lambda k: any(k == x or x.startswith(k + ".") or k.startswith(x + ".") for x in keys)
+    bad = []
+    for path in (Path(__file__).resolve().parents[1] / "arvision").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for s in ast.walk(node.exc):
+                    if isinstance(s, ast.Constant) and isinstance(s.value, str):
+                        bad += [f"{path.name}: {m.group(0)}" for m in pattern.finditer(s.value)
+                                if not known(m.group(0))]
+    assert not bad, bad

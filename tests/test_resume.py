@@ -383,39 +383,6 @@ def test_sigterm_keeps_the_partial_logging_window(tmp_path):
     assert sorted(want) == [4, 8] and got == want  # step 8's row averages steps 5-8, as without the stop
 
 
-# ------------------------------------------------------------------------------ 7. config keys in messages
-
-def test_tokenizer_errors_name_the_objective_keys():
-    from arvision.objectives.tokenizer import TokenizerLossConfig, TokenizerObjective
-    with pytest.raises(ValueError, match=r"objective\.restart_after"):
-        TokenizerObjective(arvision.create_model("kl_f4_32px", ch=32), TokenizerLossConfig(restart_after=5))
-    with pytest.raises(ValueError, match=r"objective\.recon"):
-        TokenizerLossConfig(recon="l3")
-
-
-def test_config_keys_named_in_error_messages_exist():
-    """Every `section.key` an error message names (a raise's string literals) is a key of some task's config."""
-    import ast
-    import re
-
-    from arvision.config import _flatten, default_config
-    keys = set()
-    for task in ("pretrain", "finetune", "tokenizer", "heptapod", "segment"):
-        keys |= set(_flatten(default_config(task)))
-    sections = sorted({k.split(".")[0] for k in keys} | {"loss", "optim", "trainer", "training"})
-    pattern = re.compile(r"(?<![\w.(])(" + "|".join(sections) + r")\.[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*")
-    known = lambda k: any(k == x or x.startswith(k + ".") or k.startswith(x + ".") for x in keys)
-    bad = []
-    for path in (REPO / "arvision").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Raise) and node.exc is not None:
-                for s in ast.walk(node.exc):
-                    if isinstance(s, ast.Constant) and isinstance(s.value, str):
-                        bad += [f"{path.name}: {m.group(0)}" for m in pattern.finditer(s.value)
-                                if not known(m.group(0))]
-    assert not bad, bad
-
-
 # ------------------------------------------------------------------------------- 5, 6. tokenizer encode
 
 def _encode_args(tok, out, *extra):
