@@ -3,8 +3,6 @@
 samples, corrupt images skipped and counted, exact resume, one-line errors."""
 import json
 import logging
-import os
-import signal
 import tarfile
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from arvision.train.checkpoint import checkpoint_dirs
 from arvision.train.distributed import DistEnv
 from arvision.train.engine import Trainer
 from arvision.train.sampler import ResumableSampler
+from interruptions import interrupt_after_step
 
 CLASSES = ("bird", "cat", "dog")
 
@@ -204,13 +203,7 @@ def test_a_run_on_shards_interrupted_and_resumed_sees_the_same_samples(shards, t
 
     _Recorded.read = []
     part = _trainer(tmp_path / "part", data(), num_workers)
-    after_step = part.objective.after_step
-
-    def preempt():
-        after_step()
-        if part.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-    part.objective.after_step = preempt
+    interrupt_after_step(part, 5)
     with pytest.raises(SystemExit, match="resume"):
         part.fit()
     assert [p.name for p in checkpoint_dirs(tmp_path / "part")][-1] == "step_00000005"

@@ -3,7 +3,6 @@ with and without torchrun), checkpoints at epoch boundaries with evaluation on, 
 finished run resumed, a changed config on resume, metrics rows after a crash, a logging window cut by SIGTERM."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from arvision.objectives import ClassificationObjective, NepaObjective
 from arvision.train.checkpoint import checkpoint_dirs, load_state
 from arvision.train.distributed import DistEnv
 from arvision.train.engine import Trainer
+from interruptions import Killed, interrupt_after_step, stop_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,26 +39,6 @@ def one_line_error(argv, capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("arvision: error:") and "\n" not in err, err
     return err
-
-
-def stop_at(monkeypatch, objective_cls, step: int, how: str = "sigterm"):
-    """After optimizer step ``step``: SIGTERM to this process (a scheduler's pre-emption), or "kill": an exception
-    the Trainer does not catch, so that nothing is saved (what SIGKILL leaves behind)."""
-    original, count = objective_cls.after_step, [0]
-
-    def after_step(self):
-        original(self)
-        count[0] += 1
-        if count[0] == step:
-            if how == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            else:
-                raise Killed(f"killed after step {step}")
-    monkeypatch.setattr(objective_cls, "after_step", after_step)
-
-
-class Killed(BaseException):
-    pass
 
 
 # ------------------------------------------------------------------ 1. SIGTERM to every process of a group
@@ -346,13 +326,7 @@ def _tensorboard_steps(run_dir, tag="train/loss"):
 
 def test_rows_after_the_last_checkpoint_are_not_kept_twice(tmp_path):
     t = _trainer(tmp_path, steps=8)
-    orig = t.objective.after_step
-
-    def crash():
-        orig()
-        if t.step == 6:
-            raise Killed  # as SIGKILL: no save, the rows of steps 5 and 6 are already written
-    t.objective.after_step = crash
+    interrupt_after_step(t, 6, how="kill")  # as SIGKILL: no save, the rows of steps 5 and 6 are already written
     with pytest.raises(Killed):
         t.fit()
     t.writer.close()  # what reached the disk before the kill
@@ -366,13 +340,7 @@ def test_rows_after_the_last_checkpoint_are_not_kept_twice(tmp_path):
 def test_sigterm_keeps_the_partial_logging_window(tmp_path):
     _trainer(tmp_path / "full", log_every=4).fit()
     t = _trainer(tmp_path / "part", log_every=4)
-    orig = t.objective.after_step
-
-    def preempt():
-        orig()
-        if t.step == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-    t.objective.after_step = preempt
+    interrupt_after_step(t, 6)
     with pytest.raises(SystemExit, match="stopped at step 6"):
         t.fit()
     resumed = _trainer(tmp_path / "part", log_every=4, seed=1)

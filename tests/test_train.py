@@ -1,6 +1,4 @@
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ from arvision.train.checkpoint import checkpoint_dirs
 from arvision.train.distributed import DistEnv
 from arvision.train.engine import Trainer
 from arvision.train.sampler import ResumableSampler
+from interruptions import interrupt_after_step
 
 
 # ------------------------------------------------------------------ config
@@ -99,13 +98,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, num_workers):
 
     part = tmp_path / "part"
     t = _trainer(part, num_workers=num_workers, ema_decay=0.9)
-    orig = t.objective.after_step
-
-    def preempt():  # SIGTERM (as a cluster scheduler sends) in the middle of the run
-        orig()
-        if t.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-    t.objective.after_step = preempt
+    interrupt_after_step(t, 5)  # SIGTERM (as a cluster scheduler sends) in the middle of the run
     with pytest.raises(SystemExit, match="resume"):
         t.fit()
     assert [p.name for p in checkpoint_dirs(part)] == ["step_00000004", "step_00000005"]
