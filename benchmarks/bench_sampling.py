@@ -26,7 +26,7 @@ import time
 import torch
 
 import arvision
-from arvision.generate.sample import SamplingConfig, sample_tokens
+from arvision.generate.sample import SamplingConfig, keep_freed_host_memory, sample_tokens
 
 
 def timed(fn, device, clock=time.perf_counter) -> float:
@@ -70,8 +70,11 @@ def main(argv=None):
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: this process's CPU time (with --threads 1, what an idle core would take; steadier than "
                         "wall time on a shared, loaded machine)")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="leave malloc's defaults (`arvision sample` keeps freed memory for reuse: keep_freed_host_memory)")
     p.add_argument("--out", help="write the rows as JSON")
     args = p.parse_args(argv)
+    allocator = "default" if args.default_allocator or not keep_freed_host_memory() else "freed memory kept"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -80,6 +83,7 @@ def main(argv=None):
     # (label of the slower path, of the faster path): the ratio is slow / fast
     slow_name, fast_name = ("reference head", "fast head") if args.compare == "head" else ("recompute", "cache")
     rows = []
+    print(f"malloc: {allocator}; clock: {args.clock}; speed-up: ratio of the medians (per round: min-max)")
     print(f"| preset | head | tokens | batch | {slow_name} s/batch | {fast_name} s/batch | samples/s {slow_name} | "
           f"samples/s {fast_name} | speed-up | max diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -120,11 +124,13 @@ def main(argv=None):
             row = dict(compare=args.compare, preset=preset, overrides=overrides, head=head, tokens=tokens,
                        batch=args.batch, slow_s=slow_s, fast_s=fast_s, samples_per_s_slow=args.batch / slow_s,
                        samples_per_s_fast=args.batch / fast_s, speedup=slow_s / fast_s, max_diff=diff,
+                       round_speedups=[a / b for a, b in zip(times[False], times[True])], allocator=allocator,
                        device=str(device), dtype=args.dtype, threads=torch.get_num_threads(), clock=args.clock)
             rows.append(row)
             print(f"| {preset} {model.config.summary()} | {head} | {tokens} | {args.batch} | {slow_s:.3f} | "
                   f"{fast_s:.3f} | {row['samples_per_s_slow']:.3f} | {row['samples_per_s_fast']:.3f} | "
-                  f"{row['speedup']:.2f}x | {diff:.1e} |", flush=True)
+                  f"{row['speedup']:.2f}x ({min(row['round_speedups']):.2f}-{max(row['round_speedups']):.2f}) | "
+                  f"{diff:.1e} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

@@ -26,7 +26,7 @@ class HeadConstants(NamedTuple):
     queries: torch.Tensor  # (1, N, D): q_j = mask token + position j
     query_inputs: tuple  # their block-0 attention inputs (q, k, v), each (1, H, N, d)
     log_normalizers: torch.Tensor  # (1, H, N): each query's logsumexp over the query keys (block 0)
-    own: torch.Tensor  # (N, H, D): each query's attention over the query keys alone through block 0's projection
+    own: torch.Tensor  # (H, N, D): each query's attention over the query keys alone through block 0's projection
     own_total: torch.Tensor  # (N, D): ``own`` summed over the heads, plus the projection's bias
     proj_by_head: torch.Tensor  # (H, d, D): block 0's output projection, one slice per head
 
@@ -45,8 +45,7 @@ def head_constants(model, dtype: Optional[torch.dtype] = None) -> HeadConstants:
     proj_by_head = attn.proj.weight.view(D, H, attn.head_dim).permute(1, 2, 0).to(v.dtype)  # (H, d, D)
     own = torch.bmm(logits.softmax(-1).to(v.dtype) @ v[0], proj_by_head)  # (H, N, D)
     own_total = own.sum(0) if attn.proj.bias is None else own.sum(0) + attn.proj.bias
-    return HeadConstants(queries, (q, k, v), logits.logsumexp(-1)[None], own.transpose(0, 1).contiguous(),
-                         own_total, proj_by_head.contiguous())
+    return HeadConstants(queries, (q, k, v), logits.logsumexp(-1)[None], own, own_total, proj_by_head.contiguous())
 
 
 def _first_block_for_one_state(model, ctx: torch.Tensor, constants: HeadConstants) -> torch.Tensor:
@@ -60,15 +59,19 @@ def _first_block_for_one_state(model, ctx: torch.Tensor, constants: HeadConstant
     attn, M = block.attn, ctx.shape[0]
     q_q, k_q, v_q = constants.query_inputs
     q_c, k_c, v_c = _attention_inputs(block, ctx)
-    # the context row: the ordinary attention over every key
-    out_c = attention(q_c, torch.cat([k_c, k_q.expand(M, -1, -1, -1)], dim=2),
-                      torch.cat([v_c, v_q.expand(M, -1, -1, -1)], dim=2))
-    x_c = ctx + block.drop_path1(block.ls1(attn.proj(out_c.transpose(1, 2).reshape(M, 1, -1))))
-    # the query rows: sum_h (1 - w) a_i + w v_c through the projection, as two batched products over the heads
+    # the context row: the ordinary attention over every key (its own, then the N query keys)
+    q_row, v_row = q_c[:, :, 0], v_c[:, :, 0]  # (M, H, d)
+    logits = torch.cat([(q_row * k_c[:, :, 0]).sum(-1, keepdim=True),
+                        torch.bmm(q_row.transpose(0, 1), k_q[0].transpose(1, 2)).transpose(0, 1)], dim=-1)
+    probs = (logits * attn.scale).softmax(dim=-1)  # (M, H, 1 + N)
+    out_c = torch.baddbmm(probs[..., :1].transpose(0, 1) * v_row.transpose(0, 1), probs[..., 1:].transpose(0, 1), v_q[0])
+    x_c = ctx + block.drop_path1(block.ls1(attn.proj(out_c.transpose(0, 1).reshape(M, 1, -1))))
+    # the query rows: sum_h (1 - w) a_i + w v_c through the projection (w v_c for all heads as one batched product)
     weight = torch.sigmoid((q_q[0] @ k_c.transpose(-2, -1))[..., 0] * attn.scale - constants.log_normalizers)
-    state = torch.bmm(v_c[:, :, 0].transpose(0, 1), constants.proj_by_head).transpose(0, 1)  # (M, H, D)
-    own = torch.bmm(weight.permute(2, 0, 1), constants.own).transpose(0, 1)  # (M, N, D): sum_h w a_i
-    mixed = torch.baddbmm(constants.own_total - own, weight.transpose(1, 2), state)
+    state = torch.bmm(v_row.transpose(0, 1), constants.proj_by_head).transpose(0, 1)  # (M, H, D)
+    mixed = torch.baddbmm(constants.own_total, weight.transpose(1, 2), state)
+    for h in range(attn.num_heads):
+        mixed.addcmul_(weight[:, h, :, None], constants.own[h], value=-1)
     x_q = constants.queries + block.drop_path1(block.ls1(mixed))
     x = torch.cat([x_c, x_q], dim=1)
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
