@@ -83,7 +83,7 @@ def main(argv=None):
     # (label of the slower path, of the faster path): the ratio is slow / fast
     slow_name, fast_name = ("reference head", "fast head") if args.compare == "head" else ("recompute", "cache")
     rows = []
-    print(f"malloc: {allocator}; clock: {args.clock}; speed-up: ratio of the medians (per round: min-max)")
+    print(f"malloc: {allocator}; clock: {args.clock}; speed-up: ratio of the medians (per round: median; min-max)")
     print(f"| preset | head | tokens | batch | {slow_name} s/batch | {fast_name} s/batch | samples/s {slow_name} | "
           f"samples/s {fast_name} | speed-up | max diff |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -129,7 +129,8 @@ def main(argv=None):
             rows.append(row)
             print(f"| {preset} {model.config.summary()} | {head} | {tokens} | {args.batch} | {slow_s:.3f} | "
                   f"{fast_s:.3f} | {row['samples_per_s_slow']:.3f} | {row['samples_per_s_fast']:.3f} | "
-                  f"{row['speedup']:.2f}x ({min(row['round_speedups']):.2f}-{max(row['round_speedups']):.2f}) | "
+                  f"{row['speedup']:.2f}x ({statistics.median(row['round_speedups']):.2f}; "
+                  f"{min(row['round_speedups']):.2f}-{max(row['round_speedups']):.2f}) | "
                   f"{diff:.1e} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
