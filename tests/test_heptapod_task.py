@@ -40,6 +40,23 @@ def test_train_then_sample(cache, tmp_path, capsys):
     assert np.array_equal(np.load(again / "samples.npz")["arr_0"], out["arr_0"])  # the cache changes nothing
 
 
+def test_final_samples_come_from_the_ema_weights_when_kept(cache, tmp_path):
+    """With train.ema_decay > 0 the run's final samples (and their score) are drawn from the EMA weights, as MAR and
+    DiT sample: they equal `arvision sample CKPT --ema` and differ from the raw weights' samples."""
+    run = tmp_path / "gen"
+    main(["heptapod", "train", "--data", str(cache), "--out", str(run), "train.max_steps=4", "train.batch_size=8",
+          "train.ema_decay=0.5", "train.lr=1e-2", "sample.num_per_class=1", "model.args.depth=1",
+          "model.args.head_depth=1", "objective.timesteps_per_image=2"])
+    results = json.loads((run / "results.json").read_text())
+    assert results["samples"]["weights"] == "ema"
+    ckpt = run / "checkpoints" / "step_00000004"
+    for flag, out in ((["--ema"], tmp_path / "ema"), ([], tmp_path / "raw")):
+        main(["sample", str(ckpt), "--out", str(out), "--num-per-class", "1", *flag])
+    final = np.load(run / "samples.npz")["arr_0"]
+    assert np.array_equal(final, np.load(tmp_path / "ema" / "samples.npz")["arr_0"])
+    assert not np.array_equal(final, np.load(tmp_path / "raw" / "samples.npz")["arr_0"])
+
+
 def test_sample_class_order_is_seeded_and_mixed():
     """`arvision sample` / `heptapod train` write samples in this order: every class equally often, shuffled by the
     sampling seed, so any window of the file (an IS split, a first-N subset) holds about every class."""

@@ -126,9 +126,13 @@ class Trainer:
         directly, on every rank at once (``distributed.gathered``). Nothing to do without FSDP."""
         return gathered(self.objective, self.sharded)
 
-    def full_model(self) -> Optional[nn.Module]:
+    def full_model(self, ema: bool = False) -> Optional[nn.Module]:
         """``objective.model`` as an ordinary, unsharded module on the main process (None on the others): the model
-        itself, or under FSDP a copy built from the gathered full state (a collective: every rank calls it)."""
+        itself, or under FSDP a copy built from the gathered full state (a collective: every rank calls it). With
+        ``ema`` and a weight EMA kept (``train.ema_decay``), the module holding the EMA weights instead."""
+        if ema and self.ema is not None:
+            module = self.ema.module_for_eval()  # a collective under FSDP
+            return module if self.env.is_main else None
         if not self.sharded:
             return self.objective.model if self.env.is_main else None
         state = full_model_state(self.objective.model, True)
