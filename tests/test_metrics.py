@@ -321,6 +321,30 @@ def test_cli_end_to_end_classifier_extractor(tmp_path, tiny_classifier, capsys):
         assert err.startswith("arvision: error:") and msg in err and "\n" not in err
 
 
+def test_reference_features_in_the_stats_file(tmp_path, tiny_classifier, capsys):
+    """--save-ref-features: KID and precision / recall from the statistics file equal those from the images."""
+    _write_images(tmp_path / "a", 24, seed=0)
+    _write_images(tmp_path / "b", 24, seed=1, shift=60)
+    kw = dict(extractor=str(tiny_classifier), num_workers=0, progress=False, kid_subsets=10, kid_subset_size_max=8)
+    from_images = evaluate_generative(tmp_path / "b", tmp_path / "a", save_ref_stats=tmp_path / "s.npz",
+                                      save_ref_features=True, **kw)
+    stats = load_npz(tmp_path / "s.npz")
+    assert stats["pool"].shape == (24, 192) and stats["pool"].dtype == np.float32
+    from_file = evaluate_generative(tmp_path / "b", tmp_path / "s.npz", **kw)
+    for key in ("FD-tinycls", "KID-tinycls", "precision-tinycls", "recall-tinycls"):
+        assert from_file[key] == pytest.approx(from_images[key], rel=1e-6, abs=1e-9), key
+    assert from_images["KID-tinycls"] > 0 and "skipped" not in from_file and from_file["num_ref"] == 24
+    # --num-ref takes a fixed random subset of the stored features: as many as asked, FD still from all 24
+    part = evaluate_generative(tmp_path / "b", tmp_path / "s.npz", num_ref=12, **kw)
+    assert part["num_ref"] == 12 and part["FD-tinycls"] == pytest.approx(from_images["FD-tinycls"])
+    # without --save-ref-features the file holds statistics only (no 410 MB surprise)
+    evaluate_generative(tmp_path / "b", tmp_path / "a", save_ref_stats=tmp_path / "plain.npz", **kw)
+    assert "pool" not in load_npz(tmp_path / "plain.npz")
+    with pytest.raises(SystemExit):
+        main(["eval", "fid", str(tmp_path / "b"), str(tmp_path / "a"), "--save-ref-features"])
+    assert "give --save-ref-stats PATH too" in capsys.readouterr().err
+
+
 DDP_DRIVER = '''
 import json, sys, torch
 from arvision.train.distributed import init_distributed

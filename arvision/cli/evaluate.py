@@ -89,6 +89,8 @@ def cmd_eval_fid(args) -> None:
     from ..files import write_json
     from ..generate.shards import samples_npz
 
+    if args.save_ref_features and not args.save_ref_stats:
+        raise ValueError("--save-ref-features stores the features in the statistics file; give --save-ref-stats PATH too")
     samples = samples_npz(args.samples)  # a sampling directory: its .npz, or one line saying what is missing
     env = None
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: shard the extraction
@@ -100,7 +102,8 @@ def cmd_eval_fid(args) -> None:
         ref_split=args.ref_split, precision_recall_k=None if args.no_pr else args.k,
         amp_dtype=torch.bfloat16 if args.precision == "bf16" else None, device=env.device if env else args.device,
         save_ref_stats=args.save_ref_stats, progress=not args.no_progress,
-        kid_subsets=None if args.no_kid else args.kid_subsets, kid_subset_size_max=args.kid_subset_size)
+        kid_subsets=None if args.no_kid else args.kid_subsets, kid_subset_size_max=args.kid_subset_size,
+        save_ref_features=args.save_ref_features)
     if env is None or env.is_main:
         print(json.dumps(res, indent=2))
         for metric, reason in res.get("skipped", {}).items():
@@ -183,6 +186,9 @@ def register(sub) -> None:
                    "use fp32 for numbers compared with published FID")
     q.add_argument("--device", default=None, help="default: cuda when available")
     q.add_argument("--save-ref-stats", default=None, help="write the reference statistics (.npz) for reuse")
+    q.add_argument("--save-ref-features", action="store_true",
+                   help="with --save-ref-stats: also store the reference's pool features, so that KID and "
+                        "precision / recall can use the file (50k Inception features: 410 MB)")
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--out", help="result JSON")
     q.set_defaults(func=cmd_eval_fid)

@@ -12,7 +12,9 @@ links followed, each real file once: see arvision.data.images), an ADM-format .n
 or a dataset with split subfolders (``--split``). REF: the same kinds, or a statistics .npz (``mu``, ``sigma`` and
 optionally ``mu_s``, ``sigma_s``: arvision's ``--save-ref-stats`` output, MAR's ``adm_in256_stats.npz``, or ADM's
 reference batch, whose ``arr_0`` images are then used only for precision / recall, as ADM's evaluator does).
-Statistics files without an ``extractor`` tag (ADM's, MAR's) are taken as TF Inception statistics and refused for any
+A statistics file written with ``--save-ref-features`` also holds the reference's pool features (``pool``), from which
+KID and precision / recall are computed without the images (``--num-ref``: a fixed random subset of them; FID and
+sFID use the file's statistics of every reference image). Statistics files without an ``extractor`` tag (ADM's, MAR's) are taken as TF Inception statistics and refused for any
 other feature space. ``--num-samples`` / ``--num-ref`` take a fixed random subset (seed 0); FID is biased at small
 counts, so compare numbers only at equal counts against the same reference.
 """
@@ -28,13 +30,13 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..data.datasets import fixed_subset
+from ..data.datasets import fixed_subset, fixed_subset_indices
 from ..data.images import IMG_EXTENSIONS, list_files, open_rgb, to_rgb
 from ..data.transforms import center_crop_arr
 from ..metrics import (feature_statistics, frechet_distance, inception_score, load_npz, precision_recall,
                        sample_accuracy, save_stats)
 from ..metrics.extractors import FeatureExtractor, build_extractor
-from ..metrics.frechet import stats_extractor_tag
+from ..metrics.frechet import REF_FEATURES_KEY, stats_extractor_tag
 from ..metrics.kid import KID_SUBSET_SIZE, kernel_inception_distance, kid_subset_size
 from ..train.logging import progress_bar
 
@@ -234,6 +236,11 @@ def _reference(ref: PathLike, ext: FeatureExtractor, need_features: bool, split:
                                  f"{ext.name!r}; give reference images (a folder or an .npz with arr_0) instead")
     if stats and not need_features:
         return stats, None, "stats"
+    if stats and REF_FEATURES_KEY in arrays:  # features stored with the statistics (--save-ref-features)
+        pool = arrays[REF_FEATURES_KEY]
+        keep = fixed_subset_indices(len(pool), kw["num_ref"]) if kw["num_ref"] and kw["num_ref"] < len(pool) else None
+        pool = torch.from_numpy(np.ascontiguousarray(pool if keep is None else pool[keep], dtype=np.float32))
+        return stats, {"pool": pool}, len(pool)
     if arrays is not None and "arr_0" not in arrays:  # stats only: no precision / recall possible
         return stats, None, "stats"
     ds = NpzImages(ref, kw["image_size"], arrays) if arrays is not None else images
@@ -252,7 +259,8 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
                         ref_split: str = "train", precision_recall_k: Optional[int] = 3,
                         amp_dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None,
                         save_ref_stats: Optional[PathLike] = None, progress: bool = True,
-                        kid_subsets: Optional[int] = None, kid_subset_size_max: int = KID_SUBSET_SIZE) -> dict:
+                        kid_subsets: Optional[int] = None, kid_subset_size_max: int = KID_SUBSET_SIZE,
+                        save_ref_features: bool = False) -> dict:
     """All metrics the extractor supports: FID (pool), sFID (spatial), IS (logits), KID and precision / recall (pool
     features of both sets; not computed when REF is a stats-only file, or when ``kid_subsets`` / ``precision_recall_k``
     is None; ``arvision eval fid`` asks for KID with torch-fidelity's 100 subsets, callers that score small online
@@ -269,7 +277,7 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
     ext = build_extractor(extractor, device)
     kw = dict(image_size=image_size, num_ref=num_ref, batch_size=batch_size, num_workers=num_workers,
               amp_dtype=amp_dtype, progress=progress)
-    need_ref_features = precision_recall_k is not None or kid_subsets is not None
+    need_ref_features = precision_recall_k is not None or kid_subsets is not None or save_ref_features
     ref_stats, ref_feats, ref_used = _reference(ref, ext, need_ref_features, ref_split, ref_opened, **kw)
     feats = extract_features(sample_ds, ext, batch_size, num_workers, amp_dtype, progress, "samples")
     name = ext.metric_name
@@ -315,6 +323,7 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
         res["skipped"] = skipped
     if save_ref_stats and _dist()[0] == 0:
         save_stats(save_ref_stats, ref_stats, extractor=ext.stats_tag,
+                   features=ref_feats["pool"] if save_ref_features and ref_feats is not None else None,
                    num_images=ref_used if isinstance(ref_used, int) else None)
     return res
 
