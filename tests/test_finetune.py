@@ -266,6 +266,60 @@ def test_trainer_ema_update_after_one_step(tmp_path):
             torch.testing.assert_close(ema[k], 0.9 * before[k] + 0.1 * v, rtol=0, atol=3e-7)
 
 
+def test_ema_warmup_follows_timms_schedule_in_both_ema_kinds():
+    """train.ema_warmup_power: the decay at step t is timm ModelEmaV3's warm-up (0 at step 1, then
+    min(decay, 1 - t^-power)); the unsharded EMA (timm's) and the sharded one's update rule give the same weights."""
+    from timm.utils import ModelEmaV3
+
+    from arvision.train.ema import ReplicatedEma, ShardedEma, build_ema, decay_at
+
+    reference = ModelEmaV3(torch.nn.Linear(2, 2), decay=0.999, use_warmup=True, warmup_power=0.75)
+    for t in (1, 2, 10, 100, 5000, 10 ** 6):
+        assert decay_at(t, 0.999, 0.75) == pytest.approx(reference.get_decay(t), abs=1e-15), t
+    assert decay_at(100, 0.999, 0.0) == 0.999 and decay_at(10 ** 6, 0.999, 0.75) == 0.999
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    start = copy.deepcopy(model.state_dict())
+    emas = [ReplicatedEma(model, 0.999, 0.75), ShardedEma(model, 0.999, 0.75), ReplicatedEma(model, 0.999)]
+    targets = []
+    for step in range(1, 51):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        targets.append(copy.deepcopy(model.state_dict()))
+        for ema in emas:
+            ema.update(model, step)
+    warm, sharded, fixed = (e.state_dict() for e in emas)
+    for k in warm:
+        torch.testing.assert_close(sharded[k], warm[k], rtol=1e-6, atol=1e-6)
+        expected = start[k].clone()  # the same recursion by hand
+        for step, target in enumerate(targets, 1):
+            d = decay_at(step, 0.999, 0.75)
+            expected = d * expected + (1 - d) * target[k]
+        torch.testing.assert_close(warm[k], expected, rtol=1e-5, atol=1e-6)
+        # without warm-up the initial weights keep 0.999^50 = 95% of the average; with it, none
+        torch.testing.assert_close(fixed[k], 0.999 ** 50 * start[k] + sum(0.001 * 0.999 ** (50 - s) * t[k]
+                                   for s, t in enumerate(targets, 1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="ema_warmup_power must be >= 0"):
+        build_ema(model, 0.999, False, -1.0)
+
+
+def test_trainer_passes_the_step_to_the_ema_warmup(tmp_path):
+    cfg = load_config("finetune", overrides=["train.ema_decay=0.999", "train.ema_warmup_power=0.75",
+                                             "train.batch_size=8", "train.max_steps=1", "train.precision=fp32",
+                                             "train.ckpt_every=0", "train.log_every=1", "train.warmup_steps=0",
+                                             "finetune.llrd_mode=standard", "train.lr=1e-2"])
+    model = prepare_classifier(tiny(num_classes=3, depth=1), 3)
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 3)
+    trainer = make_trainer(cfg, build_objective(cfg.finetune, model, 3), tmp_path, data)
+    trainer.fit()
+    after, ema = model.state_dict(), trainer.ema.module.state_dict()
+    for k, v in after.items():  # step 1 of the warm-up copies the weights (a fixed 0.999 would keep the old ones)
+        if v.is_floating_point():
+            torch.testing.assert_close(ema[k], v, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ (d) classifier initialisation
 def test_classifier_from_pretrain_checkpoint(tmp_path):
     pre = tiny(qk_norm="layernorm")  # no head; parameter-free QK-Norm, like the official base pretrain checkpoint

@@ -36,6 +36,8 @@ class TrainConfig(ConfigDict):
     precision: str = "bf16"                 # bf16 autocast (CUDA and CPU) | fp32
     compile: bool = False                   # torch.compile the training step
     ema_decay: float = 0.0                  # weight EMA (saved as ema.safetensors); 0: off
+    ema_warmup_power: float = 0.0           # > 0: EMA warm-up (timm ModelEmaV3): decay min(ema_decay, 1 - t^-power)
+                                            #   at step t (timm: 2/3 long runs, 3/4 short); 0: ema_decay throughout
     seed: int = 1337                        # data order, initialisation, augmentation draws
     distributed: str = "ddp"                # ddp | fsdp (FSDP2, shards each block)
     fsdp_mixed_precision: bool = False      # with fsdp and bf16: all-gather bf16 parameters, reduce fp32 gradients

@@ -102,7 +102,8 @@ class Trainer:
         check_param_groups(objective, groups)
         self.optimizer = build_adamw(groups, cfg.betas, cfg.eps, env.device.type)
         # under FSDP2 a sharded EMA: DTensors with the sharding of the parameters they average
-        self.ema = build_ema(objective.model, cfg.ema_decay, self.sharded) if cfg.ema_decay > 0 else None
+        self.ema = (build_ema(objective.model, cfg.ema_decay, self.sharded, cfg.ema_warmup_power)
+                    if cfg.ema_decay > 0 else None)
         self.autocast = dict(device_type=env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         self.step, self.best = 0, None
         self.evaluated_step: Optional[int] = None  # the last step whose due evaluation has run
@@ -247,7 +248,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                     if self.ema is not None:
-                        self.ema.update(self.objective.model)
+                        self.ema.update(self.objective.model, self.step)
                     self.objective.after_step()
                     step_sums["grad_norm"] = grad_norm.detach().float()
                     sums = step_sums if sums is None else {k: sums[k] + v for k, v in step_sums.items()}
