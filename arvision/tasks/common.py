@@ -86,7 +86,7 @@ def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistE
 # schedule and optimizer settings, logging, checkpoints, evaluation, workers, precision, distribution) may change on
 # --resume and is applied from the resumed step on.
 FIXED_ON_RESUME = ("model.", "objective.", "finetune.", "segment.", "data.", "train.batch_size", "train.seed",
-                   "train.ema_decay", "train.best_metric")
+                   "train.ema_decay", "train.ema_warmup_power", "train.best_metric")
 CHANGEABLE_ON_RESUME = ("data.num_workers", "model.grad_checkpointing")
 
 
