@@ -343,6 +343,42 @@ def test_lpips_needs_weight_files_and_measures_distance(tmp_path):
     assert float(lp(x, x).abs().max()) < 1e-6 and d[0] < 1e-6 < d[1]
 
 
+def test_classifier_perceptual_distance_trains_the_tokenizer_and_stays_frozen(tmp_path):
+    """objective.perceptual_net: LPIPS's recipe in a classifier's feature maps (no VGG file needed)."""
+    import arvision
+    from arvision.objectives.tokenizer import TokenizerLossConfig, TokenizerObjective, classifier_distance
+
+    torch.manual_seed(0)
+    judge = create_model("timm_resnet10t_32px", num_classes=10)
+    with torch.no_grad():  # batch-norm statistics away from (0, 1), so that eval mode matters
+        for m in judge.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    arvision.save_model(judge, tmp_path / "judge")
+    dist = classifier_distance(str(tmp_path / "judge"))
+    x = _images(n=3, size=32)
+    d = dist(x, torch.cat([x[:1], x[1:2] * 0.9, x[2:] * 0.2]))
+    assert float(dist(x, x).abs().max()) < 1e-6 and d[0] < 1e-6 < d[1] < d[2]
+    assert len(judge.forward_intermediates(x, intermediates_only=True)) >= 4  # every stage's map is compared
+    with pytest.raises(ValueError, match="forward_intermediates"):
+        from arvision.models.tokenizers.perceptual import ClassifierDistance
+        ClassifierDistance(create_model("vq_f4_32px", ch=32), (0.5,) * 3, (0.5,) * 3)
+
+    tok = create_model("vq_f4_32px", ch=32)
+    objective = TokenizerObjective(tok, TokenizerLossConfig(perceptual_weight=1.0, perceptual_net=str(tmp_path / "judge")))
+    objective.train()
+    assert not any(k.startswith("net.") or "_lpips" in k for k in objective.state_dict())  # not saved with the run
+    frozen = {k: v.clone() for k, v in objective._lpips[0].state_dict().items()}
+    loss, metrics = objective(x)
+    loss.backward()
+    assert "perceptual" in metrics and float(metrics["perceptual"]) > 0 and not objective._lpips[0].net.training
+    assert all(p.grad is None for p in objective._lpips[0].parameters())
+    assert tok.decoder.conv_out.weight.grad.abs().sum() > 0
+    for k, v in objective._lpips[0].state_dict().items():  # the forward pass left the running statistics alone
+        assert torch.equal(v, frozen[k]), k
+
+
 def test_patchgan_terms_train_each_side_only():
     from arvision.objectives.tokenizer import TokenizerLossConfig, TokenizerObjective
     obj = TokenizerObjective(create_model("vq_f4_32px", ch=32), TokenizerLossConfig(disc_weight=0.5, disc_layers=2))

@@ -45,6 +45,10 @@ class TimmClassifier(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.net.forward_head(x, pre_logits=pre_logits)
 
+    def forward_intermediates(self, x: torch.Tensor, indices=None, intermediates_only: bool = False, **kwargs):
+        """timm's: the feature maps of the stages ``indices`` selects (None: every one), NCHW."""
+        return self.net.forward_intermediates(x, indices=indices, intermediates_only=intermediates_only, **kwargs)
+
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         if causal:
             raise ValueError(f"{self.config.arch} has no attention to make causal; drop finetune.causal")

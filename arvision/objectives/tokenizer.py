@@ -11,7 +11,8 @@ Terms (weights in TokenizerLossConfig; only reconstruction is on by default):
 - perceptual: LPIPS (Zhang et al. 2018, ``models/tokenizers/perceptual.py``) on torchvision's VGG16 with the LPIPS
   v0.1 linear layers, both loaded from files (nothing is downloaded): ``vgg16-397923af.pth`` (torchvision's VGG16
   weights, in torch.hub's checkpoint directory or ``lpips_vgg_path``) and ``vgg.pth`` (in the ``lpips`` package,
-  lpips/weights/v0.1/vgg.pth, or ``lpips_lin_path``);
+  lpips/weights/v0.1/vgg.pth, or ``lpips_lin_path``); or, with ``perceptual_net``, the same recipe in the features of a
+  classifier checkpoint trained here (``ClassifierDistance``, uniform channel weights);
 - adversarial: PatchGAN (pix2pix / taming NLayerDiscriminator, ``models/tokenizers/discriminator.py``) with the
   hinge loss, from ``disc_start`` steps on.
   The discriminator is trained in the same backward pass: its loss sees detached reconstructions, and the
@@ -31,9 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..checkpoints import load_model
+from ..data.transforms import NEPA_MEAN, NEPA_STD
 from ..models.tokenizers import DeadCodeRestart, KLTokenizer, VQTokenizer, perplexity
 from ..models.tokenizers.discriminator import PatchDiscriminator
-from ..models.tokenizers.perceptual import LPIPS
+from ..models.tokenizers.perceptual import LPIPS, ClassifierDistance
 from ..typed_config import ConfigDict
 from .base import Objective
 
@@ -44,7 +47,9 @@ class TokenizerLossConfig(ConfigDict):
     recon_weight: float = 1.0
     codebook_weight: float = 1.0      # VQ: weight of (codebook + commitment + entropy)
     kl_weight: Optional[float] = None  # KL: None = the tokenizer config's kl_weight
-    perceptual_weight: float = 0.0    # LPIPS; > 0 needs the weight files (see module docstring)
+    perceptual_weight: float = 0.0    # LPIPS; > 0 needs the weight files (see module docstring) or perceptual_net
+    perceptual_net: Optional[str] = None  # a classifier checkpoint whose features give the perceptual distance
+                                          #   instead of VGG16-LPIPS (models/tokenizers/perceptual.ClassifierDistance)
     lpips_vgg_path: Optional[str] = None
     lpips_lin_path: Optional[str] = None
     disc_weight: float = 0.0          # PatchGAN generator term; > 0 adds a discriminator
@@ -64,6 +69,12 @@ class TokenizerLossConfig(ConfigDict):
                 raise ValueError(f"objective.{key} must be >= {low}, got {getattr(self, key)}")
         if self.kl_weight is not None and self.kl_weight < 0:
             raise ValueError(f"objective.kl_weight must be >= 0 or null, got {self.kl_weight}")
+
+
+def classifier_distance(path: str) -> ClassifierDistance:
+    """The perceptual distance in the features of a classifier checkpoint (``objective.perceptual_net``), whose inputs
+    were normalised as arvision's transforms normalise them."""
+    return ClassifierDistance(load_model(path), NEPA_MEAN, NEPA_STD)
 
 
 def reconstruction_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -96,8 +107,11 @@ class TokenizerObjective(Objective):
                                  "set it to 0")
             self.restart = DeadCodeRestart(model.codebook_size, model.latent_channels, cfg.restart_after,
                                            cfg.restart_bank)
-        # The LPIPS network is frozen and loaded from files: kept out of the state dict (not an nn.Module child).
-        self._lpips = [LPIPS(cfg.lpips_vgg_path, cfg.lpips_lin_path)] if cfg.perceptual_weight > 0 else []
+        # The perceptual network is frozen and loaded from files: kept out of the state dict (not an nn.Module child).
+        self._lpips = []
+        if cfg.perceptual_weight > 0:
+            self._lpips = [classifier_distance(cfg.perceptual_net) if cfg.perceptual_net
+                           else LPIPS(cfg.lpips_vgg_path, cfg.lpips_lin_path)]
         self.discriminator = (PatchDiscriminator(model.config.in_channels, cfg.disc_channels, cfg.disc_layers)
                               if cfg.disc_weight > 0 else None)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -127,7 +141,7 @@ class TokenizerObjective(Objective):
         if self._lpips:
             lp = self._lpips[0].to(images.device)(recon, images).mean()
             loss = loss + cfg.perceptual_weight * lp
-            m["lpips"] = lp.detach()
+            m["perceptual" if cfg.perceptual_net else "lpips"] = lp.detach()
         if self.discriminator is not None:
             on = (self.step >= cfg.disc_start).float()
             g_loss, d_loss = self.adversarial_terms(images, recon)

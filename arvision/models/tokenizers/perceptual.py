@@ -1,10 +1,13 @@
-"""LPIPS (Zhang et al. 2018), the perceptual distance of tokenizer training, on torchvision's VGG16 with the LPIPS
-v0.1 linear layers, both loaded from files (nothing is downloaded): ``vgg16-397923af.pth`` (torchvision's VGG16
-weights, in torch.hub's checkpoint directory or ``vgg_path``) and ``vgg.pth`` (in the ``lpips`` package,
-lpips/weights/v0.1/vgg.pth, or ``lin_path``).
+"""Perceptual distances of tokenizer training, from files (nothing is downloaded).
+
+LPIPS (Zhang et al. 2018) on torchvision's VGG16 with the LPIPS v0.1 linear layers: ``vgg16-397923af.pth``
+(torchvision's VGG16 weights, in torch.hub's checkpoint directory or ``vgg_path``) and ``vgg.pth`` (in the ``lpips``
+package, lpips/weights/v0.1/vgg.pth, or ``lin_path``). Where those cannot be had, ``ClassifierDistance`` is the same
+recipe in the features of a classifier trained here (a ``timm_classifier`` or a fine-tuned NEPA checkpoint).
 
     lpips = LPIPS(vgg_path, lin_path)
     distance = lpips(reconstructions, images)      # (B,), images in [-1, 1]
+    distance = ClassifierDistance(classifier, mean, std)(reconstructions, images)
 """
 from __future__ import annotations
 
@@ -81,4 +84,41 @@ class LPIPS(nn.Module):
             a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total = total + lin((a - b).pow(2)).mean(dim=(1, 2, 3))
+        return total
+
+
+class ClassifierDistance(nn.Module):
+    """LPIPS's recipe in the features of an arvision classifier checkpoint: the feature maps of its
+    ``forward_intermediates`` (every stage of a timm CNN, every block of a ViT), each unit-normalised over channels;
+    the squared differences summed over channels, averaged over space, summed over the maps. The channels are
+    weighted uniformly (LPIPS's learned weights come from human judgements, which a classifier trained here has not
+    seen). Images in [-1, 1] are resized to the classifier's input size and normalised as it was trained (``mean``,
+    ``std``: of its [0, 1] inputs). Frozen. ``objectives.tokenizer.classifier_distance(path)`` builds one from a
+    checkpoint."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        if not hasattr(net, "forward_intermediates"):
+            raise ValueError(f"{type(net).__name__} has no forward_intermediates; the perceptual network must be a "
+                             "timm_classifier or NEPA classifier")
+        self.net, self.size = net, net.config.img_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 2 - 1, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 2, persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):  # always in eval mode (batch norm statistics stay those of its training)
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-image distance (B,) between images in [-1, 1]."""
+        h = torch.cat([x, y]).float()
+        if h.shape[-2:] != (self.size, self.size):
+            h = torch.nn.functional.interpolate(h, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        maps = self.net.forward_intermediates((h - self.mean) / self.std, intermediates_only=True)
+        total = 0.0
+        for f in maps:
+            a, b = f.float().chunk(2)
+            a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + (a - b).pow(2).sum(1).mean(dim=(1, 2))
         return total
