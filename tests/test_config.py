@@ -1,6 +1,7 @@
 """Config: overrides into free-form maps filled by a recipe, unknown-key errors, live attribute access, save/load,
 the typed configs (TrainConfig, objective, loss and model configs), and the config keys error messages name."""
 import copy
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -218,6 +219,9 @@ def test_objective_configs_are_typed_and_built_from_the_task_sections():
         assert issubclass(cls, ConfigDict), cls
         cfg = cls.from_section(load_config(task)[key])
         assert all(getattr(cfg, k) == v for k, v in load_config(task)[key].items() if hasattr(cfg, k)), cls
+        # every field can be set from the command line: the task's YAML names it (else key=value is "unknown key")
+        missing = {f.name for f in dataclasses.fields(cls)} - set(load_config(task)[key])
+        assert not missing, f"{section} lacks {sorted(missing)} of {cls.__name__}"
     ft = load_config("finetune", overrides=["finetune.mixup_switch_prob=0.25", "finetune.llrd=0.5"]).finetune
     objective = build_objective(ft, torch.nn.Identity(), 10)
     assert objective.config == ClassificationConfig(mixup_switch_prob=0.25, llrd=0.5)

@@ -365,8 +365,11 @@ def test_classifier_perceptual_distance_trains_the_tokenizer_and_stays_frozen(tm
         from arvision.models.tokenizers.perceptual import ClassifierDistance
         ClassifierDistance(create_model("vq_f4_32px", ch=32), (0.5,) * 3, (0.5,) * 3)
 
+    from arvision.config import load_config  # the task's YAML knows the key
+    cfg = load_config("tokenizer", overrides=["objective.perceptual_weight=1.0",
+                                              f"objective.perceptual_net={tmp_path / 'judge'}"])
     tok = create_model("vq_f4_32px", ch=32)
-    objective = TokenizerObjective(tok, TokenizerLossConfig(perceptual_weight=1.0, perceptual_net=str(tmp_path / "judge")))
+    objective = TokenizerObjective(tok, TokenizerLossConfig.from_dict(dict(cfg.objective)))
     objective.train()
     assert not any(k.startswith("net.") or "_lpips" in k for k in objective.state_dict())  # not saved with the run
     frozen = {k: v.clone() for k, v in objective._lpips[0].state_dict().items()}
