@@ -1,5 +1,5 @@
-"""Training-step time of the Heptapod global 2D head (all queries, and ``head_queries=remaining``) against the
-next-token baseline of the same backbone, measured side by side in one process (interleaved steps, so both see the same machine load); prints the ratio.
+"""Training-step time of the Heptapod 2D heads (global with all queries, with ``head_queries=remaining``, conditioned on
+the prefix h_0..h_t; local) against the next-token baseline of the same backbone, measured side by side in one process (interleaved steps, so both see the same machine load); prints the ratio.
 
     python benchmarks/bench_heptapod_step.py                                   # heptapod_mini, 64 codes, batch 64
     python benchmarks/bench_heptapod_step.py --model heptapod_tiny --codebook 1024 --timesteps 4 --threads 2
@@ -31,7 +31,12 @@ def main(argv=None):
             f"global head, {args.target_set}, K={args.timesteps}":
             (dict(), dict(target_set=args.target_set, timesteps_per_image=args.timesteps)),
             f"global head, remaining queries and targets, K={args.timesteps}":
-            (dict(head_queries="remaining"), dict(target_set="remaining", timesteps_per_image=args.timesteps))}
+            (dict(head_queries="remaining"), dict(target_set="remaining", timesteps_per_image=args.timesteps)),
+            f"global head conditioned on h_0..h_t (prefix), {args.target_set}, K={args.timesteps}":
+            (dict(head_condition="prefix"), dict(target_set=args.target_set, timesteps_per_image=args.timesteps)),
+            f"local head (3 x 3), local targets, K={args.timesteps}":
+            (dict(head_type="local", local_window=3), dict(target_set="local", target_window=1,
+                                                           timesteps_per_image=args.timesteps))}
     objs = {}
     for name, (model_args, loss_args) in runs.items():
         torch.manual_seed(0)
