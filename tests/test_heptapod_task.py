@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 import arvision
@@ -136,8 +137,8 @@ def test_generation_quickstart_chain(tmp_path, capsys):
     score = results["score"]
     assert 0 <= score["sample_accuracy"] <= 1 and 0 <= score["judge_real_accuracy"] <= 1
     assert score["num_samples"] == 20 and score["num_ref"] == 40 and np.isfinite(score["fd"])
-    for stage in ("tokenizer/results.json", "cache/header.json", "judge/checkpoints/step_00000002", "samples.png",
-                  "checkpoints/step_00000004"):
+    for stage in ("perceptual_net/checkpoints/step_00000002", "tokenizer/results.json", "cache/header.json",
+                  "judge/checkpoints/step_00000002", "samples.png", "checkpoints/step_00000004"):
         assert (run / stage).exists(), stage
     assert json.loads((run / "cache" / "header.json").read_text())["copies"] == 1  # no mirrored digits
     online = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
@@ -148,6 +149,10 @@ def test_generation_quickstart_chain(tmp_path, capsys):
     tok_online = [json.loads(r) for r in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
     tok_online = [r for r in tok_online if r.get("split") == "eval"]
     assert tok_online and all(0 < r["psnr"] < 60 and 0 < r["codebook_usage"] <= 1 for r in tok_online), tok_online
+    tok_config = yaml.safe_load((run / "tokenizer" / "config.yaml").read_text())["objective"]
+    assert tok_config["perceptual_net"].endswith("perceptual_net/checkpoints/step_00000002")  # not the judge
+    assert tok_config["perceptual_weight"] == 0.1
+    assert any("perceptual" in json.loads(r) for r in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines())
     assert (run / "tokenizer" / "samples" / "step_00000002.png").is_file()
     for directory, tag, last in ((run, "eval/samples", 4), (run / "tokenizer", "eval/reconstructions", 2)):
         images = tensorboard_images(directory / "tb", tag)

@@ -7,7 +7,9 @@ built-in digits (``synthetic-digits``) and scores what it makes, in minutes on a
 
 Stages, each in the run directory:
 
-1. ``tokenizer/``  a small VQ tokenizer (``quickstart.tokenizer``) trained on the digits (the tokenizer task);
+1. ``tokenizer/``  a small VQ tokenizer (``quickstart.tokenizer``) trained on the digits (the tokenizer task), with a
+   perceptual loss in the features of ``perceptual_net/``, a second classifier of real digits trained as the judge
+   with another seed (``quickstart.perceptual_weight``; 0 leaves the L1 loss alone);
 2. ``cache/``      the training digits as code grids (no mirrored copies: a mirrored 3 is not a 3);
 3. ``judge/``      a classifier of real digits (``quickstart.judge``, a timm ResNet), trained by the same Trainer;
 4. the Heptapod generator on that cache (the heptapod task; every ``train.eval_every`` epochs it samples a small
@@ -63,7 +65,8 @@ def run_quickstart(cfg, out=None, resume=False) -> dict:
     t0 = time.perf_counter()
     log.info(f"generation quick start on the built-in digits in {run_dir}: tokenizer -> token cache -> judge -> "
              f"Heptapod -> samples and score")
-    tokenizer = train_tokenizer(q, run_dir / "tokenizer", cfg.train.seed, cfg.online.num_ref)
+    perceptual_net = train_judge(q, run_dir / "perceptual_net", cfg.train.seed + 1) if q.perceptual_weight > 0 else None
+    tokenizer = train_tokenizer(q, run_dir / "tokenizer", cfg.train.seed, cfg.online.num_ref, perceptual_net)
     cache = encode_digits(tokenizer, q, run_dir / "cache")
     judge_path = train_judge(q, run_dir / "judge", cfg.train.seed)
     cfg.online.update(judge=str(judge_path), reference=DIGITS)
@@ -82,8 +85,9 @@ def score_line(score: dict) -> str:
             f"{100 * score['judge_real_accuracy']:.1f}%), {score['fd_name']} {score['fd']:.2f}")
 
 
-def train_tokenizer(q, out: Path, seed: int, num_eval: int):
-    """The quick start's VQ tokenizer, trained by the tokenizer task (reused when ``out`` already finished)."""
+def train_tokenizer(q, out: Path, seed: int, num_eval: int, perceptual_net: Path | None = None):
+    """The quick start's VQ tokenizer, trained by the tokenizer task (reused when ``out`` already finished), with the
+    perceptual loss of ``perceptual_net`` (a classifier checkpoint) when given."""
     from .tokenizer import run as run_tokenizer_task
 
     if not (out / "results.json").is_file():
@@ -94,6 +98,8 @@ def train_tokenizer(q, out: Path, seed: int, num_eval: int):
                      f"train.lr={q.tokenizer_lr}", f"train.warmup_steps={max(1, q.tokenizer_steps // 20)}",
                      f"train.ckpt_every={q.tokenizer_steps}", "train.log_every=25", f"train.seed={seed}",
                      f"eval.num_images={num_eval}", "eval.batch_size=100"]
+        if perceptual_net is not None:
+            overrides += [f"objective.perceptual_weight={q.perceptual_weight}", f"objective.perceptual_net={perceptual_net}"]
         run_tokenizer_task(load_config("tokenizer", overrides=overrides), out=str(out),
                            resume=latest_checkpoint(out) is not None)
     ev = json.loads((out / "results.json").read_text()).get("eval", {})
@@ -111,7 +117,8 @@ def encode_digits(tokenizer, q, out: Path) -> TokenCache:
 
 def train_judge(q, out: Path, seed: int) -> Path:
     """A classifier of real digits (a ``timm_classifier`` preset), trained by the one Trainer with plain
-    cross-entropy; reused when ``out`` already holds its final checkpoint. Returns that checkpoint."""
+    cross-entropy; reused when ``out`` already holds its final checkpoint. Returns that checkpoint. (The judge, and
+    with another seed the tokenizer's perceptual network.)"""
     final = out / "checkpoints" / f"step_{q.judge_steps:08d}"
     if not final.is_dir():
         env = init_distributed()
