@@ -65,7 +65,9 @@ def run_quickstart(cfg, out=None, resume=False) -> dict:
     t0 = time.perf_counter()
     log.info(f"generation quick start on the built-in digits in {run_dir}: tokenizer -> token cache -> judge -> "
              f"Heptapod -> samples and score")
-    perceptual_net = train_judge(q, run_dir / "perceptual_net", cfg.train.seed + 1) if q.perceptual_weight > 0 else None
+    tokenizer_done = (run_dir / "tokenizer" / "results.json").is_file()  # a finished tokenizer needs no network
+    perceptual_net = (train_judge(q, run_dir / "perceptual_net", cfg.train.seed + 1)
+                      if q.perceptual_weight > 0 and not tokenizer_done else None)
     tokenizer = train_tokenizer(q, run_dir / "tokenizer", cfg.train.seed, cfg.online.num_ref, perceptual_net)
     cache = encode_digits(tokenizer, q, run_dir / "cache")
     judge_path = train_judge(q, run_dir / "judge", cfg.train.seed)
