@@ -56,18 +56,6 @@ def worker(args) -> None:
     print(json.dumps({"file": arvision.__file__, "seconds": times}))
 
 
-def model_specs(text: str) -> list[tuple[str, dict]]:
-    specs = []
-    for spec in filter(None, (s.strip() for s in text.split(";"))):
-        preset, *pairs = spec.split(":")
-        overrides = {}
-        for pair in pairs:
-            key, _, value = pair.partition("=")
-            overrides[key] = int(value) if value.lstrip("-").isdigit() else value
-        specs.append((preset, overrides))
-    return specs
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--old", help="directory holding the older `arvision` package (e.g. from git archive)")
@@ -93,6 +81,7 @@ def main(argv=None):
                 "`git archive <commit> arvision | tar -x -C DIR`")
 
     import torch
+    from bench_sampling import parse_model_specs  # imports this checkout's arvision: never in a worker
     from safetensors.torch import save_file
 
     import arvision
@@ -104,7 +93,7 @@ def main(argv=None):
           "(per round: median; min-max) | tokens equal |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, overrides in model_specs(args.models):
+        for preset, overrides in parse_model_specs(args.models):
             overrides = {**overrides, "head_type": args.head}
             torch.manual_seed(0)
             model = arvision.create_model(preset, **overrides)

@@ -42,8 +42,13 @@ def timed(fn, device, clock=time.perf_counter) -> float:
 def model_specs(args) -> list[tuple[str, dict]]:
     if not args.models:
         return [(args.preset, dict(grid_size=int(g))) for g in args.grids.split(",")]
+    return parse_model_specs(args.models)
+
+
+def parse_model_specs(text: str) -> list[tuple[str, dict]]:
+    """``preset:key=value:...`` specs separated by ``;`` as (preset, overrides) pairs (integers read as int)."""
     specs = []
-    for spec in filter(None, (s.strip() for s in args.models.split(";"))):
+    for spec in filter(None, (s.strip() for s in text.split(";"))):
         preset, *pairs = spec.split(":")
         overrides = {}
         for pair in pairs:
