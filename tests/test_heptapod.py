@@ -251,11 +251,12 @@ def test_default_learning_rate_trains_the_cpu_presets():
     assert metrics["next_loss"].item() < 1.8
 
 
-@pytest.mark.parametrize("head_type", ["none", "global"])
-def test_next_loss_by_position_is_the_per_position_next_token_loss(head_type):
+@pytest.mark.parametrize("head_type,condition", [("none", "state"), ("global", "state"), ("local", "state"),
+                                                  ("global", "prefix")])
+def test_next_loss_by_position_is_the_per_position_next_token_loss(head_type, condition):
     """Averaged over positions it equals the objective's next-token loss over every timestep (the quantity sampling
-    uses); per position it is the cross-entropy of z_{t,t} at that t."""
-    model = tiny(head_type=head_type).eval()
+    uses, computed here by the single-query head); per position it is the cross-entropy of z_{t,t} at that t."""
+    model = tiny(head_type=head_type, head_condition=condition).eval()
     obj = HeptapodObjective(model, HeptapodLossConfig(target_set="next", timesteps_per_image=0))
     tokens, labels = torch.randint(0, 16, (5, 9)), torch.randint(0, 4, (5,))
     per = obj.next_loss_by_position(tokens, labels, chunk=2)
@@ -263,8 +264,7 @@ def test_next_loss_by_position_is_the_per_position_next_token_loss(head_type):
     with torch.no_grad():
         _, metrics = obj(tokens, labels)
         states = model.forward_backbone(tokens, labels)
-        z = states if head_type == "none" else model.forward_prediction_head(states.flatten(0, 1)).view(5, 9, 9, -1)[
-            :, torch.arange(9), torch.arange(9)]
+        z = states if head_type == "none" else torch.stack([model.predict(states, t) for t in range(9)], dim=1)
         ce = F.cross_entropy(model.logits(z).flatten(0, 1), tokens.flatten(), reduction="none").view(5, 9)
     torch.testing.assert_close(per, ce.mean(0))
     torch.testing.assert_close(per.mean(), metrics["next_loss"])

@@ -92,6 +92,45 @@ def test_one_line_errors(cache, tmp_path, capsys):
     assert "does not fit the token cache" in msg and "codebook_size" in msg
 
 
+def test_eval_nll_is_the_held_out_next_token_cross_entropy(cache, tmp_path, capsys):
+    """`arvision eval nll` scores -log p(x_t | x_<t, y) of every position of every grid (the unflipped copy) through
+    the prediction sampling uses; a cache from another tokenizer or of continuous latents is a one-line error."""
+    import torch.nn.functional as F
+
+    from arvision.data.token_cache import TokenCache
+
+    run = tmp_path / "gen"
+    main(["heptapod", "train", "--data", str(cache), "--out", str(run), "train.max_steps=2", "train.batch_size=8",
+          "sample.num_per_class=0", "model.args.depth=1", "model.args.head_depth=1", "objective.timesteps_per_image=2",
+          "train.lr=1e-2"])
+    ckpt = run / "checkpoints" / "step_00000002"
+    main(["eval", "nll", str(ckpt), "--data", str(cache), "--batch-size", "5", "--out", str(tmp_path / "nll.json")])
+    res = json.loads((tmp_path / "nll.json").read_text())
+    model = arvision.load_model(ckpt, family="heptapod").eval()
+    tc = TokenCache(cache)
+    tokens = torch.from_numpy(np.asarray(tc.tokens[tc.index, 0]).astype(np.int64))
+    labels = torch.from_numpy(np.asarray(tc.labels[tc.index]).astype(np.int64))
+    with torch.no_grad():
+        states = model.forward_backbone(tokens, labels)
+        z = torch.stack([model.predict(states, t) for t in range(tokens.shape[1])], dim=1)
+        ce = F.cross_entropy(model.logits(z).flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
+    assert res["num_grids"] == len(tc) == 24
+    assert res["nll"] == pytest.approx(ce.mean().item(), rel=1e-5)
+    assert res["by_row"] == pytest.approx(ce.mean(0).view(8, 8).mean(1).tolist(), rel=1e-5)
+    assert "next-token NLL" in capsys.readouterr().out
+
+    torch.manual_seed(1)  # the same architecture, other weights: codes that mean other things
+    other_tok = arvision.create_model("vq_f4_32px").eval()
+    build_token_cache(other_tok, "synthetic", tmp_path / "other", img_size=32, limit=4, num_workers=0, progress=False)
+    kl = arvision.create_model("kl_f4_32px").eval()
+    build_token_cache(kl, "synthetic", tmp_path / "kl", img_size=32, limit=4, num_workers=0, progress=False)
+    for data, expected in ((tmp_path / "other", "another tokenizer"), (tmp_path / "kl", "discrete codes")):
+        with pytest.raises(SystemExit):
+            main(["eval", "nll", str(ckpt), "--data", str(data)])
+        msg = capsys.readouterr().err.strip()
+        assert msg.startswith("arvision: error:") and "\n" not in msg and expected in msg
+
+
 def test_backbone_initialised_from_nepa(tmp_path):
     from arvision.tasks.heptapod import init_backbone_from_nepa
 

@@ -5,6 +5,7 @@
     arvision eval knn|linear CHECKPOINT --data DIR [--blocks middle] [--pool mean]
     arvision eval classify CHECKPOINT --data DIR [--split val] [--resize 256 | --crop-pct 0.95] [--ema]
     arvision eval fid SAMPLES REF [--extractor fid-helper|inception|CHECKPOINT] [--num-samples N] [--num-ref N]
+    arvision eval nll GENERATOR_CHECKPOINT --data HELD_OUT_TOKEN_CACHE [--ema] [--num N]
     arvision convert SRC DST            # official NEPA checkpoint (or Hub id) -> arvision checkpoint
     arvision convert CKPT DST --to official [--class-names a,b]   # NEPA ViT -> Hugging Face ViTNepa layout
     arvision hub push CHECKPOINT OWNER/NAME [--local DIR]           # weights, config, model card to the Hub

@@ -1,4 +1,5 @@
-"""`arvision eval knn | linear | attentive | classify | fid`: probes of frozen features, classifier accuracy, generative metrics."""
+"""`arvision eval knn | linear | attentive | classify | nll | fid`: probes of frozen features, classifier accuracy,
+a generator's held-out next-token likelihood, generative metrics."""
 from __future__ import annotations
 
 import json
@@ -117,8 +118,35 @@ def cmd_eval_fid(args) -> None:
         cleanup()
 
 
+def cmd_eval_nll(args) -> None:
+    import torch
+
+    from ..checkpoints import load_model
+    from ..data.token_cache import TokenCache
+    from ..eval.token_nll import check_cache_fits, held_out_nll
+    from ..files import write_json
+    from .generate import run_token_cache
+
+    if args.num is not None and args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}")
+    model = load_model(args.checkpoint, family="heptapod", ema=args.ema)
+    cache = TokenCache(args.data)
+    check_cache_fits(model, cache, trained_on=run_token_cache(args.checkpoint, required=False))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    res = held_out_nll(model.to(device), cache, num=args.num, batch_size=args.batch_size)
+    res.update(checkpoint=str(args.checkpoint), data=str(args.data), weights="ema" if args.ema else "model")
+    print(f"next-token NLL {res['nll']:.4f} nats/token ({res['bits_per_token']:.4f} bits, perplexity "
+          f"{res['perplexity']:.1f}) on {res['num_grids']} grids; by row: "
+          + " ".join(f"{v:.3f}" for v in res["by_row"]))
+    out = Path(args.out) if args.out else (Path(args.checkpoint) / "eval_nll.json" if Path(args.checkpoint).is_dir()
+                                           else None)
+    if out is not None:
+        print(f"results -> {write_json(out, res)}")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | attentive | classify; samples: fid")
+    p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | attentive | classify | nll; "
+                       "samples: fid")
     esub = p.add_subparsers(dest="kind", required=True)
     for kind, text in (("knn", "weighted kNN (k=20, T=0.07, cosine) on frozen features"),
                        ("linear", "linear probe on frozen features"),
@@ -161,6 +189,18 @@ def register(sub) -> None:
     q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_classify.json for a local checkpoint)")
     q.set_defaults(func=cmd_eval_classify)
+
+    q = esub.add_parser("nll", help="held-out next-token NLL of a Heptapod generator on a token cache "
+                        "(docs/generation.md)")
+    q.add_argument("checkpoint", help="a Heptapod checkpoint directory")
+    q.add_argument("--data", required=True, help="a token cache of held-out images, encoded with the generator's "
+                   "tokenizer (`arvision tokenizer encode --split test --no-flip`)")
+    q.add_argument("--num", type=int, default=None, help="a fixed random subset of N grids (seed 0; default all)")
+    q.add_argument("--ema", action="store_true", help="score the checkpoint's EMA weights")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--device", default=None, help="default: cuda when available")
+    q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_nll.json)")
+    q.set_defaults(func=cmd_eval_nll)
 
     q = esub.add_parser("fid", help="FID / sFID / IS / KID / precision-recall of samples against a reference (docs/metrics.md)")
     q.add_argument("samples", help="image folder (recursive; hidden names skipped), .npz (ADM's arr_0 or uint8 "

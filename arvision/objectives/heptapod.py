@@ -196,17 +196,16 @@ class HeptapodObjective(Objective):
         over the grids given: shows which positions a target set trains (under ``remaining`` the first rows'
         queries see the fewest (t, j) pairs)."""
         model = self.model
-        if model.config.head_type != "none" and model.config.head_condition != "state":
-            raise ValueError("next_loss_by_position supports head_condition='state' only")
-        total = None
+        total, constants = None, None
         for s in range(0, tokens.shape[0], chunk):
             x, y = tokens[s:s + chunk], labels[s:s + chunk]
             states = model.forward_backbone(x, y)  # (b, N, D)
             b, N = states.shape[:2]
-            if model.config.head_queries == "remaining":  # one timestep per head call
-                z = torch.stack([model.predict(states, t) for t in range(N)], dim=1).flatten(0, 1)
-            else:
-                z = model.predict(states, torch.arange(N, device=x.device).expand(b, N))  # (b N, D)
+            if model.config.head_type == "none":
+                z = states.flatten(0, 1)
+            else:  # the single-query head sampling uses: N head calls of one query, not N of N queries
+                constants = constants if constants is not None else model.head_constants()
+                z = torch.stack([model.predict(states, t, constants=constants) for t in range(N)], dim=1).flatten(0, 1)
             per = self.pair_losses(z, x.flatten(0, 1)).view(b, N).sum(0)
             total = per if total is None else total + per
         return total / tokens.shape[0]

@@ -110,7 +110,7 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
         return done
     results = {**fit_and_time(trainer, run_dir), "data": str(cache.path)}
     generator = trainer.full_model(ema=True)  # the EMA weights when train.ema_decay > 0, as MAR and DiT sample
-    if env.is_main and generator.config.head_condition == "state":
+    if env.is_main:
         results["next_loss_by_row"] = next_loss_by_row(objective, generator, cache)
         log.info("next-token loss by grid row: " + " ".join(f"{v:.3f}" for v in results["next_loss_by_row"]))
     if env.is_main and cfg.sample.num_per_class > 0:
