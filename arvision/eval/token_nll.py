@@ -43,17 +43,23 @@ def check_cache_fits(model, cache: TokenCache, trained_on: Optional[TokenCache] 
 
 
 @torch.no_grad()
-def held_out_nll(model, cache: TokenCache, num: Optional[int] = None, batch_size: int = 64) -> dict:
+def held_out_nll(model, cache: TokenCache, num: Optional[int] = None, batch_size: int = 64,
+                 loss_config: Optional[HeptapodLossConfig] = None) -> dict:
     """Mean -log p(x_t | x_<t, y) over ``num`` grids of ``cache`` (a fixed subset, seed 0; all by default) and every
-    position t, with its value per grid row (nats). The unflipped copy of each image is scored."""
+    position t, with its value per grid row (nats). The unflipped copy of each image is scored. Continuous latents
+    give the diffusion loss of ``loss_config`` instead (a bound that depends on its noise draws, not a likelihood)."""
     indices = fixed_subset_indices(len(cache), num) if num else range(len(cache))
     rows = np.sort(cache.index[np.asarray(list(indices))])  # sorted: memory-mapped reads in file order
-    tokens = torch.from_numpy(np.asarray(cache.tokens[rows, 0]).astype(np.int64))  # (n, N), the unflipped copy
+    tokens = torch.from_numpy(np.asarray(cache.tokens[rows, 0]))  # (n, N) codes or (n, N, 2C) posteriors, unflipped
+    if cache.token_type == "discrete":
+        tokens = tokens.long()
+    else:  # the posterior mean, scaled as the generator saw it
+        tokens = tokens[..., : tokens.shape[-1] // 2].float() * cache.scale_factor
     labels = torch.from_numpy(np.asarray(cache.labels[rows]).astype(np.int64))
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    objective = HeptapodObjective(model, HeptapodLossConfig())
+    objective = HeptapodObjective(model, loss_config or HeptapodLossConfig())
     total = torch.zeros(tokens.shape[1], dtype=torch.float64)
     for start in range(0, len(tokens), batch_size):
         x, y = tokens[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)

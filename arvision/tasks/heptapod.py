@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..checkpoints import load_model
-from ..data.datasets import fixed_subset_indices
 from ..data.token_cache import TokenCache
 from ..eval.judge import OnlineScore, judge_accuracy, load_judge, score_npz
+from ..eval.token_nll import held_out_nll
 from ..models import create_model
 from ..objectives.heptapod import HeptapodLossConfig, HeptapodObjective
 from ..train.distributed import barrier
@@ -111,7 +109,8 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
     results = {**fit_and_time(trainer, run_dir), "data": str(cache.path)}
     generator = trainer.full_model(ema=True)  # the EMA weights when train.ema_decay > 0, as MAR and DiT sample
     if env.is_main:
-        results["next_loss_by_row"] = next_loss_by_row(objective, generator, cache)
+        # teacher-forced loss of z_{t,t} on 256 fixed training grids, per row (`arvision eval nll` on held-out ones)
+        results["next_loss_by_row"] = held_out_nll(generator, cache, num=256, loss_config=objective.config)["by_row"]
         log.info("next-token loss by grid row: " + " ".join(f"{v:.3f}" for v in results["next_loss_by_row"]))
     if env.is_main and cfg.sample.num_per_class > 0:
         results["samples"] = write_samples(generator, cache, cfg.sample, run_dir)
@@ -129,21 +128,6 @@ def train_generator(cfg, cache: TokenCache, out=None, resume=False) -> dict:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         log.info(f"results written to {run_dir / 'results.json'}")
     return results
-
-
-def next_loss_by_row(objective: HeptapodObjective, generator, cache: TokenCache, num: int = 256) -> list[float]:
-    """The teacher-forced next-token loss (z_{t,t}) of ``num`` fixed grids of the cache, averaged per grid row."""
-    idx = fixed_subset_indices(len(cache), min(num, len(cache)))
-    grids = [cache[i] for i in idx]
-    tokens = torch.stack([torch.as_tensor(g[0]) for g in grids])
-    labels = torch.as_tensor([int(g[1]) for g in grids])
-    device = next(generator.parameters()).device
-    was = generator.training
-    generator.eval()
-    per_pos = HeptapodObjective(generator, objective.config).next_loss_by_position(tokens.to(device), labels.to(device))
-    generator.train(was)
-    G = generator.config.grid_size
-    return per_pos.view(G, G).mean(1).tolist()
 
 
 def sampling_config(scfg):
