@@ -129,6 +129,12 @@ def test_eval_nll_is_the_held_out_next_token_cross_entropy(cache, tmp_path, caps
             main(["eval", "nll", str(ckpt), "--data", str(data)])
         msg = capsys.readouterr().err.strip()
         assert msg.startswith("arvision: error:") and "\n" not in msg and expected in msg
+    # a latent generator's run reports its per-row loss too (the diffusion loss of the posterior means)
+    main(["heptapod", "train", "--data", str(tmp_path / "kl"), "--out", str(tmp_path / "klgen"), "train.max_steps=1",
+          "train.batch_size=4", "sample.num_per_class=0", "model.args.depth=1", "model.args.head_depth=1",
+          "objective.timesteps_per_image=2"])
+    by_row = json.loads((tmp_path / "klgen" / "results.json").read_text())["next_loss_by_row"]
+    assert len(by_row) == 8 and all(0 < v < 10 for v in by_row)
 
 
 def test_backbone_initialised_from_nepa(tmp_path):
