@@ -99,25 +99,28 @@ def test_eval_nll_is_the_held_out_next_token_cross_entropy(cache, tmp_path, caps
 
     from arvision.data.token_cache import TokenCache
 
-    run = tmp_path / "gen"
-    main(["heptapod", "train", "--data", str(cache), "--out", str(run), "train.max_steps=2", "train.batch_size=8",
-          "sample.num_per_class=0", "model.args.depth=1", "model.args.head_depth=1", "objective.timesteps_per_image=2",
-          "train.lr=1e-2"])
-    ckpt = run / "checkpoints" / "step_00000002"
-    main(["eval", "nll", str(ckpt), "--data", str(cache), "--batch-size", "5", "--out", str(tmp_path / "nll.json")])
-    res = json.loads((tmp_path / "nll.json").read_text())
-    model = arvision.load_model(ckpt, family="heptapod").eval()
     tc = TokenCache(cache)
     tokens = torch.from_numpy(np.asarray(tc.tokens[tc.index, 0]).astype(np.int64))
     labels = torch.from_numpy(np.asarray(tc.labels[tc.index]).astype(np.int64))
-    with torch.no_grad():
-        states = model.forward_backbone(tokens, labels)
-        z = torch.stack([model.predict(states, t) for t in range(tokens.shape[1])], dim=1)
-        ce = F.cross_entropy(model.logits(z).flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
-    assert res["num_grids"] == len(tc) == 24
-    assert res["nll"] == pytest.approx(ce.mean().item(), rel=1e-5)
-    assert res["by_row"] == pytest.approx(ce.mean(0).view(8, 8).mean(1).tolist(), rel=1e-5)
-    assert "next-token NLL" in capsys.readouterr().out
+    heads = {"global": ["objective.timesteps_per_image=2"],  # and the next-token baseline, which has no 2D head
+             "none": ["model.args.head_type=none", "objective.target_set=next", "objective.timesteps_per_image=0"]}
+    for head, overrides in heads.items():
+        run = tmp_path / f"gen_{head}"
+        main(["heptapod", "train", "--data", str(cache), "--out", str(run), "train.max_steps=2", "train.batch_size=8",
+              "sample.num_per_class=0", "model.args.depth=1", "model.args.head_depth=1", "train.lr=1e-2", *overrides])
+        ckpt = run / "checkpoints" / "step_00000002"
+        main(["eval", "nll", str(ckpt), "--data", str(cache), "--batch-size", "5", "--out", str(tmp_path / "nll.json")])
+        res = json.loads((tmp_path / "nll.json").read_text())
+        model = arvision.load_model(ckpt, family="heptapod").eval()
+        with torch.no_grad():
+            states = model.forward_backbone(tokens, labels)
+            z = states if head == "none" else torch.stack([model.predict(states, t) for t in range(64)], dim=1)
+            ce = F.cross_entropy(model.logits(z).flatten(0, 1), tokens.flatten(), reduction="none").view(tokens.shape)
+        assert res["num_grids"] == len(tc) == 24
+        assert res["nll"] == pytest.approx(ce.mean().item(), rel=1e-5)
+        assert res["by_row"] == pytest.approx(ce.mean(0).view(8, 8).mean(1).tolist(), rel=1e-5)
+        assert "next-token NLL" in capsys.readouterr().out
+    ckpt = tmp_path / "gen_global" / "checkpoints" / "step_00000002"
 
     torch.manual_seed(1)  # the same architecture, other weights: codes that mean other things
     other_tok = arvision.create_model("vq_f4_32px").eval()

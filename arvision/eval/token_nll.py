@@ -59,7 +59,7 @@ def held_out_nll(model, cache: TokenCache, num: Optional[int] = None, batch_size
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    objective = HeptapodObjective(model, loss_config or HeptapodLossConfig())
+    objective = HeptapodObjective(model, loss_config or HeptapodLossConfig(target_set="next", timesteps_per_image=0))
     total = torch.zeros(tokens.shape[1], dtype=torch.float64)
     for start in range(0, len(tokens), batch_size):
         x, y = tokens[start:start + batch_size].to(device), labels[start:start + batch_size].to(device)
