@@ -157,6 +157,17 @@ class TokenCache(Dataset):
                     raise self._refuse(f"{TOKENS} holds code {bad}, outside 0..{width - 1} (header field "
                                        f"codebook_size={width})")
 
+    def generator_fields(self) -> dict:
+        """The model config a generator of these tokens must have: token type, grid, classes, and codebook size
+        (codes) or latent channels (latents)."""
+        info = self.info
+        fields = dict(grid_size=info["grid_size"], num_classes=info["num_classes"], token_type=info["token_type"])
+        if info["token_type"] == "discrete":
+            fields["codebook_size"] = info["codebook_size"]
+        else:
+            fields["latent_channels"] = info["latent_channels"]
+        return fields
+
     @property
     def scale_factor(self) -> float:
         return float(self.info["scale_factor"])

@@ -29,8 +29,8 @@ def check_cache_fits(model, cache: TokenCache, trained_on: Optional[TokenCache] 
     if info["token_type"] != "discrete" or cfg.token_type != "discrete":
         raise ValueError(f"eval nll scores discrete codes; {cache.path} holds {info['token_type']} tokens and the "
                          f"generator models {cfg.token_type} ones (for latents use `arvision eval fid` on samples)")
-    fields = {"grid_size": cfg.grid_size, "codebook_size": cfg.codebook_size, "num_classes": cfg.num_classes}
-    bad = {k: (v, info.get(k)) for k, v in fields.items() if info.get(k) != v}
+    stored = cfg.to_dict()
+    bad = {k: (stored.get(k), v) for k, v in cache.generator_fields().items() if stored.get(k) != v}
     if bad:
         raise ValueError(f"{cache.path} does not fit the generator: {bad} (generator, cache); encode the held-out "
                          "images with the tokenizer of the generator's training cache")

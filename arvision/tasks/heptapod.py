@@ -29,12 +29,7 @@ RECIPE_WITHOUT_DATA = "heptapod_quickstart"
 def generator_args(cache: TokenCache, model_cfg) -> dict:
     """Preset overrides that make the generator match the cache's tokens (token type, codebook / channels, grid,
     classes); an explicit model.args value that contradicts the cache is a one-line error."""
-    info = cache.info
-    args = dict(grid_size=info["grid_size"], num_classes=info["num_classes"], token_type=info["token_type"])
-    if info["token_type"] == "discrete":
-        args["codebook_size"] = info["codebook_size"]
-    else:
-        args["latent_channels"] = info["latent_channels"]
+    args = cache.generator_fields()
     for key, value in dict(model_cfg.args or {}).items():
         if key in args and args[key] != value:
             raise ValueError(f"model.args.{key}={value} contradicts the token cache ({key}={args[key]}); drop the "
