@@ -9,6 +9,7 @@ traceback, and none unpickles code: ``torch.load`` runs only with ``weights_only
     if is_disk_full(error, directory): ...            # an exception from a write that ran out of space
     raise command_line_error(ValueError("... ema=True ..."), "... --ema ...")  # each reader's own hint
     write_json(path, obj)                             # atomically: a temporary file beside it, then a rename
+    write_image_npz(path, images, labels)             # ADM's sample layout (arr_0 uint8 NHWC, arr_1 labels)
     with atomic_write(path, suffix=".png") as tmp:    # any other writer: tmp becomes path when the block ends
         image.save(tmp)
 
@@ -182,3 +183,17 @@ def write_json(path: PathLike, obj: Any, indent: int = 2, default: Optional[Call
                fsync: bool = False) -> Path:
     """``obj`` as JSON at ``path``, atomically (``write_text``)."""
     return write_text(path, json.dumps(obj, indent=indent, default=default), fsync)
+
+
+def write_image_npz(path: PathLike, images, labels) -> Path:
+    """uint8 images (N, H, W, 3) and their class labels (N,) as the ``.npz`` that ``arvision eval fid`` and the
+    ADM/OpenAI evaluator read (``arr_0``, ``arr_1`` int64), atomically (``atomic_write``)."""
+    import numpy as np
+
+    images, labels = np.asarray(images), np.asarray(labels).astype(np.int64)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(labels) != len(images):
+        raise ValueError(f"expected uint8 images (N, H, W, 3) and N labels, got {images.dtype} {images.shape} and "
+                         f"{len(labels)} labels")
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, arr_1=labels)
+    return Path(path)

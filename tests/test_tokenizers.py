@@ -230,6 +230,34 @@ def _folder(root, n_per_class=3, corrupt=1):
     return root
 
 
+def test_tokenizer_eval_saves_reconstructions_that_eval_fid_reads(tmp_path, capsys):
+    """--save-recon: every reconstruction (uint8, H x W x 3) with its label, in the dataset's order, as ADM's .npz,
+    the file `arvision eval fid` scores against the training set's statistics."""
+    import json
+    import numpy as np
+    import arvision
+    from arvision.cli import main
+    from arvision.data.transforms import unit_range_to_uint8
+    from arvision.eval.generative import open_images
+    from arvision.tasks.tokenizer import image_set
+    data = _folder(tmp_path / "data", n_per_class=3, corrupt=0)
+    torch.manual_seed(0)
+    tok_dir = arvision.save_model(create_model("vq_f4_32px_lite"), tmp_path / "tok")
+    main(["tokenizer", "eval", str(tok_dir), "--data", str(data), "--split", "train", "--img-size", "16",
+          "--num-workers", "0", "--batch-size", "4", "--device", "cpu", "--save-recon", str(tmp_path / "r.npz")])
+    assert json.loads(capsys.readouterr().out)["reconstructions"] == str(tmp_path / "r.npz")
+    ds = image_set(data, "train", 16)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    tok = load_tokenizer(tok_dir).eval()
+    with torch.no_grad():
+        expect = unit_range_to_uint8(tok.decode(tok.encode(x))).permute(0, 2, 3, 1).numpy().astype(int)
+    arrays = np.load(tmp_path / "r.npz")
+    assert arrays["arr_0"].dtype == np.uint8 and arrays["arr_0"].shape == (6, 16, 16, 3)
+    assert np.abs(arrays["arr_0"].astype(int) - expect).max() <= 1
+    assert arrays["arr_1"].tolist() == [ds[i][1] for i in range(len(ds))] == [0, 0, 0, 1, 1, 1]
+    assert len(open_images(tmp_path / "r.npz")) == 6
+
+
 @pytest.mark.parametrize("name", ["vq_f4_32px", "kl_f4_32px"])
 def test_token_cache_round_trip(tmp_path, name):
     from arvision.data.transforms import generation_transform

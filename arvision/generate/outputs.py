@@ -5,7 +5,7 @@ written in a seeded random class order (``class_labels``), never class by class.
 
     labels = class_labels(range(1000), 50, seed=0)
     images = generate_images(model, tokenizer, labels, SamplingConfig(), batch_size=64, seed=0)
-    save_npz(images, labels, "samples.npz");  save_grid(images, labels, "samples.png", per_row=8, labelled=True)
+    write_image_npz("samples.npz", images, labels)   # arvision.files;  save_grid(images, labels, "samples.png", per_row=8, labelled=True)
 """
 from __future__ import annotations
 
@@ -44,12 +44,6 @@ def class_labels(classes, num_per_class: int, seed: int = 0) -> torch.Tensor:
     each part still holds about every class."""
     labels = torch.as_tensor(list(classes), dtype=torch.long).repeat_interleave(num_per_class)
     return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
-
-
-def save_npz(images: torch.Tensor, labels: torch.Tensor, path) -> Path:
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, arr_0=images.numpy(), arr_1=labels.cpu().numpy().astype(np.int64))
-    return Path(path)
 
 
 LABEL_CHARS = 24  # longer row labels are cut, so a long class name cannot widen the grid without bound
