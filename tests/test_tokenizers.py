@@ -256,6 +256,10 @@ def test_tokenizer_eval_saves_reconstructions_that_eval_fid_reads(tmp_path, caps
     assert np.abs(arrays["arr_0"].astype(int) - expect).max() <= 1
     assert arrays["arr_1"].tolist() == [ds[i][1] for i in range(len(ds))] == [0, 0, 0, 1, 1, 1]
     assert len(open_images(tmp_path / "r.npz")) == 6
+    with pytest.raises(SystemExit):  # a folder is refused before the pass, in one line
+        main(["tokenizer", "eval", str(tok_dir), "--data", str(data), "--split", "train", "--save-recon", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--save-recon" in err and "is a folder" in err
 
 
 @pytest.mark.parametrize("name", ["vq_f4_32px", "kl_f4_32px"])
