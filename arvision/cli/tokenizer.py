@@ -42,7 +42,8 @@ def cmd_eval(args) -> None:
     from ..tasks.tokenizer import image_set
 
     if args.save_recon and Path(args.save_recon).is_dir():  # refused before the pass, not at its end
-        raise ValueError(f"--save-recon {args.save_recon} is a folder: give a file name, e.g. {args.save_recon}/recon.npz")
+        raise ValueError(f"--save-recon {args.save_recon} is a folder: give a file name, "
+                         f"e.g. {Path(args.save_recon) / 'recon.npz'}")
     tok = load_tokenizer(args.tokenizer, ema=args.ema)
     size = _img_size(args)
     ds = fixed_subset(image_set(args.data, args.split, size), args.num_images)

@@ -65,6 +65,7 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
             real_u8.append(unit_range_to_uint8(x))
         if fid or recon_path is not None:
             fake_u8.append(unit_range_to_uint8(y))
+        if recon_path is not None:
             labels.append(torch.as_tensor(y_class).cpu())
     if n == 0:
         raise ValueError("no images to evaluate")
@@ -90,7 +91,7 @@ def evaluate_tokenizer(tok, dataset, batch_size: int = 64, num_workers: int = 2,
 
 
 def reconstruction_fid(real: torch.Tensor, fake: torch.Tensor, extractor: str, device, batch_size: int,
-                       progress: bool = True, recon_path: Optional[Path] = None) -> dict:
+                       progress: bool = True) -> dict:
     """rFID of uint8 reconstructions ``fake`` against their originals ``real`` with the named extractor."""
     from ..metrics import feature_statistics, frechet_distance
     from ..metrics.extractors import build_extractor

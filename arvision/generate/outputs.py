@@ -5,7 +5,8 @@ written in a seeded random class order (``class_labels``), never class by class.
 
     labels = class_labels(range(1000), 50, seed=0)
     images = generate_images(model, tokenizer, labels, SamplingConfig(), batch_size=64, seed=0)
-    write_image_npz("samples.npz", images, labels)   # arvision.files;  save_grid(images, labels, "samples.png", per_row=8, labelled=True)
+    save_grid(images, labels, "samples.png", per_row=8, labelled=True)
+    arvision.files.write_image_npz("samples.npz", images, labels)   # the .npz, written by the files layer
 """
 from __future__ import annotations
 

@@ -165,8 +165,8 @@ def online_evaluation(cache: TokenCache, cfg, run_dir: Path, judge, step):
 
 
 def write_samples(model, cache: TokenCache, scfg, run_dir: Path) -> dict:
-    from ..generate.outputs import class_labels, generate_images, save_grid
     from ..files import write_image_npz
+    from ..generate.outputs import class_labels, generate_images, save_grid
 
     tokenizer = cache.load_tokenizer()
     model = model.eval()
@@ -175,6 +175,6 @@ def write_samples(model, cache: TokenCache, scfg, run_dir: Path) -> dict:
                              cache.scale_factor)
     grid = save_grid(images, labels, run_dir / "samples.png", per_row=min(scfg.num_per_class, 16), labelled=True,
                      class_names=cache.info.get("classes"))
-    npz = write_image_npz(run_dir / "samples.npz", images, labels.cpu())
+    npz = write_image_npz(run_dir / "samples.npz", images, labels)
     log.info(f"samples: {grid} and {npz}")
     return {"grid": str(grid), "npz": str(npz), "count": int(labels.shape[0])}
