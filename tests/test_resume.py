@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import arvision
 from arvision.cli import main
@@ -286,6 +287,24 @@ def test_resume_refuses_changed_model_data_batch_or_seed_before_writing(tmp_path
         err = one_line_error(["pretrain", "--out", str(run), "--resume", *changed], capsys)
         assert named in err and "cannot change on resume" in err, err
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # nothing written
+
+
+def test_resume_of_a_run_saved_before_a_key_existed_takes_its_default_and_refuses_another(tmp_path, monkeypatch,
+                                                                                           capsys):
+    run = tmp_path / "run"
+    stop_at(monkeypatch, NepaObjective, 2)
+    with pytest.raises(SystemExit, match="stopped at step 2"):
+        main(["pretrain", "--out", str(run), *PRETRAIN, "train.max_steps=4"])
+    monkeypatch.undo()
+    # a run started by an arvision that had no train.ema_warmup_power (a key that cannot change on resume)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["train"]["ema_warmup_power"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    capsys.readouterr()
+    err = one_line_error(["pretrain", "--out", str(run), "--resume", "train.ema_warmup_power=0.75"], capsys)
+    assert "train.ema_warmup_power" in err and "cannot change on resume" in err, err
+    main(["pretrain", "--out", str(run), "--resume"])
+    assert sorted(by_step(run, "train", "loss")) == [1, 2, 3, 4]
 
 
 def test_resume_applies_a_changed_lr_and_max_steps_and_logs_them(tmp_path, monkeypatch, caplog):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import save_config
+from ..config import default_config, save_config
 from ..models import create_model
 from ..models.registry import check_preset
 from ..train.checkpoint import latest_checkpoint
@@ -58,7 +58,7 @@ def prepare_run(cfg, task: str, out: Optional[str], resume: bool) -> tuple[DistE
             dist.broadcast_object_list(stamp, src=0)
         out = f"runs/{task}-{stamp[0]}"
     run_dir = Path(out)
-    changed = check_resume_config(cfg, run_dir) if resume else []
+    changed = check_resume_config(cfg, run_dir, task) if resume else []
     if resume and latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints; start without --resume")
     if env.is_main:
@@ -131,14 +131,23 @@ def read_saved_config(run_dir) -> Optional[dict]:
                          "start a new run with another --out") from None
 
 
-def check_resume_config(cfg, run_dir: Path) -> list[tuple[str, Any, Any]]:
+def check_resume_config(cfg, run_dir: Path, task: Optional[str] = None) -> list[tuple[str, Any, Any]]:
     """The (key, saved value, new value) of every key that ``cfg`` changes from the config saved in ``run_dir``
-    (none when there is no saved config); a one-line ValueError naming the keys that cannot change on resume."""
+    (none when there is no saved config); a one-line ValueError naming the keys that cannot change on resume.
+
+    A key the saved config lacks (added to arvision after the run started) is unchanged while it keeps ``task``'s
+    default: a new key's default is the behaviour from before it existed."""
     saved = read_saved_config(run_dir)
     if saved is None:
         return []
     old, new = _leaves(saved), _leaves(dict(cfg))
-    changed = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if not _same(old.get(k), new.get(k))]
+    defaults = _leaves(default_config(task)) if task else {}
+
+    def is_new_key_at_default(k):
+        return k not in old and k in defaults and _same(defaults[k], new.get(k))
+
+    changed = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if not _same(old.get(k), new.get(k)) and not is_new_key_at_default(k)]
     fixed = [c for c in changed if is_fixed_on_resume(c[0])]
     if fixed:
         shown = "; ".join(f"{k} (saved {_show(a)}, now {_show(b)})" for k, a, b in fixed)
