@@ -131,7 +131,7 @@ def read_saved_config(run_dir) -> Optional[dict]:
                          "start a new run with another --out") from None
 
 
-def check_resume_config(cfg, run_dir: Path, task: Optional[str] = None) -> list[tuple[str, Any, Any]]:
+def check_resume_config(cfg, run_dir: Path, task: str) -> list[tuple[str, Any, Any]]:
     """The (key, saved value, new value) of every key that ``cfg`` changes from the config saved in ``run_dir``
     (none when there is no saved config); a one-line ValueError naming the keys that cannot change on resume.
 
@@ -141,7 +141,7 @@ def check_resume_config(cfg, run_dir: Path, task: Optional[str] = None) -> list[
     if saved is None:
         return []
     old, new = _leaves(saved), _leaves(dict(cfg))
-    defaults = _leaves(default_config(task)) if task else {}
+    defaults = _leaves(default_config(task))
 
     def is_new_key_at_default(k):
         return k not in old and k in defaults and _same(defaults[k], new.get(k))
