@@ -345,6 +345,56 @@ def test_reference_features_in_the_stats_file(tmp_path, tiny_classifier, capsys)
     assert "give --save-ref-stats PATH too" in capsys.readouterr().err
 
 
+
+class _CountingColours(_ColourClassifier):
+    """The colour classifier that counts the images it sees and stops (as a Ctrl-C would) after ``stop_after``."""
+
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.seen, self.stop_after = 0, stop_after
+
+    def features(self, images):
+        if self.stop_after is not None and self.seen >= self.stop_after:
+            raise KeyboardInterrupt
+        self.seen += len(images)
+        return super().features(images)
+
+
+def test_an_interrupted_reference_extraction_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """With --save-ref-stats the reference is extracted in chunks kept beside the file: rerun after an interruption,
+    only the missing chunks are extracted and every number equals an uninterrupted run's; the chunks go once the file
+    is written, and a folder begun for another reference is refused in one line."""
+    from arvision.eval import generative
+
+    monkeypatch.setattr(generative, "RESUME_CHUNK", 5)
+    _write_images(tmp_path / "a", 24, seed=0)
+    _write_images(tmp_path / "b", 12, seed=1, shift=60)
+    kw = dict(num_workers=0, progress=False, batch_size=5, kid_subsets=10, kid_subset_size_max=8)
+    whole = evaluate_generative(tmp_path / "b", tmp_path / "a", extractor=_CountingColours(), **kw)
+    stats, parts = tmp_path / "s.npz", tmp_path / "s.npz.parts"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_generative(tmp_path / "b", tmp_path / "a", extractor=_CountingColours(stop_after=10),
+                            save_ref_stats=stats, save_ref_features=True, **kw)
+    assert sorted(p.name for p in parts.glob("chunk_*.npz")) == ["chunk_00000000.npz", "chunk_00000005.npz"]
+    assert not stats.exists()
+    resumed_ext = _CountingColours()
+    resumed = evaluate_generative(tmp_path / "b", tmp_path / "a", extractor=resumed_ext, save_ref_stats=stats,
+                                  save_ref_features=True, **kw)
+    assert resumed_ext.seen == (24 - 10) + 12  # the 14 reference images not yet done, then the samples
+    for key in ("FD-colour", "KID-colour", "precision-colour", "recall-colour", "IS-colour"):
+        assert resumed[key] == whole[key], key
+    np.testing.assert_array_equal(load_npz(stats)["pool"],
+                                  _ColourClassifier().features(torch.stack(
+                                      [generative.open_images(tmp_path / "a")[i] for i in range(24)]))["pool"].numpy())
+    assert not parts.exists()
+    # a folder begun for another subset of the reference is not mixed in
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_generative(tmp_path / "b", tmp_path / "a", extractor=_CountingColours(stop_after=5),
+                            save_ref_stats=stats, **kw)
+    with pytest.raises(ValueError, match=r"partial features of another extraction .*num_ref None -> 20"):
+        evaluate_generative(tmp_path / "b", tmp_path / "a", extractor=_CountingColours(), save_ref_stats=stats,
+                            num_ref=20, **kw)
+
 DDP_DRIVER = '''
 import json, sys, torch
 from arvision.train.distributed import init_distributed

@@ -22,6 +22,7 @@ OVERRIDES = {
     "pretrain": ["data.source=synthetic", "data.num_samples=4096", "model.args.depth=1", "model.init=null"],
     "finetune": ["data.source=synthetic", "model.args.depth=1", "model.init=null"],
     "tokenizer": ["data.source=synthetic"],
+    "judge": ["data.source=synthetic-digits", "data.num_samples=256"],
     "segment": ["data.source=synthetic", "model.backbone_init=null", "model.backbone_args={depth: 2}"],
     "heptapod": ["model.args.depth=1", "model.args.head_depth=1", "model.args.diffloss_depth=1",
                  "train.batch_size=8", "train.micro_batch_size=null"],

@@ -13,6 +13,7 @@
     arvision tokenizer train | eval TOK --data DIR | encode --tokenizer TOK --data DIR --out CACHE | reconstruct TOK
     arvision segment train | eval CHECKPOINT --data DIR | predict CHECKPOINT --images a.jpg --out DIR
     arvision heptapod train --data TOKEN_CACHE [key=value ...]
+    arvision judge train [--config cifar10_judge] [--data DIR] [--out DIR]   # a classifier that scores samples
     arvision sample CHECKPOINT --out DIR [--num-per-class 50] [--temperature 1.0] [--top-k 0] [--cfg 1.0]
     arvision data shard DIR OUT [--split train] [--shard-size N | --max-size MB]   # WebDataset tar shards
     arvision demo CHECKPOINT [--port 7860] [--share false]      # Gradio page: sample a grid / NEPA maps

@@ -1,5 +1,5 @@
-"""`arvision eval knn | linear | attentive | classify | nll | fid`: probes of frozen features, classifier accuracy,
-a generator's held-out next-token likelihood, generative metrics."""
+"""`arvision eval knn | linear | attentive | classify | nll | fid | nearest`: probes of frozen features, classifier
+accuracy, a generator's held-out next-token likelihood, generative metrics, the nearest-training-image check."""
 from __future__ import annotations
 
 import json
@@ -144,6 +144,38 @@ def cmd_eval_nll(args) -> None:
         print(f"results -> {write_json(out, res)}")
 
 
+def cmd_eval_nearest(args) -> None:
+    import numpy as np
+    from ..eval.generative import open_images, subset
+    from ..files import write_json
+    from ..eval.nearest import distance_summary, nearest_training_images
+
+    samples = subset(open_images(args.samples, image_size=args.image_size), args.num_samples)
+    training = open_images(args.data, args.split, args.image_size)
+    baseline = open_images(args.baseline, image_size=args.image_size) if args.baseline else None
+    dist, index = nearest_training_images(samples, training, args.num_workers, progress=True)
+    base = nearest_training_images(baseline, training, args.num_workers, progress=True)[0] if baseline else None
+    res = {**distance_summary(dist, base), "samples": str(args.samples), "data": str(args.data),
+           "num_training": len(training), "baseline_images": str(args.baseline) if args.baseline else None}
+    if args.grid:
+        import torch
+        from ..generate.outputs import save_image, tile_images
+
+        nearest = torch.argsort(dist)[:args.grid_n].tolist()
+        pairs = [torch.stack([samples[i], training[int(index[i])]]).permute(0, 2, 3, 1).numpy() for i in nearest]
+        rows = [np.concatenate(pairs[r:r + 8]) for r in range(0, len(pairs), 8)]
+        save_image(tile_images(rows, per_row=16), args.grid)
+        res["grid"] = str(args.grid)
+    print(json.dumps(res, indent=2))
+    if args.out:
+        write_json(args.out, res)
+    line = f"nearest training image: median {res['q50']:.3f}, 1st percentile {res['q01']:.3f} ({res['num']} samples)"
+    if base is not None:
+        line += (f"; baseline median {res['baseline']['q50']:.3f}, 1st percentile {res['baseline']['q01']:.3f}; "
+                 f"{100 * res['below_baseline_q01']:.1f}% of samples below it (about 1% if none is a copy)")
+    print(line)
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | attentive | classify | nll; "
                        "samples: fid")
@@ -201,6 +233,21 @@ def register(sub) -> None:
     q.add_argument("--device", default=None, help="default: cuda when available")
     q.add_argument("--out", help="result JSON (default CHECKPOINT/eval_nll.json)")
     q.set_defaults(func=cmd_eval_nll)
+
+    q = esub.add_parser("nearest", help="each sample's pixel distance to its nearest training image, beside a "
+                        "baseline of unseen images: are samples copies? (docs/generation.md)")
+    q.add_argument("samples", help="image folder, .npz (ADM's arr_0) or .npy of samples")
+    q.add_argument("data", help="the training images: dataset folder (--split), image folder or .npz")
+    q.add_argument("--split", default="train", help="split of DATA when it is a dataset folder")
+    q.add_argument("--baseline", help="images the model never trained on (e.g. `arvision tokenizer eval --split test "
+                   "--save-recon R.npz`): their distances are the reference distribution")
+    q.add_argument("--num-samples", type=int, default=None, help="fixed random subset of the samples (seed 0)")
+    q.add_argument("--image-size", type=int, default=None, help="centre-crop every image to N px (ADM's crop)")
+    q.add_argument("--grid", help="PNG of the nearest samples, each beside its nearest training image")
+    q.add_argument("--grid-n", type=int, default=32, help="samples in the grid (the nearest ones)")
+    q.add_argument("--num-workers", type=int, default=0)
+    q.add_argument("--out", help="result JSON")
+    q.set_defaults(func=cmd_eval_nearest)
 
     q = esub.add_parser("fid", help="FID / sFID / IS / KID / precision-recall of samples against a reference (docs/metrics.md)")
     q.add_argument("samples", help="image folder (recursive; hidden names skipped), .npz (ADM's arr_0 or uint8 "

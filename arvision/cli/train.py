@@ -1,4 +1,5 @@
-"""`arvision pretrain` and `arvision finetune`: a task config (default YAML, recipe, key=value overrides) run by the Trainer."""
+"""`arvision pretrain`, `arvision finetune` and `arvision judge train`: a task config (default YAML, recipe,
+key=value overrides) run by the Trainer."""
 from __future__ import annotations
 
 import argparse
@@ -56,3 +57,10 @@ def register(sub) -> None:
     p = sub.add_parser("finetune", help="supervised fine-tuning (synthetic data by default)")
     _add_train_args(p)
     p.set_defaults(func=lambda a: cmd_train("finetune", a))
+
+    p = sub.add_parser("judge", help="a classifier of real images that scores generated samples (sample accuracy, "
+                       "FD-<name>) or gives a tokenizer its perceptual loss")
+    jsub = p.add_subparsers(dest="action", required=True)
+    q = jsub.add_parser("train", help="train a timm classifier from scratch (the built-in digits by default)")
+    _add_train_args(q)
+    q.set_defaults(func=lambda a: cmd_train("judge", a))

@@ -21,6 +21,7 @@ counts, so compare numbers only at equal counts against the same reference.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..data.datasets import fixed_subset, fixed_subset_indices
 from ..data.images import IMG_EXTENSIONS, list_files, open_rgb, to_rgb
 from ..data.transforms import center_crop_arr
+from ..files import atomic_write, read_json, write_json
 from ..metrics import (feature_statistics, frechet_distance, inception_score, load_npz, precision_recall,
                        sample_accuracy, save_stats)
 from ..metrics.extractors import FeatureExtractor, build_extractor
@@ -164,7 +166,7 @@ def subset(ds: Dataset, n: Optional[int], seed: int = 0) -> Dataset:
     return fixed_subset(ds, n, seed)
 
 
-def _collate(batch: list[torch.Tensor]) -> torch.Tensor:
+def collate_images(batch: list[torch.Tensor]) -> torch.Tensor:
     shapes = {tuple(x.shape) for x in batch}
     if len(shapes) > 1:
         raise ValueError(f"images differ in size ({sorted(shapes)[:3]}); pass --image-size N to resize and "
@@ -181,13 +183,21 @@ def _dist() -> tuple[int, int]:
 @torch.no_grad()
 def extract_features(ds: Dataset, extractor: FeatureExtractor, batch_size: int = 50, num_workers: int = 2,
                      amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
-                     desc: str = "features") -> dict[str, torch.Tensor]:
+                     desc: str = "features", resume_dir: Optional[PathLike] = None,
+                     identity: Optional[dict] = None) -> dict[str, torch.Tensor]:
     """Features of every image in ``ds`` (float32, CPU, dataset order). Under torch.distributed each rank takes
-    every world-th image and the features are all-gathered. ``progress``: a bar with an ETA on rank 0."""
+    every world-th image and the features are all-gathered. ``progress``: a bar with an ETA on rank 0.
+    ``resume_dir`` (one process): extract in chunks of ``RESUME_CHUNK`` images, each written there atomically as it
+    is done, and reuse the chunks already there, so that an interrupted extraction continues where it stopped;
+    ``identity`` (what is extracted: reference, split, subset, extractor) must match the one the folder was begun
+    with."""
+    if resume_dir is not None and _dist()[1] == 1:
+        return _extract_resumable(ds, extractor, Path(resume_dir), identity or {}, batch_size=batch_size,
+                                  num_workers=num_workers, amp_dtype=amp_dtype, progress=progress, desc=desc)
     rank, world = _dist()
     device = next(iter(extractor.parameters()), torch.empty(0)).device
     shard = Subset(ds, list(range(rank, len(ds), world))) if world > 1 else ds
-    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
     parts: dict[str, list[torch.Tensor]] = {}
     for images in progress_bar(loader, desc=f"{desc} features", enabled=progress and rank == 0, unit="batch"):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -198,6 +208,37 @@ def extract_features(ds: Dataset, extractor: FeatureExtractor, batch_size: int =
     if world > 1:
         feats = {k: _gather(v, len(ds), world) for k, v in feats.items()}
     return {k: v.cpu() for k, v in feats.items()}
+
+
+RESUME_CHUNK = 2500  # images per chunk of a resumable extraction (50k Inception features: 20 files of ~40 MB)
+
+
+def _extract_resumable(ds: Dataset, extractor: FeatureExtractor, folder: Path, identity: dict, **kw) -> dict:
+    identity = {**{k: str(v) for k, v in identity.items()}, "images": str(len(ds)), "chunk": str(RESUME_CHUNK)}
+    folder.mkdir(parents=True, exist_ok=True)
+    begun = folder / "identity.json"
+    if begun.is_file():
+        found = read_json(begun)
+        if found != identity:
+            differ = ", ".join(f"{k} {found.get(k)} -> {identity.get(k)}" for k in sorted(set(found) | set(identity))
+                               if found.get(k) != identity.get(k))
+            raise ValueError(f"{folder} holds the partial features of another extraction ({differ}); delete it, or "
+                             "rerun the command that began it")
+    else:
+        write_json(begun, identity)
+    starts = range(0, len(ds), RESUME_CHUNK)
+    parts = []
+    for i, start in enumerate(starts):
+        path = folder / f"chunk_{start:08d}.npz"
+        if path.is_file():
+            parts.append({k: torch.from_numpy(v) for k, v in np.load(path, allow_pickle=False).items()})
+            continue
+        part = extract_features(Subset(ds, range(start, min(start + RESUME_CHUNK, len(ds)))), extractor,
+                                **dict(kw, desc=f"{kw['desc']} {i + 1}/{len(starts)}"))
+        with atomic_write(path, suffix=".npz") as tmp:
+            np.savez(tmp, **{k: v.numpy() for k, v in part.items()})
+        parts.append(part)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _gather(x: torch.Tensor, total: int, world: int) -> torch.Tensor:
@@ -245,7 +286,9 @@ def _reference(ref: PathLike, ext: FeatureExtractor, need_features: bool, split:
         return stats, None, "stats"
     ds = NpzImages(ref, kw["image_size"], arrays) if arrays is not None else images
     ds = subset(ds, kw["num_ref"])
-    feats = extract_features(ds, ext, kw["batch_size"], kw["num_workers"], kw["amp_dtype"], kw["progress"], "reference")
+    feats = extract_features(ds, ext, kw["batch_size"], kw["num_workers"], kw["amp_dtype"], kw["progress"], "reference",
+                             kw["resume_dir"], dict(ref=os.path.abspath(ref) if os.path.exists(ref) else ref, split=split, num_ref=kw["num_ref"],
+                                                    image_size=kw["image_size"], extractor=ext.stats_tag))
     if not stats:
         stats["mu"], stats["sigma"] = feature_statistics(feats["pool"])
         if "spatial" in feats:
@@ -275,8 +318,11 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
     sample_ds = subset(open_images(samples, split, image_size), num_samples)
     ref_opened = _open_reference(ref, ref_split, image_size)
     ext = build_extractor(extractor, device)
+    # with --save-ref-stats the reference's features are kept in chunks beside it until the file is written, so an
+    # interrupted extraction (50k Inception passes: hours on a CPU) continues when the command is run again
+    resume_dir = Path(f"{save_ref_stats}.parts") if save_ref_stats else None
     kw = dict(image_size=image_size, num_ref=num_ref, batch_size=batch_size, num_workers=num_workers,
-              amp_dtype=amp_dtype, progress=progress)
+              amp_dtype=amp_dtype, progress=progress, resume_dir=resume_dir)
     need_ref_features = precision_recall_k is not None or kid_subsets is not None or save_ref_features
     ref_stats, ref_feats, ref_used = _reference(ref, ext, need_ref_features, ref_split, ref_opened, **kw)
     feats = extract_features(sample_ds, ext, batch_size, num_workers, amp_dtype, progress, "samples")
@@ -325,6 +371,8 @@ def evaluate_generative(samples: PathLike, ref: PathLike, extractor: Union[str, 
         save_stats(save_ref_stats, ref_stats, extractor=ext.stats_tag,
                    features=ref_feats["pool"] if save_ref_features and ref_feats is not None else None,
                    num_images=ref_used if isinstance(ref_used, int) else None)
+        if resume_dir is not None and resume_dir.is_dir():
+            shutil.rmtree(resume_dir)
     return res
 
 

@@ -49,6 +49,12 @@ class TimmClassifier(nn.Module):
         """timm's: the feature maps of the stages ``indices`` selects (None: every one), NCHW."""
         return self.net.forward_intermediates(x, indices=indices, intermediates_only=intermediates_only, **kwargs)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The stages timm names in ``feature_info`` that hold weights (what FSDP2 shards one by one)."""
+        named = dict(self.net.named_modules())
+        stages = [named[f["module"]] for f in getattr(self.net, "feature_info", []) if f.get("module") in named]
+        return [m for m in stages if any(True for _ in m.parameters())]
+
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         if causal:
             raise ValueError(f"{self.config.arch} has no attention to make causal; drop finetune.causal")

@@ -11,7 +11,8 @@ Stages, each in the run directory:
    perceptual loss in the features of ``perceptual_net/``, a second classifier of real digits trained as the judge
    with another seed (``quickstart.perceptual_weight``; 0 leaves the L1 loss alone);
 2. ``cache/``      the training digits as code grids (no mirrored copies: a mirrored 3 is not a 3);
-3. ``judge/``      a classifier of real digits (``quickstart.judge``, a timm ResNet), trained by the same Trainer;
+3. ``judge/``      a classifier of real digits (``quickstart.judge``, a timm ResNet), trained by the judge task
+   (``arvision judge train``);
 4. the Heptapod generator on that cache (the heptapod task; every ``train.eval_every`` epochs it samples a small
    grid and scores it with the judge: ``samples/step_*.png`` and ``eval/*`` rows in metrics.jsonl);
 5. ``samples.png`` / ``samples.npz`` and the score, printed as one line and written to results.json: **sample
@@ -25,21 +26,12 @@ import os
 import time
 from pathlib import Path
 
-from torchvision import transforms as T
-
 from ..config import load_config
-from ..data import build_dataset
 from ..data.token_cache import TokenCache
 from ..data.token_cache_writer import build_token_cache
-from ..data.transforms import NEPA_MEAN, NEPA_STD
 from ..files import write_json
-from ..models import create_model
 from ..checkpoints import load_tokenizer
-from ..objectives.classification import ClassificationConfig, ClassificationObjective
 from ..train.checkpoint import latest_checkpoint
-from ..train.config import TrainConfig
-from ..train.distributed import init_distributed
-from ..train.engine import Trainer
 from ..train.logging import log, setup_logging
 
 DIGITS = "synthetic-digits"
@@ -66,11 +58,11 @@ def run_quickstart(cfg, out=None, resume=False) -> dict:
     log.info(f"generation quick start on the built-in digits in {run_dir}: tokenizer -> token cache -> judge -> "
              f"Heptapod -> samples and score")
     tokenizer_done = (run_dir / "tokenizer" / "results.json").is_file()  # a finished tokenizer needs no network
-    perceptual_net = (train_judge(q, run_dir / "perceptual_net", cfg.train.seed + 1)
+    perceptual_net = (train_judge(q, run_dir / "perceptual_net", cfg.train.seed + 1, cfg.online.num_ref)
                       if q.perceptual_weight > 0 and not tokenizer_done else None)
     tokenizer = train_tokenizer(q, run_dir / "tokenizer", cfg.train.seed, cfg.online.num_ref, perceptual_net)
     cache = encode_digits(tokenizer, q, run_dir / "cache")
-    judge_path = train_judge(q, run_dir / "judge", cfg.train.seed)
+    judge_path = train_judge(q, run_dir / "judge", cfg.train.seed, cfg.online.num_ref)
     cfg.online.update(judge=str(judge_path), reference=DIGITS)
     if cfg.sample.num_per_class < 1:
         raise ValueError("the quick start scores its final samples: set sample.num_per_class >= 1")
@@ -117,25 +109,17 @@ def encode_digits(tokenizer, q, out: Path) -> TokenCache:
     return TokenCache(out)
 
 
-def train_judge(q, out: Path, seed: int) -> Path:
-    """A classifier of real digits (a ``timm_classifier`` preset), trained by the one Trainer with plain
-    cross-entropy; reused when ``out`` already holds its final checkpoint. Returns that checkpoint. (The judge, and
-    with another seed the tokenizer's perceptual network.)"""
-    final = out / "checkpoints" / f"step_{q.judge_steps:08d}"
-    if not final.is_dir():
-        env = init_distributed()
-        # batch 64, weight decay 0.05, no EMA, no evaluation during training: TrainConfig's defaults
-        train = TrainConfig(max_steps=q.judge_steps, lr=q.judge_lr, warmup_steps=max(1, q.judge_steps // 10),
-                            betas=[0.9, 0.999], precision="fp32", ckpt_every=q.judge_steps, log_every=25, seed=seed)
-        model = create_model(q.judge, num_classes=10)
-        objective = ClassificationObjective(model, 10, ClassificationConfig(mixup=0.0, cutmix=0.0, label_smoothing=0.0))
-        out.mkdir(parents=True, exist_ok=True)
-        # normalised as ClassifierExtractor normalises its inputs, so the judge sees the pixels it will score
-        norm = T.Compose([T.ToTensor(), T.Normalize(NEPA_MEAN, NEPA_STD)])
-        images = build_dataset(DIGITS, "train", transform=norm, img_size=IMG_SIZE, num_samples=q.num_images)
-        trainer = Trainer(objective, images, train, out, env, num_workers=0,
-                          preset=q.judge)
-        if latest_checkpoint(out) is not None:
-            trainer.resume()
-        trainer.fit()
-    return final
+def train_judge(q, out: Path, seed: int, num_eval: int) -> Path:
+    """A classifier of real digits (the judge task, ``quickstart.judge``), reused when ``out`` already finished.
+    Returns its checkpoint. (The judge, and with another seed the tokenizer's perceptual network.)"""
+    from .judge import run as run_judge_task
+
+    if not (out / "results.json").is_file():
+        # batch 64, weight decay 0.05, no EMA, no augmentation: the judge task's defaults
+        overrides = [f"model.name={q.judge}", f"data.source={DIGITS}", f"data.img_size={IMG_SIZE}",
+                     f"data.num_samples={q.num_images}", "data.num_workers=0", f"train.max_steps={q.judge_steps}",
+                     f"train.lr={q.judge_lr}", f"train.warmup_steps={max(1, q.judge_steps // 10)}",
+                     f"train.seed={seed}", f"eval.num_images={num_eval}"]
+        run_judge_task(load_config("judge", overrides=overrides), out=str(out),
+                       resume=latest_checkpoint(out) is not None)
+    return latest_checkpoint(out)
