@@ -286,9 +286,10 @@ def _reference(ref: PathLike, ext: FeatureExtractor, need_features: bool, split:
         return stats, None, "stats"
     ds = NpzImages(ref, kw["image_size"], arrays) if arrays is not None else images
     ds = subset(ds, kw["num_ref"])
+    identity = dict(ref=os.path.abspath(ref) if os.path.exists(ref) else ref, split=split, num_ref=kw["num_ref"],
+                    image_size=kw["image_size"], extractor=ext.stats_tag, amp_dtype=kw["amp_dtype"])
     feats = extract_features(ds, ext, kw["batch_size"], kw["num_workers"], kw["amp_dtype"], kw["progress"], "reference",
-                             kw["resume_dir"], dict(ref=os.path.abspath(ref) if os.path.exists(ref) else ref, split=split, num_ref=kw["num_ref"],
-                                                    image_size=kw["image_size"], extractor=ext.stats_tag))
+                             kw["resume_dir"], identity)
     if not stats:
         stats["mu"], stats["sigma"] = feature_statistics(feats["pool"])
         if "spatial" in feats:

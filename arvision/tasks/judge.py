@@ -73,11 +73,11 @@ def run(cfg, out=None, resume=False) -> dict:
     barrier()
     if env.is_main:
         checkpoint = latest_checkpoint(run_dir)
-        n = e.num_images
+        n = e.num_images or len(build_dataset(d.source, e.split, img_size=d.img_size))
         top1 = judge_accuracy(load_judge(checkpoint), d.source, e.split, n, d.img_size)
         results.update(checkpoint=str(checkpoint), top1=100 * top1, eval_split=e.split, eval_images=n)
         write_json(run_dir / "results.json", results)
-        log.info(f"judge: top-1 {100 * top1:.1f}% on {n or 'all'} held-out {e.split} images; score samples with "
+        log.info(f"judge: top-1 {100 * top1:.1f}% on {n} held-out {e.split} images; score samples with "
                  f"arvision eval fid SAMPLES REF --extractor {checkpoint}")
     barrier()
     return results
