@@ -1,12 +1,12 @@
 """Are samples copies of training images? The nearest-training-image check: for every sample, the pixel L2 distance
 (images in [0, 1]) to its nearest image of the training set, set beside the same distance for images the model never
-saw trained on (e.g. the tokenizer's reconstructions of test images, ``arvision tokenizer eval --save-recon``). Copies
+trained on (e.g. the tokenizer's reconstructions of test images, ``arvision tokenizer eval --save-recon``). Copies
 sit far below that baseline; a generator that learned the distribution sits on it.
 
     arvision eval nearest samples.npz /data/cifar10 --baseline recon_test.npz --grid nearest.png
 
 ``d^2 = |a|^2 + |t|^2 - 2 a.t`` over blocks of samples against chunks of the training set (float64 norms, float32
-dot products), then the minimum over the training images; nothing is held but one chunk at a time.
+dot products), then the minimum over the training images; of the training set one chunk is held at a time.
 """
 from __future__ import annotations
 
