@@ -178,7 +178,7 @@ def cmd_eval_nearest(args) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: knn | linear | attentive | classify | nll; "
-                       "samples: fid")
+                       "samples: fid | nearest")
     esub = p.add_subparsers(dest="kind", required=True)
     for kind, text in (("knn", "weighted kNN (k=20, T=0.07, cosine) on frozen features"),
                        ("linear", "linear probe on frozen features"),
