@@ -146,6 +146,7 @@ def cmd_eval_nll(args) -> None:
 
 def cmd_eval_nearest(args) -> None:
     import numpy as np
+    from torch.utils.data import ConcatDataset
     from ..eval.generative import open_images, subset
     from ..files import write_json
     from ..eval.nearest import distance_summary, nearest_training_images
@@ -153,8 +154,11 @@ def cmd_eval_nearest(args) -> None:
     samples = subset(open_images(args.samples, image_size=args.image_size), args.num_samples)
     training = open_images(args.data, args.split, args.image_size)
     baseline = open_images(args.baseline, image_size=args.image_size) if args.baseline else None
-    dist, index = nearest_training_images(samples, training, args.num_workers, progress=True)
-    base = nearest_training_images(baseline, training, args.num_workers, progress=True)[0] if baseline else None
+    # one read of the training set for the samples and the baseline together
+    both = ConcatDataset([samples, baseline]) if baseline is not None else samples
+    dist, index = nearest_training_images(both, training, args.num_workers, progress=True)
+    base = dist[len(samples):] if baseline is not None else None
+    dist, index = dist[:len(samples)], index[:len(samples)]
     res = {**distance_summary(dist, base), "samples": str(args.samples), "data": str(args.data),
            "num_training": len(training), "baseline_images": str(args.baseline) if args.baseline else None}
     if args.grid:
