@@ -73,7 +73,10 @@ class SeededDataset(Dataset):
                 np.random.set_state(np_state)
 
     def _seeded(self, index: int, seed: int):
-        torch.manual_seed(seed)
+        # Only the CPU generator: the transforms run on the CPU. torch.manual_seed would also reseed every accelerator
+        # generator, the training's, or before CUDA starts queue that with a formatted stack trace (a quarter of a small
+        # generator's step on a CPU: benchmarks/bench_sample_seeding.py).
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         return self.dataset[index]
