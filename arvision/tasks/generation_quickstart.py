@@ -1,6 +1,6 @@
 """The generation quick start: ``arvision heptapod train`` with no ``--data`` runs the whole generative chain on the
-built-in digits (``synthetic-digits``) and scores what it makes, in minutes on a CPU (9 minutes on an idle
-2-core CPU, 97.4% sample accuracy; much longer under load):
+built-in digits (``synthetic-digits``) and scores what it makes, in minutes on a CPU (8.4-9.0 minutes on an idle
+2-core CPU, 96.6-97.2% sample accuracy; much longer under load):
 
     arvision heptapod train                              # -> runs/heptapod-<time>/
     arvision heptapod train --out runs/q --resume        # finished stages are reused, the others resume
@@ -89,7 +89,8 @@ def train_tokenizer(q, out: Path, seed: int, num_eval: int, perceptual_net: Path
                      f"data.source={DIGITS}", f"data.img_size={IMG_SIZE}",
                      "data.hflip=0.0", f"data.num_samples={q.num_images}", "data.num_workers=0",
                      f"train.max_steps={q.tokenizer_steps}", f"train.batch_size={q.tokenizer_batch}",
-                     f"train.lr={q.tokenizer_lr}", f"train.warmup_steps={max(1, q.tokenizer_steps // 20)}",
+                     f"train.lr={q.tokenizer_lr}", f"train.precision={q.tokenizer_precision}",
+                     f"train.warmup_steps={max(1, q.tokenizer_steps // 20)}",
                      f"train.ckpt_every={q.tokenizer_steps}", "train.log_every=25", f"train.seed={seed}",
                      f"eval.num_images={num_eval}", "eval.batch_size=100"]
         if perceptual_net is not None:
