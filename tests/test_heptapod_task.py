@@ -78,6 +78,8 @@ def test_one_line_errors(cache, tmp_path, capsys):
 
     msg = error(["heptapod", "train", "--data", str(cache), "--out", str(tmp_path / "a"), "model.args.codebook_size=7"])
     assert "contradicts the token cache" in msg and not (tmp_path / "a").exists()
+    msg = error(["heptapod", "train", "--out", str(tmp_path / "q"), "quickstart.tokenizer_precision=fp16"])
+    assert "quickstart.tokenizer_precision" in msg and "bf16, fp32" in msg and not (tmp_path / "q").exists()
     assert "not a token cache" in error(["heptapod", "train", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
     nepa = arvision.save_model(arvision.create_model("nepa_tiny_patch4_32"), tmp_path / "nepa")
     assert "not heptapod" in error(["sample", str(nepa), "--out", str(tmp_path / "d")])
@@ -200,6 +202,7 @@ def test_generation_quickstart_chain(tmp_path, capsys):
     tok_config = yaml.safe_load((run / "tokenizer" / "config.yaml").read_text())["objective"]
     assert tok_config["perceptual_net"].endswith("perceptual_net/checkpoints/step_00000002")  # not the judge
     assert tok_config["perceptual_weight"] == 0.1
+    assert yaml.safe_load((run / "tokenizer" / "config.yaml").read_text())["train"]["precision"] == "bf16"
     assert any("perceptual" in json.loads(r) for r in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines())
     assert (run / "tokenizer" / "samples" / "step_00000002.png").is_file()
     for directory, tag, last in ((run, "eval/samples", 4), (run / "tokenizer", "eval/reconstructions", 2)):

@@ -32,6 +32,7 @@ from ..data.token_cache_writer import build_token_cache
 from ..files import write_json
 from ..checkpoints import load_tokenizer
 from ..train.checkpoint import latest_checkpoint
+from ..train.config import PRECISIONS
 from ..train.logging import log, setup_logging
 
 DIGITS = "synthetic-digits"
@@ -48,6 +49,8 @@ def run_quickstart(cfg, out=None, resume=False) -> dict:
         raise ValueError("the generation quick start runs in one process; give --data TOKEN_CACHE to train a "
                          "generator under torchrun")
     q = cfg.quickstart
+    if q.tokenizer_precision not in PRECISIONS:  # checked before any stage runs (the tokenizer is the second)
+        raise ValueError(f"quickstart.tokenizer_precision={q.tokenizer_precision!r} is not one of {', '.join(PRECISIONS)}")
     run_dir = Path(out or f"runs/heptapod-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it or "
