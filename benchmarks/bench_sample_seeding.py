@@ -20,6 +20,7 @@ import random
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from unittest import mock
 
@@ -78,10 +79,8 @@ def main() -> None:
     for r in range(args.repeats):
         order = list(times) if r % 2 == 0 else list(reversed(times))
         for side in order:
-            if side.startswith("torch"):
-                with mock.patch.object(SeededDataset, "_seeded", seeded_with_manual_seed):
-                    times[side].append(loader_seconds(dataset, args.batch_size, args.batches, args.depth))
-            else:
+            before = side.startswith("torch")
+            with mock.patch.object(SeededDataset, "_seeded", seeded_with_manual_seed) if before else nullcontext():
                 times[side].append(loader_seconds(dataset, args.batch_size, args.batches, args.depth))
     base = statistics.median(times["torch.manual_seed (before)"])
     print(f"{args.data}, batch {args.batch_size}, {args.batches} batches, depth {args.depth}, "

@@ -199,10 +199,11 @@ def test_generation_quickstart_chain(tmp_path, capsys):
     tok_online = [json.loads(r) for r in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
     tok_online = [r for r in tok_online if r.get("split") == "eval"]
     assert tok_online and all(0 < r["psnr"] < 60 and 0 < r["codebook_usage"] <= 1 for r in tok_online), tok_online
-    tok_config = yaml.safe_load((run / "tokenizer" / "config.yaml").read_text())["objective"]
-    assert tok_config["perceptual_net"].endswith("perceptual_net/checkpoints/step_00000002")  # not the judge
-    assert tok_config["perceptual_weight"] == 0.1
-    assert yaml.safe_load((run / "tokenizer" / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    tok_config = yaml.safe_load((run / "tokenizer" / "config.yaml").read_text())
+    # the perceptual network, not the judge
+    assert tok_config["objective"]["perceptual_net"].endswith("perceptual_net/checkpoints/step_00000002")
+    assert tok_config["objective"]["perceptual_weight"] == 0.1
+    assert tok_config["train"]["precision"] == "bf16"
     assert any("perceptual" in json.loads(r) for r in (run / "tokenizer" / "metrics.jsonl").read_text().splitlines())
     assert (run / "tokenizer" / "samples" / "step_00000002.png").is_file()
     for directory, tag, last in ((run, "eval/samples", 4), (run / "tokenizer", "eval/reconstructions", 2)):

@@ -50,8 +50,6 @@ def test_sampler_one_process_with_accumulation_equals_two_processes():
         ResumableSampler(64, 16, 5)
 
 
-
-
 def test_seeded_dataset_seeds_the_transform_and_leaves_other_streams_alone(monkeypatch):
     """Each (index, seed) gets the same augmentation every time; the model's random streams are untouched; and the
     accelerator generators are not reseeded per sample (torch.manual_seed did: on a GPU with num_workers=0 it
@@ -75,6 +73,8 @@ def test_seeded_dataset_seeds_the_transform_and_leaves_other_streams_alone(monke
     a, b, c = data[(1, 7)], data[(1, 7)], data[(1, 8)]
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
 def test_weight_decay_groups_follow_the_official_rule():
     model = arvision.create_model("nepa_tiny_patch4_32", depth=1)
     groups = weight_decay_groups(model, 1e-3, 0.05, 10)

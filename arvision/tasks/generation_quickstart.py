@@ -50,7 +50,8 @@ def run_quickstart(cfg, out=None, resume=False) -> dict:
                          "generator under torchrun")
     q = cfg.quickstart
     if q.tokenizer_precision not in PRECISIONS:  # checked before any stage runs (the tokenizer is the second)
-        raise ValueError(f"quickstart.tokenizer_precision={q.tokenizer_precision!r} is not one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"quickstart.tokenizer_precision={q.tokenizer_precision!r} is not one of "
+                         f"{', '.join(PRECISIONS)}")
     run_dir = Path(out or f"runs/heptapod-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if not resume and latest_checkpoint(run_dir) is not None:
         raise FileExistsError(f"run directory {run_dir} already holds checkpoints; pass --resume to continue it or "
